@@ -1,0 +1,59 @@
+"""CloudEvents metadata as Kafka headers, after the CloudEvents Kafka protocol binding v1.0.2,
+binary content mode (§3.2): attributes travel as ``ce_<name>`` headers, the payload is the
+record value, ``content-type`` names its format.
+
+backbeat adds the extension attributes ``ce_correlationid`` and ``ce_causationid`` for sagas.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+CONTENT_TYPE = b"application/avro"  # Confluent wire-format Avro
+SPEC_VERSION = b"1.0"
+
+Headers = list[tuple[str, bytes]]
+
+
+def rfc3339_ms(epoch_ms: int) -> str:
+    """Format ms since the epoch as an RFC 3339 UTC time with ms precision (``ce_time``)."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def ce_headers(
+    *,
+    event_id: str,
+    event_type: str,
+    source: str,
+    time_ms: int,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Headers:
+    """The CloudEvents headers of one event.
+
+    ``event_type`` is the Avro full name (``backbeat.playback.ListenRecorded``); ``source`` a
+    URI-reference naming the producer (``/importers/30music``); ``time_ms`` the event time.
+    """
+    headers: Headers = [
+        ("ce_specversion", SPEC_VERSION),
+        ("ce_id", event_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", event_type.encode()),
+        ("ce_time", rfc3339_ms(time_ms).encode()),
+        ("content-type", CONTENT_TYPE),
+    ]
+    if correlation_id:
+        headers.append(("ce_correlationid", correlation_id.encode()))
+    if causation_id:
+        headers.append(("ce_causationid", causation_id.encode()))
+    return headers
+
+
+def header_value(headers: Headers | None, name: str) -> str | None:
+    """The first value of header ``name`` decoded as UTF-8, or ``None``."""
+    for key, value in headers or ():
+        if key == name:
+            return value.decode("utf-8", "replace") if value is not None else None
+    return None

@@ -1,0 +1,89 @@
+"""backbeat's client side of a Confluent-compatible schema registry.
+
+Wraps confluent-kafka's ``SchemaRegistryClient`` (the library does the REST calls and caching)
+and adds what backbeat needs on top: registering a schema under its TopicRecordNameStrategy
+subject and building encoders/decoders for the Confluent wire format (:mod:`events.serde`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import fastavro
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from events.schemas import EventSchema, get_schema, subject_for
+from events.serde import AvroDecoder, AvroEncoder
+from infra.errors import RegistryError
+from infra.settings import Settings
+
+
+class Registry:
+    """A registry connection at ``url`` (e.g. ``http://127.0.0.1:8081``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = SchemaRegistryClient({"url": url})
+        self._parsed: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The registry at ``settings.registry_url``."""
+        return cls(settings.registry_url)
+
+    def register(self, topic: str, schema: EventSchema) -> int:
+        """Register ``schema`` under ``<topic>-<full name>`` and return its id (idempotent).
+
+        Raises:
+            RegistryError: the registry refused (e.g. 409 incompatible) or cannot be reached.
+        """
+        subject = subject_for(topic, schema.full_name)
+        try:
+            return self.client.register_schema(subject, Schema(schema.schema_str, "AVRO"))
+        except SchemaRegistryError as exc:
+            raise RegistryError(
+                f"registering {subject} at {self.url} failed: {exc.error_message}",
+                error_code=exc.error_code,
+                http_status=exc.http_status_code,
+            ) from exc
+        except Exception as exc:
+            raise RegistryError(
+                f"schema registry at {self.url} cannot be reached ({exc}); is it running? "
+                "Start the embedded one with 'backbeat up' or set BACKBEAT_REGISTRY_URL"
+            ) from exc
+
+    def parsed_schema_by_id(self, schema_id: int) -> dict[str, Any]:
+        """The fastavro-parsed schema of ``schema_id`` (cached).
+
+        Raises:
+            RegistryError: the id is unknown or the registry cannot be reached.
+        """
+        parsed = self._parsed.get(schema_id)
+        if parsed is None:
+            try:
+                schema = self.client.get_schema(schema_id)
+            except SchemaRegistryError as exc:
+                raise RegistryError(
+                    f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
+                ) from exc
+            parsed = fastavro.parse_schema(json.loads(schema.schema_str), _write_hint=False)
+            self._parsed[schema_id] = parsed
+        return parsed
+
+    def encoder(self, topic: str, event_type: str) -> AvroEncoder:
+        """An encoder for ``event_type`` (full or short name) on ``topic``; registers the schema."""
+        schema = get_schema(event_type)
+        return AvroEncoder(schema.parsed, self.register(topic, schema))
+
+    def decoder(self, reader_schema: dict[str, Any] | None = None) -> AvroDecoder:
+        """A decoder resolving writer schemas by id through this registry."""
+        return AvroDecoder(self.parsed_schema_by_id, reader_schema)
+
+
+@lru_cache(maxsize=8)
+def registry_for(url: str) -> Registry:
+    """A shared :class:`Registry` per URL (its caches are then shared too)."""
+    return Registry(url)

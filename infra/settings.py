@@ -1,0 +1,178 @@
+"""One settings object for all of backbeat, read from ``BACKBEAT_*`` environment variables.
+
+Defaults point at the embedded broker (Tansu on 127.0.0.1:9092), the embedded schema registry
+(http://127.0.0.1:8081) and ``./var`` for data, so a laptop needs no configuration; set the
+variables to run the same code against a real Kafka cluster and a Confluent-compatible registry.
+
+=====================================  =====================================================
+variable                               meaning (default)
+=====================================  =====================================================
+``BACKBEAT_BOOTSTRAP_SERVERS``         Kafka bootstrap servers (``127.0.0.1:9092``)
+``BACKBEAT_REGISTRY_URL``              Schema Registry base URL (``http://127.0.0.1:8081``)
+``BACKBEAT_DATA_DIR``                  data, logs and pids: DuckDB file, lake (``./var``)
+``BACKBEAT_EMBEDDED``                  ``1`` = the broker is the embedded Tansu: use short
+                                       group timeouts (TANSU.md §1) and Fetch-based high
+                                       watermarks (§2); ``0`` = real Kafka defaults
+                                       (``1`` when the bootstrap servers are loopback)
+``BACKBEAT_SECURITY_PROTOCOL``         ``PLAINTEXT`` / ``SSL`` / ``SASL_SSL`` … (``PLAINTEXT``)
+``BACKBEAT_SASL_MECHANISM``            e.g. ``PLAIN``, ``SCRAM-SHA-512`` (unset)
+``BACKBEAT_SASL_USERNAME`` / ``_PASSWORD``  SASL credentials (unset)
+``BACKBEAT_SSL_CA_LOCATION``           CA bundle for TLS (unset)
+``BACKBEAT_SESSION_GAP_MS``            listening-session inactivity gap in ms (1800000)
+=====================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from infra.errors import ConfigError
+
+#: The repository root (where ``schemas/`` and ``infra/topics.toml`` live).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with :meth:`from_env`; all paths are absolute."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    registry_url: str = "http://127.0.0.1:8081"
+    data_dir: Path = field(default_factory=lambda: Path("var").resolve())
+    embedded: bool = True
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_ca_location: str | None = None
+    session_gap_ms: int = 30 * 60 * 1000
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read ``BACKBEAT_*`` variables (from ``environ`` or ``os.environ``).
+
+        Raises:
+            ConfigError: a variable has a value of the wrong form.
+        """
+        env = dict(os.environ if environ is None else environ)
+
+        def get(name: str, default: str) -> str:
+            value = env.get(name)
+            return default if value is None or value == "" else value
+
+        bootstrap = get("BACKBEAT_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        hosts = {hp.rsplit(":", 1)[0].strip("[]") for hp in bootstrap.split(",") if hp}
+        embedded_default = "1" if hosts <= _LOOPBACK else "0"
+        registry = get("BACKBEAT_REGISTRY_URL", "http://127.0.0.1:8081").rstrip("/")
+        if urlparse(registry).scheme not in {"http", "https"}:
+            raise ConfigError(f"BACKBEAT_REGISTRY_URL={registry!r} must be an http(s) URL")
+        return cls(
+            bootstrap_servers=bootstrap,
+            registry_url=registry,
+            data_dir=Path(get("BACKBEAT_DATA_DIR", "var")).expanduser().resolve(),
+            embedded=_bool("BACKBEAT_EMBEDDED", get("BACKBEAT_EMBEDDED", embedded_default)),
+            security_protocol=get("BACKBEAT_SECURITY_PROTOCOL", "PLAINTEXT"),
+            sasl_mechanism=env.get("BACKBEAT_SASL_MECHANISM") or None,
+            sasl_username=env.get("BACKBEAT_SASL_USERNAME") or None,
+            sasl_password=env.get("BACKBEAT_SASL_PASSWORD") or None,
+            ssl_ca_location=env.get("BACKBEAT_SSL_CA_LOCATION") or None,
+            session_gap_ms=_int("BACKBEAT_SESSION_GAP_MS", get("BACKBEAT_SESSION_GAP_MS", "1800000")),
+        )
+
+    # -- derived paths -------------------------------------------------------------------------
+    @property
+    def duckdb_path(self) -> Path:
+        """The read-model database file (``<data_dir>/backbeat.duckdb``)."""
+        return self.data_dir / "backbeat.duckdb"
+
+    @property
+    def lake_dir(self) -> Path:
+        """Root of the Parquet lake (``<data_dir>/lake``)."""
+        return self.data_dir / "lake"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files and logs of what ``backbeat up`` started (``<data_dir>/run``)."""
+        return self.data_dir / "run"
+
+    @property
+    def schemas_dir(self) -> Path:
+        """The Avro schema tree (``<repo>/schemas``)."""
+        return REPO_ROOT / "schemas"
+
+    # -- client configuration ------------------------------------------------------------------
+    def kafka_common(self) -> dict[str, str]:
+        """librdkafka properties shared by producers, consumers and the admin client."""
+        conf: dict[str, str] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        for key, value in (
+            ("sasl.mechanism", self.sasl_mechanism),
+            ("sasl.username", self.sasl_username),
+            ("sasl.password", self.sasl_password),
+            ("ssl.ca.location", self.ssl_ca_location),
+        ):
+            if value:
+                conf[key] = value
+        return conf
+
+    def producer_conf(self, **extra: str | int | float | bool) -> dict[str, object]:
+        """librdkafka producer properties: batching per TANSU.md §7 (linger 10 ms, big batches)."""
+        conf: dict[str, object] = {
+            **self.kafka_common(),
+            "linger.ms": 10,
+            "batch.size": 1_000_000,
+            "batch.num.messages": 100_000,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+            "compression.type": "lz4",
+            "enable.idempotence": True,
+        }
+        conf.update(extra)
+        return conf
+
+    def consumer_conf(self, group_id: str, **extra: str | int | float | bool) -> dict[str, object]:
+        """librdkafka consumer properties; short group timeouts on the embedded broker (TANSU §1)."""
+        conf: dict[str, object] = {
+            **self.kafka_common(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
+            "fetch.max.bytes": 52_428_800,
+            "max.partition.fetch.bytes": 10_485_760,
+        }
+        if self.embedded:
+            conf.update({"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
+        conf.update(extra)
+        return conf
+
+
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment each call (cheap)."""
+    return Settings.from_env()
+
+
+__all__ = ["REPO_ROOT", "Settings", "get_settings"]
