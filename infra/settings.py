@@ -24,6 +24,7 @@ variable                               meaning (default)
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ from infra.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+#: librdkafka's own log lines go to this Python logger instead of stderr.
+RDKAFKA_LOGGER = logging.getLogger("backbeat.librdkafka")
 
 
 def _bool(name: str, value: str) -> bool:
@@ -122,11 +126,13 @@ class Settings:
         return REPO_ROOT / "schemas"
 
     # -- client configuration ------------------------------------------------------------------
-    def kafka_common(self) -> dict[str, str]:
-        """librdkafka properties shared by producers, consumers and the admin client."""
-        conf: dict[str, str] = {
+    def kafka_common(self) -> dict[str, object]:
+        """librdkafka properties shared by producers, consumers and the admin client
+        (librdkafka logs are routed to the ``backbeat.librdkafka`` Python logger)."""
+        conf: dict[str, object] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
+            "logger": RDKAFKA_LOGGER,
         }
         for key, value in (
             ("sasl.mechanism", self.sasl_mechanism),

@@ -1,0 +1,135 @@
+"""``backbeat up`` / ``down`` / ``status``: the embedded broker and schema registry as
+background processes, recorded by pid file under ``<data_dir>/run``."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from infra.broker import start_tansu
+from infra.errors import InfraError
+from infra.processes import Running, is_alive, pid_file, port_in_use, read_running, spawn, stop
+from infra.settings import Settings
+
+BROKER = "broker"
+REGISTRY = "registry"
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return (host or "127.0.0.1").strip("[]"), int(port or default_port)
+
+
+def registry_answers(url: str) -> bool:
+    """True when ``GET <url>/subjects`` answers 200."""
+    with urllib.request.urlopen(f"{url}/subjects", timeout=1.0) as resp:
+        return resp.status == 200
+
+
+def start_registry(settings: Settings, timeout_s: float = 30.0) -> Running:
+    """Start backbeat's embedded schema registry (:mod:`events.registry_server`) on the host and
+    port of ``settings.registry_url``, storing schemas in the ``_schemas`` topic of
+    ``settings.bootstrap_servers``; wait until it answers.
+
+    Raises:
+        InfraError: the port is taken or it does not start in time.
+    """
+    url = urlparse(settings.registry_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 8081
+    if port_in_use(host, port):
+        raise InfraError(
+            f"port {host}:{port} is already in use, so the embedded schema registry cannot start "
+            "there; stop what uses it or set BACKBEAT_REGISTRY_URL to another port"
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "events.registry_server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+    ]
+    return spawn(
+        REGISTRY,
+        argv,
+        run_dir=settings.run_dir,
+        address=f"{host}:{port}",
+        ready=lambda: registry_answers(settings.registry_url),
+        timeout_s=timeout_s,
+    )
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What ``status`` reports for one service."""
+
+    name: str
+    address: str
+    state: str  # "running", "stopped", "stale pid file", "external"
+    pid: int | None
+    log: str | None
+
+
+def up(settings: Settings) -> list[Running]:
+    """Start the broker (when the bootstrap servers are loopback and nothing answers there) and
+    the registry, each only if not already running. Returns what this call started.
+
+    Raises:
+        InfraError: a port is taken by something else, the binary is missing, a start fails.
+    """
+    started: list[Running] = []
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (BROKER, REGISTRY):
+        current = read_running(settings.run_dir, name)
+        if current is not None and is_alive(current):
+            continue
+        pid_file(settings.run_dir, name).unlink(missing_ok=True)
+        try:
+            if name == BROKER:
+                if not settings.embedded:
+                    continue  # a real cluster: nothing to start
+                host, port = _host_port(settings.bootstrap_servers.split(",")[0], 9092)
+                started.append(start_tansu(host, port, settings.run_dir))
+            else:
+                started.append(start_registry(settings))
+        except InfraError:
+            for running in reversed(started):
+                stop(running)
+                pid_file(settings.run_dir, running.name).unlink(missing_ok=True)
+            raise
+    return started
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop what ``up`` started (by recorded pid, nothing else). Returns the names stopped."""
+    stopped: list[str] = []
+    for name in (REGISTRY, BROKER):
+        current = read_running(settings.run_dir, name)
+        if current is None:
+            continue
+        if stop(current):
+            stopped.append(name)
+        pid_file(settings.run_dir, name).unlink(missing_ok=True)
+    return stopped
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    """The state of the broker and the registry as recorded under ``run_dir``."""
+    out: list[ServiceStatus] = []
+    for name, address in (
+        (BROKER, settings.bootstrap_servers),
+        (REGISTRY, settings.registry_url),
+    ):
+        current = read_running(settings.run_dir, name)
+        if current is None:
+            out.append(ServiceStatus(name, address, "stopped", None, None))
+        elif is_alive(current):
+            out.append(ServiceStatus(name, current.address, "running", current.pid, current.log))
+        else:
+            out.append(ServiceStatus(name, current.address, "stale pid file", current.pid, None))
+    return out
