@@ -14,6 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from infra.errors import InfraError
 from infra.processes import Running, port_in_use, spawn
+from infra.settings import RDKAFKA_LOGGER
 
 
 def tansu_binary() -> str:
@@ -42,7 +43,7 @@ def cluster_id_of(bootstrap: str, timeout_s: float = 5.0) -> str:
     Raises:
         InfraError: the broker does not answer within ``timeout_s`` seconds.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000, "logger": RDKAFKA_LOGGER})
     try:
         future = admin.describe_cluster(request_timeout=timeout_s)
         return str(future.result(timeout=timeout_s).cluster_id)
@@ -52,7 +53,7 @@ def cluster_id_of(bootstrap: str, timeout_s: float = 5.0) -> str:
 
 def broker_answers(bootstrap: str) -> bool:
     """True when a Kafka-protocol broker answers a Metadata request on ``bootstrap``."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "logger": RDKAFKA_LOGGER})
     try:
         admin.list_topics(timeout=1.0)
         return True
