@@ -98,10 +98,14 @@ class EventProducer:
         values = enc.encode_many(batch)
         full_name = get_schema(event_type).full_name
         keys = [str(r[key_field]).encode() for r in batch]
-        times = [int(r[time_field]) for r in batch]
+        # Kafka timestamps cannot be negative: events before 1970 (old albums) get 0 there; the
+        # payload keeps the true event time.
+        times = [max(0, int(r[time_field])) for r in batch]
         headers = [
-            ce_headers(event_id=r["event_id"], event_type=full_name, source=source, time_ms=t)
-            for r, t in zip(batch, times, strict=True)
+            ce_headers(
+                event_id=r["event_id"], event_type=full_name, source=source, time_ms=int(r[time_field])
+            )
+            for r in batch
         ]
         self.produce_raw(topic, values, keys, times, headers)
         return len(batch)

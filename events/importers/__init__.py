@@ -1,0 +1,1 @@
+"""Importers of real data sets: parse a source file into events, report rejected rows, produce."""

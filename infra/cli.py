@@ -1,0 +1,187 @@
+"""The ``backbeat`` command line (typer). Each command is a thin shell over a library function;
+errors derived from :class:`infra.errors.BackbeatError` print their message and exit 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infra.console import console, err_console, progress_bar, table
+from infra.errors import BackbeatError
+from infra.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="backbeat",
+    help=(
+        "backbeat: an event-sourced streaming backbone for a music platform. Avro events in "
+        "Kafka, Faust agents, DuckDB/Parquet read models.\n\n"
+        "Settings come from BACKBEAT_* environment variables (BACKBEAT_BOOTSTRAP_SERVERS, "
+        "BACKBEAT_REGISTRY_URL, BACKBEAT_DATA_DIR); the defaults use the embedded broker and "
+        "registry started by 'backbeat up' and ./var for data."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(help="The topic catalogue (infra/topics.toml).", no_args_is_help=True)
+import_app = typer.Typer(help="Import real data sets as events.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+app.add_typer(import_app, name="import")
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+# -- infrastructure ------------------------------------------------------------------------------
+@app.command()
+def up() -> None:
+    """Start the embedded broker and schema registry, wait until both answer.
+
+    The Tansu broker listens on BACKBEAT_BOOTSTRAP_SERVERS (default 127.0.0.1:9092), the
+    registry on BACKBEAT_REGISTRY_URL (default http://127.0.0.1:8081). Pids and logs go to
+    $BACKBEAT_DATA_DIR/run. What already runs is left alone."""
+    from infra import services
+
+    settings = _settings()
+    started = services.up(settings)
+    for running in started:
+        console.print(f"started {running.name} on {running.address} (pid {running.pid})")
+    if not started:
+        console.print("already running; 'backbeat status' shows what")
+    console.print(
+        "note: the embedded broker keeps topics in memory; 'backbeat down' loses them", style="dim"
+    )
+
+
+@app.command()
+def down() -> None:
+    """Stop what 'backbeat up' started (by recorded pid, nothing else)."""
+    from infra import services
+
+    stopped = services.down(_settings())
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status() -> None:
+    """Show whether the embedded broker and registry run, with pids and logs."""
+    from infra import services
+
+    rows = [
+        (s.name, s.address, s.state, s.pid if s.pid is not None else "", s.log or "")
+        for s in services.status(_settings())
+    ]
+    console.print(table(["service", "address", "state", "pid", "log"], rows))
+
+
+@topics_app.command("apply")
+def topics_apply() -> None:
+    """Create the catalogue's missing topics and report drift (idempotent)."""
+    from infra.provision import apply_topics
+
+    reports = apply_topics(_settings())
+    console.print(table(["topic", "action", "detail"], [(r.name, r.action, r.detail) for r in reports]))
+    drift = [r for r in reports if r.action == "drift"]
+    if drift:
+        err_console.print(f"{len(drift)} topic(s) differ from infra/topics.toml (not changed)")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """List the declared topics with partitions, cleanup policy, key and event types."""
+    from events.catalog import load_catalogue
+
+    rows = [
+        (t.name, t.partitions, t.cleanup_policy, t.key, ", ".join(t.event_types))
+        for t in load_catalogue().values()
+    ]
+    console.print(table(["topic", "partitions", "cleanup", "key", "event types"], rows))
+
+
+# -- importers -----------------------------------------------------------------------------------
+def _print_import(result: object) -> None:
+    from events.importers.base import ImportResult
+
+    assert isinstance(result, ImportResult)
+    console.print(
+        f"{result.source} → {result.topic}: {result.rows_read:,} rows read, "
+        f"{result.produced:,} events produced, {result.duplicates:,} duplicate rows collapsed "
+        f"(same event id), {result.rejected:,} rejected, in {result.seconds:.1f} s"
+    )
+    for reject in result.rejects[:20]:
+        err_console.print(f"  line {reject.line}: {reject.reason}")
+    if result.rejected > 20:
+        err_console.print(f"  … and {result.rejected - 20:,} more rejected rows")
+
+
+@import_app.command("listens")
+def import_listens_cmd(
+    file: Annotated[Path, typer.Argument(help="The listening log (TSV).", exists=True, dir_okay=False)],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="30music (30Music TSV with header) or lastfm1k.")
+    ] = "30music",
+    close_sessions: Annotated[
+        bool,
+        typer.Option(
+            help="After the file, send a watermark past its last event time so every listening "
+            "session closes (the file is a bounded source)."
+        ),
+    ] = True,
+) -> None:
+    """Import listens (30Music or Last.fm-1K) into playback.listens.
+
+    Events are ListenRecorded, keyed by user, produced in event-time order, with event ids
+    derived from (user, time, track): re-importing a file changes nothing downstream, and
+    duplicate rows collapse into one event. Rejected rows are listed with line and reason."""
+    from events.importers.run import import_listens
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"import {file.name}", total=None)
+        result = import_listens(
+            _settings(), file, fmt, close_sessions=close_sessions,
+            on_parsed=lambda n: bar.update(task, total=n),
+            progress=lambda k: bar.advance(task, k),
+        )  # fmt: skip
+    _print_import(result)
+
+
+@import_app.command("catalog")
+def import_catalog_cmd(
+    file: Annotated[Path, typer.Argument(help="Spotify songs CSV (.csv or .csv.gz).", exists=True)],
+) -> None:
+    """Import the Spotify catalog into catalog.tracks.
+
+    One TrackPublished per track id (later rows of a track count as duplicates), keyed by
+    track id, ordered by album release date."""
+    from events.importers.run import import_catalog
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"import {file.name}", total=None)
+        result = import_catalog(
+            _settings(), file,
+            on_parsed=lambda n: bar.update(task, total=n),
+            progress=lambda k: bar.advance(task, k),
+        )  # fmt: skip
+    _print_import(result)
+
+
+def main() -> None:
+    """Entry point of the ``backbeat`` console script."""
+    try:
+        app()
+    except BackbeatError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
