@@ -16,7 +16,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from events.schemas import EventSchema, get_schema, subject_for
-from events.serde import AvroDecoder, AvroEncoder
+from events.serde import AvroDecoder, AvroEncoder, plain_times
 from infra.errors import RegistryError
 from infra.settings import Settings
 
@@ -56,7 +56,8 @@ class Registry:
             ) from exc
 
     def parsed_schema_by_id(self, schema_id: int) -> dict[str, Any]:
-        """The fastavro-parsed schema of ``schema_id`` (cached).
+        """The fastavro-parsed schema of ``schema_id`` (cached), time logical types decoded as
+        plain numbers (:func:`events.serde.plain_times`).
 
         Raises:
             RegistryError: the id is unknown or the registry cannot be reached.
@@ -69,7 +70,8 @@ class Registry:
                 raise RegistryError(
                     f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
                 ) from exc
-            parsed = fastavro.parse_schema(json.loads(schema.schema_str), _write_hint=False)
+            raw = plain_times(json.loads(schema.schema_str))
+            parsed = fastavro.parse_schema(raw, _write_hint=False)
             self._parsed[schema_id] = parsed
         return parsed
 

@@ -72,7 +72,7 @@ class InvalidVersionError(RegistryError):
     def __init__(self, version: str) -> None:
         super().__init__(
             f"The specified version '{version}' is not a valid version id. Allowed values are between "
-            "[1, 2^31-1] and the string \"latest\"",
+            '[1, 2^31-1] and the string "latest"',
             error_code=42202,
             http_status=422,
         )
@@ -191,9 +191,7 @@ class RegistryState:
             SubjectNotFoundError: the subject has no live versions.
         """
         live = self._live(subject, deleted=False)
-        return [
-            SchemaRecord(r.subject, r.version, r.id, r.schema, deleted=True) for r in live
-        ]
+        return [SchemaRecord(r.subject, r.version, r.id, r.schema, deleted=True) for r in live]
 
     # -- queries -------------------------------------------------------------------------------
     def schema_by_id(self, schema_id: int) -> str:
@@ -228,11 +226,7 @@ class RegistryState:
         )
 
     def _live(self, subject: str, deleted: bool) -> list[SchemaRecord]:
-        records = [
-            r
-            for _, r in sorted(self._versions.get(subject, {}).items())
-            if deleted or not r.deleted
-        ]
+        records = [r for _, r in sorted(self._versions.get(subject, {}).items()) if deleted or not r.deleted]
         if not records:
             raise SubjectNotFoundError(subject)
         return records

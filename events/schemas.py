@@ -15,6 +15,7 @@ from typing import Any
 
 import fastavro
 
+from events.serde import plain_times
 from infra.errors import SchemaError
 from infra.settings import REPO_ROOT
 
@@ -30,6 +31,11 @@ class EventSchema:
     raw: dict[str, Any]
     parsed: dict[str, Any]
     path: Path
+
+    @property
+    def parsed_plain(self) -> dict[str, Any]:
+        """The parsed schema with time logical types removed: decodes times as ms (ints)."""
+        return fastavro.parse_schema(plain_times(self.raw), _write_hint=False)
 
     @property
     def name(self) -> str:

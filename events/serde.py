@@ -74,11 +74,32 @@ class AvroEncoder:
 
 SchemaLookup = Callable[[int], dict[str, Any]]
 
+#: Logical types decoded as their underlying ``long``/``int`` (ms, µs, days) instead of objects.
+PLAIN_LOGICAL_TYPES = frozenset(
+    {"timestamp-millis", "timestamp-micros", "local-timestamp-millis", "local-timestamp-micros",
+     "time-millis", "time-micros", "date"}
+)  # fmt: skip
+
+
+def plain_times(schema: Any) -> Any:
+    """A copy of a schema (JSON form) without the time/date logical types, so that fastavro
+    decodes them as plain numbers (ms since the epoch for ``timestamp-millis``) instead of
+    ``datetime`` objects: cheaper, and what the rest of backbeat works with."""
+    if isinstance(schema, dict):
+        out = {k: plain_times(v) for k, v in schema.items()}
+        if out.get("logicalType") in PLAIN_LOGICAL_TYPES:
+            del out["logicalType"]
+        return out
+    if isinstance(schema, list):
+        return [plain_times(v) for v in schema]
+    return schema
+
 
 class AvroDecoder:
     """Decodes framed payloads, resolving the writer schema by id through ``lookup``
     (usually :meth:`events.registry_client.Registry.parsed_schema_by_id`), and optionally
-    reading into a ``reader_schema`` (Avro schema resolution, Avro spec §"Schema Resolution")."""
+    reading into a ``reader_schema`` (Avro spec, "Schema Resolution"). Schemas given to it
+    should be passed through :func:`plain_times` first so times decode as ms."""
 
     def __init__(self, lookup: SchemaLookup, reader_schema: dict[str, Any] | None = None) -> None:
         self._lookup = lookup
@@ -154,8 +175,10 @@ __all__ = [
     "AvroEncoder",
     "HEADER_SIZE",
     "MAGIC",
+    "PLAIN_LOGICAL_TYPES",
     "SchemaError",
     "decode_with_schema",
     "frame",
+    "plain_times",
     "schema_id_of",
 ]
