@@ -59,12 +59,11 @@ log = logging.getLogger("backbeat.registry")
 SCHEMAS_TOPIC = "_schemas"
 #: Content type of every response (Confluent's v1 media type).
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
-#: Request body content types accepted (plus none at all).
+#: Request body content types accepted (a request without Content-Type is accepted too).
 ACCEPTED_CONTENT_TYPES = {
     "application/vnd.schemaregistry.v1+json",
     "application/vnd.schemaregistry+json",
     "application/json",
-    "application/octet-stream",  # what aiohttp reports when a request has no Content-Type
 }
 #: librdkafka gives up on a write after this many ms; flushing waits longer, so a finished flush
 #: means every write has a final outcome.
@@ -303,7 +302,7 @@ def _schema_id(request: web.Request) -> int:
 
 async def _schema_body(request: web.Request) -> tuple[str, str | None]:
     """``(schema, schemaType)`` of a register/lookup body."""
-    if request.body_exists and request.content_type not in ACCEPTED_CONTENT_TYPES:
+    if "Content-Type" in request.headers and request.content_type not in ACCEPTED_CONTENT_TYPES:
         raise RegistryError(
             f"Unsupported Content-Type {request.content_type!r}; use {CONTENT_TYPE}",
             error_code=415,
