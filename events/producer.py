@@ -31,7 +31,15 @@ class EventProducer:
     def __init__(self, settings: Settings, registry: Registry | None = None, **conf: Any) -> None:
         self.settings = settings
         self.registry = registry or registry_for(settings.registry_url)
-        self.producer = Producer(settings.producer_conf(**conf))
+        # delivery reports only for failures: a Python callback per delivered record would cost
+        # about as much as producing it (librdkafka ``delivery.report.only.error``)
+        self.producer = Producer(
+            {
+                **settings.producer_conf(**conf),
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_delivery,
+            }
+        )
         self._encoders: dict[tuple[str, str], AvroEncoder] = {}
         self.sent = 0
         self.failed = 0
@@ -59,23 +67,24 @@ class EventProducer:
         timestamps_ms: Sequence[int] | None = None,
         headers: Sequence[list[tuple[str, bytes]] | None] | None = None,
     ) -> None:
-        """Produce pre-encoded values (queue full → poll and retry, never drop)."""
+        """Produce pre-encoded values; timestamps in ms (0 = now). When the local queue is full
+        it polls and retries, never drops."""
         produce = self.producer.produce
         poll = self.producer.poll
-        cb = self._on_delivery
-        for i, value in enumerate(values):
-            kwargs: dict[str, Any] = {"key": keys[i], "on_delivery": cb}
-            if timestamps_ms is not None:
-                kwargs["timestamp"] = timestamps_ms[i]
-            if headers is not None and headers[i] is not None:
-                kwargs["headers"] = headers[i]
-            while True:
-                try:
-                    produce(topic, value, **kwargs)
-                    break
-                except BufferError:
+        times = timestamps_ms if timestamps_ms is not None else [0] * len(values)
+        hdrs = headers if headers is not None else [None] * len(values)
+        for value, key, ts, hdr in zip(values, keys, times, hdrs, strict=True):
+            try:
+                produce(topic, value, key, timestamp=ts, headers=hdr)
+            except BufferError:  # queue full: serve delivery reports until it has room
+                while True:
                     poll(0.05)
-            self.sent += 1
+                    try:
+                        produce(topic, value, key, timestamp=ts, headers=hdr)
+                        break
+                    except BufferError:
+                        continue
+        self.sent += len(values)
         poll(0)
 
     def send_many(

@@ -13,7 +13,13 @@ from collections.abc import Callable, Iterable, Sequence
 from io import BytesIO
 from typing import Any
 
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+try:  # fastavro's compiled record writer; the public schemaless_writer re-parses the schema
+    # on every call (about half its cost), so hot paths call the writer it wraps directly.
+    from fastavro._write import write_data as _write_data
+except ImportError:  # pragma: no cover - pure-Python fastavro builds
+    _write_data = None
 
 from infra.errors import DecodeError, SchemaError
 
@@ -51,6 +57,9 @@ class AvroEncoder:
         self.schema = parsed_schema
         self.schema_id = schema_id
         self._prefix = frame(schema_id)
+        self._named: dict[str, Any] = {}
+        self._parsed = parse_schema(parsed_schema, self._named)
+        self._options = {"strict": False, "strict_allow_default": True, "disable_tuple_notation": False}
 
     def encode(self, record: dict[str, Any]) -> bytes:
         """Encode one record (a dict matching the schema).
@@ -58,13 +67,17 @@ class AvroEncoder:
         Raises:
             SchemaError: the record does not match the schema (names the field when fastavro does).
         """
-        buf = BytesIO()
-        buf.write(self._prefix)
         try:
+            if _write_data is not None:
+                out = bytearray(self._prefix)
+                _write_data(out, record, self._parsed, self._named, "", self._options)
+                return bytes(out)
+            buf = BytesIO()
+            buf.write(self._prefix)
             schemaless_writer(buf, self.schema, record, strict_allow_default=True)
+            return buf.getvalue()
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SchemaError(f"record does not match {self.schema.get('name')}: {exc}") from exc
-        return buf.getvalue()
 
     def encode_many(self, records: Iterable[dict[str, Any]]) -> list[bytes]:
         """Encode a batch; same errors as :meth:`encode`."""

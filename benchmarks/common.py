@@ -1,0 +1,57 @@
+"""Shared by the benchmarks: a private broker + registry on free ports, the real 30Music
+listens replayed N times (user ids suffixed by copy number), peak RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from events.importers.base import dedupe_and_order
+from events.importers.listens import parse_listens_file, without_line
+from infra import services
+from infra.processes import free_port
+from infra.settings import REPO_ROOT, Settings
+
+LISTENS_30MUSIC = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+
+
+@contextlib.contextmanager
+def private_stack() -> Iterator[Settings]:
+    """A broker and registry on free loopback ports with a temporary data dir; stopped after."""
+    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
+        settings = Settings.from_env(
+            {
+                "BACKBEAT_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+                "BACKBEAT_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
+                "BACKBEAT_DATA_DIR": tmp,
+            }
+        )
+        services.up(settings)
+        try:
+            yield settings
+        finally:
+            services.down(settings)
+
+
+def replayed_listens(copies: int, path: Path = LISTENS_30MUSIC) -> list[dict[str, Any]]:
+    """The file's ListenRecorded records ``copies`` times, user and event ids suffixed ``#k``,
+    in event-time order within each copy."""
+    records, _ = dedupe_and_order(parse_listens_file(path, "30music").records, "occurred_at")
+    base = [without_line(r) for r in records]
+    out: list[dict[str, Any]] = []
+    for k in range(copies):
+        suffix = f"#{k}"
+        out.extend(
+            {**r, "user_id": r["user_id"] + suffix, "event_id": r["event_id"] + suffix} for r in base
+        )
+    return out
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident set size in MiB of this process (or of its waited-for children)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024
