@@ -1,0 +1,92 @@
+"""The CLI reference of the README, generated from the ``backbeat`` command tree itself.
+
+``python -m infra.clidoc`` rewrites the part of README.md between the markers
+``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``; a test fails when the README
+and the commands disagree, so ``--help`` and the README never drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import typer.main
+
+from infra.settings import REPO_ROOT
+
+START = "<!-- cli-reference:start -->"
+END = "<!-- cli-reference:end -->"
+README = REPO_ROOT / "README.md"
+
+
+# typer vendors its own click; commands and parameters are duck-typed here.
+def _commands(group: Any, prefix: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    ctx = group.context_class(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        if cmd is None or cmd.hidden:
+            continue
+        path = f"{prefix} {name}"
+        if hasattr(cmd, "list_commands"):
+            out.extend(_commands(cmd, path))
+        else:
+            out.append((path, cmd))
+    return out
+
+
+def _param_line(param: Any) -> str:
+    if param.param_type_name == "argument":
+        return f"- `{(param.metavar or param.name).upper()}`: {getattr(param, 'help', '') or ''}".rstrip()
+    names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
+    default = ""
+    if param.show_default is not False and param.default not in (None, (), False) and not param.is_flag:
+        default = f" (default: `{param.default}`)"
+    elif param.is_flag and param.secondary_opts:
+        default = f" (default: `{param.opts[0] if param.default else param.secondary_opts[0]}`)"
+    return f"- {names}: {param.help or ''}{default}".rstrip()
+
+
+def render_markdown() -> str:
+    """The CLI reference as Markdown: one section per command with its help and parameters."""
+    from infra.cli import app
+
+    root = typer.main.get_command(app)
+    parts = [f"`backbeat --help`: {inspect.cleandoc(root.help or '').splitlines()[0]}", ""]
+    for path, cmd in _commands(root, "backbeat"):
+        parts.append(f"#### `{path}`")
+        parts.append("")
+        parts.append(inspect.cleandoc(cmd.help or ""))
+        params = [p for p in cmd.params if p.name != "help"]
+        if params:
+            parts.append("")
+            parts.extend(_param_line(p) for p in params)
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def updated_readme(text: str) -> str:
+    """``text`` with the CLI reference between the markers replaced by :func:`render_markdown`.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    head, sep, rest = text.partition(START)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise ValueError(f"README.md lacks the markers {START} … {END}")
+    return f"{head}{START}\n{render_markdown()}{END}{tail}"
+
+
+def main() -> None:
+    """Rewrite README.md's CLI reference in place."""
+    text = README.read_text(encoding="utf-8")
+    new = updated_readme(text)
+    if new != text:
+        README.write_text(new, encoding="utf-8")
+        print("README.md: CLI reference updated", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
