@@ -1,4 +1,5 @@
-"""The CLI reference of the README, generated from the ``backbeat`` command tree itself.
+"""The generated parts of the README: the CLI reference, from the ``backbeat`` command tree
+itself, and the event catalogue (:mod:`events.catalogue_doc`).
 
 ``python -m infra.clidoc`` rewrites the part of README.md between the markers
 ``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``; a test fails when the README
@@ -66,17 +67,28 @@ def render_markdown() -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+EVENTS_START = "<!-- events:start -->"
+EVENTS_END = "<!-- events:end -->"
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    head, sep, rest = text.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise ValueError(f"README.md lacks the markers {start} … {end}")
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
 def updated_readme(text: str) -> str:
-    """``text`` with the CLI reference between the markers replaced by :func:`render_markdown`.
+    """``text`` with the generated parts (CLI reference, event catalogue) rewritten.
 
     Raises:
         ValueError: the markers are missing.
     """
-    head, sep, rest = text.partition(START)
-    _, sep2, tail = rest.partition(END)
-    if not sep or not sep2:
-        raise ValueError(f"README.md lacks the markers {START} … {END}")
-    return f"{head}{START}\n{render_markdown()}{END}{tail}"
+    from events.catalogue_doc import render_events_markdown
+
+    text = _replace(text, START, END, render_markdown())
+    return _replace(text, EVENTS_START, EVENTS_END, render_events_markdown())
 
 
 def main() -> None:
