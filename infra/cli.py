@@ -26,9 +26,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
-topics_app = typer.Typer(help="The topic catalogue (infra/topics.toml).", no_args_is_help=True)
-import_app = typer.Typer(help="Import real data sets as events.", no_args_is_help=True)
+topics_app = typer.Typer(
+    help="The topic catalogue (infra/topics.toml).", no_args_is_help=True, rich_markup_mode="markdown"
+)
+import_app = typer.Typer(
+    help="Import real data sets as events.", no_args_is_help=True, rich_markup_mode="markdown"
+)
 app.add_typer(topics_app, name="topics")
 app.add_typer(import_app, name="import")
 
@@ -168,6 +173,125 @@ def import_catalog_cmd(
             progress=lambda k: bar.advance(task, k),
         )  # fmt: skip
     _print_import(result)
+
+
+# -- stream processing and read models -------------------------------------------------------------
+@app.command()
+def worker(
+    loglevel: Annotated[
+        str, typer.Option("--loglevel", "-l", help="critical|error|warning|info|debug")
+    ] = "info",
+) -> None:
+    """Run the Faust worker of streams.app (the listening-ingest agent) until stopped.
+
+    The same as 'faust -A streams.app worker -l info'. It reads playback.listens, dead-letters
+    bad records to playback.listens.dlq and emits SessionEnded events to listening.sessions;
+    its state is checkpointed to a changelog topic. Stop it with Ctrl-C or SIGTERM."""
+    from streams.app import run_worker
+
+    sys.argv = [sys.argv[0]]  # Faust's worker parses the command line itself
+    run_worker(loglevel)
+
+
+def _runner_progress(bar: object, task: object) -> object:
+    from projections.runner import Progress as RunnerProgress
+
+    def hook(p: RunnerProgress) -> None:
+        bar.update(task, completed=p.done, total=p.total)  # type: ignore[attr-defined]
+
+    return hook
+
+
+@app.command()
+def project(
+    projection: Annotated[
+        list[str] | None,
+        typer.Option("--projection", "-p", help="Projection to run (repeatable; default: all)."),
+    ] = None,
+    until_caught_up: Annotated[
+        bool, typer.Option(help="Stop when every partition reached the end of the log taken at start.")
+    ] = False,
+) -> None:
+    """Materialise read models (listens, sessions, tracks) into DuckDB and the Parquet lake.
+
+    Batches are decoded to Arrow and written in one DuckDB transaction together with the
+    consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
+    unless --until-caught-up. 'backbeat sql' works while it runs."""
+    from projections.runner import run_projections
+
+    settings = _settings()
+    with progress_bar() as bar:
+        task = bar.add_task("project", total=None)
+        stats = run_projections(
+            settings, projection or None, until_caught_up=until_caught_up,
+            progress=_runner_progress(bar, task),  # type: ignore[arg-type]
+        )  # fmt: skip
+    console.print(
+        f"applied {stats.applied:,} rows from {stats.records:,} records "
+        f"({stats.rate:,.0f} records/s) into {settings.duckdb_path}"
+    )
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="A SQL statement (DuckDB dialect), read-only.")],
+    max_rows: Annotated[int, typer.Option(help="Print at most this many rows.")] = 100,
+    output: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Run SQL over the read models (the DuckDB file under BACKBEAT_DATA_DIR).
+
+    Works while the projection runner is writing: the query waits for the batch in flight.
+    Tables: listens, sessions, tracks (and projection_offsets, projection_rejects). The Parquet
+    lake under BACKBEAT_DATA_DIR/lake can be read with read_parquet('…/**/*.parquet')."""
+    from projections.sql import query as run_query
+
+    result = run_query(_settings(), query, max_rows=max_rows)
+    if output == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    elif output == "json":
+        import json
+
+        for row in result.rows:
+            print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+    else:
+        console.print(table(result.columns, result.rows))
+    if result.truncated:
+        err_console.print(f"(first {max_rows} rows shown; use --max-rows or LIMIT)")
+
+
+@app.command()
+def demo(
+    listens: Annotated[
+        Path | None, typer.Option(help="Listening log to use (default: the real 30Music file).", exists=True)
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="30music or lastfm1k")] = "30music",
+    catalog: Annotated[
+        Path | None, typer.Option(help="Spotify catalog CSV (default: the real one).", exists=True)
+    ] = None,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the broker and registry running afterwards.")
+    ] = False,
+) -> None:
+    """The main job: up → topics → import → agent → read models → report → stop.
+
+    Starts the embedded broker and registry (unless already running), creates the topics,
+    imports the Spotify catalog and a listening log, runs the listening-ingest agent and the
+    projection runner until every event is processed, prints top artists and tracks, session
+    statistics and listens per hour of day, and stops what it started. Results stay in
+    BACKBEAT_DATA_DIR (DuckDB file and Parquet lake) for 'backbeat sql'."""
+    from infra.demo import DEFAULT_CATALOG, DEFAULT_LISTENS, run_demo
+
+    run_demo(
+        _settings(),
+        listens=listens or DEFAULT_LISTENS,
+        fmt=fmt,
+        catalog=catalog or DEFAULT_CATALOG,
+        keep_running=keep_running,
+    )
 
 
 def main() -> None:
