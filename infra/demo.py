@@ -80,7 +80,7 @@ def start_worker(settings: Settings, ready: Callable[[], bool] | None = None) ->
     Raises:
         InfraError: it exits while starting.
     """
-    argv = [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info"]
+    argv = [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info", "--without-web"]
     return spawn(
         "worker",
         argv,
