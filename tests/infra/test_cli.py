@@ -1,0 +1,66 @@
+"""The CLI as a user types it, against the shared real broker: import with rejects, sql errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import env_for
+
+HEADER = "UserId\tSessionId\tItemId\tTime\tArtistId\tsplit\n"
+
+
+def _backbeat(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], env=env | {"COLUMNS": "200"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_import_reports_rejected_rows_and_duplicates(stack, tmp_path: Path):
+    env = env_for(stack)
+    assert _backbeat(["topics", "apply"], env).returncode == 0
+    tsv = tmp_path / "listens.tsv"
+    tsv.write_text(
+        HEADER
+        + "1\t10\t100\t1397982525\t7\tt\n"
+        + "1\t10\t100\t1397982525\t7\tt\n"  # exact duplicate
+        + "2\t11\t101\tnot-a-time\t8\tt\n"
+        + "3\t12\t102\t1397982600\n"
+    )
+    result = _backbeat(["import", "listens", str(tsv), "--format", "30music"], env)
+    assert result.returncode == 0, result.stderr
+    assert "4 rows read, 1 events produced, 1 duplicate rows collapsed" in result.stdout
+    assert "2 rejected" in result.stdout
+    assert "line 4: Time is not unix seconds" in result.stderr
+    assert "line 5: expected 6 tab-separated columns, got 4" in result.stderr
+
+
+def test_wrong_format_is_a_clear_error(stack, tmp_path: Path):
+    tsv = tmp_path / "lastfm.tsv"
+    tsv.write_text("user_1\t2009-05-04T13:54:10Z\ta\tb\tc\td\n")
+    result = _backbeat(["import", "listens", str(tsv)], env_for(stack))
+    assert result.returncode == 1
+    assert "not a 30Music file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sql_before_any_projection_says_what_to_do(stack, tmp_path: Path):
+    env = env_for(stack) | {"BACKBEAT_DATA_DIR": str(tmp_path)}
+    result = _backbeat(["sql", "SELECT 1"], env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error:" in result.stderr
+
+
+def test_unreachable_broker_is_a_clear_error(tmp_path: Path):
+    import os
+
+    from infra.processes import free_port
+
+    env = dict(os.environ) | {
+        "BACKBEAT_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "BACKBEAT_DATA_DIR": str(tmp_path),
+    }
+    result = _backbeat(["topics", "apply"], env)
+    assert result.returncode == 1
+    assert "cannot reach Kafka" in result.stderr and "backbeat up" in result.stderr
