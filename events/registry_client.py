@@ -71,7 +71,7 @@ class Registry:
                     f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
                 ) from exc
             raw = plain_times(json.loads(schema.schema_str))
-            parsed = fastavro.parse_schema(raw, _write_hint=False)
+            parsed = fastavro.parse_schema(raw)
             self._parsed[schema_id] = parsed
         return parsed
 

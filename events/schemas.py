@@ -35,7 +35,7 @@ class EventSchema:
     @property
     def parsed_plain(self) -> dict[str, Any]:
         """The parsed schema with time logical types removed: decodes times as ms (ints)."""
-        return fastavro.parse_schema(plain_times(self.raw), _write_hint=False)
+        return fastavro.parse_schema(plain_times(self.raw))
 
     @property
     def name(self) -> str:
@@ -60,7 +60,7 @@ def load_schema_file(path: Path) -> EventSchema:
     except (OSError, json.JSONDecodeError) as exc:
         raise SchemaError(f"{path}: cannot read schema: {exc}") from exc
     try:
-        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        parsed = fastavro.parse_schema(raw)
     except Exception as exc:  # fastavro raises several exception types
         raise SchemaError(f"{path}: invalid Avro schema: {exc}") from exc
     if raw.get("type") != "record" or raw.get("name") != path.stem:

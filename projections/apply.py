@@ -1,0 +1,180 @@
+"""One batch, one DuckDB transaction: rows, rejects, lake files and consumed offsets together.
+
+Failure semantics (what a crash at each step leaves behind):
+
+1. The Parquet files of the batch are written, then the transaction commits. A crash before the
+   commit leaves files that ``lake_files`` does not list: orphans, deleted at the next start
+   (:func:`projections.lake.remove_orphans`); the batch is redelivered and written again.
+2. Inside the transaction the stored offsets are read first and every record below them is
+   dropped (``redelivered``): a batch delivered twice is applied once, whoever delivered it.
+3. ``first``-policy read models insert only keys not present yet (and the first of a key within
+   the batch); ``last``-policy ones replace the rows of the batch's keys with the latest event.
+4. The new offsets (the offset after each partition's last record, control records and rejects
+   included) are upserted with the log identity, and the transaction commits. A crash after the
+   commit loses nothing: the next run starts after the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from projections import lake
+from projections.decoding import Prepared, Reject
+from projections.readmodels import OFFSET_COL, PARTITION_COL, Projection
+from projections.tracking import (
+    REJECTS_SCHEMA,
+    REJECTS_TABLE,
+    LogIdentity,
+    load_offsets,
+    now_utc,
+    save_offsets,
+)
+
+
+@dataclass
+class Applied:
+    """What one batch transaction did: rows ``applied`` per projection (inserted or replaced),
+    ``duplicates`` (events whose key was already applied or superseded in the batch),
+    ``redelivered`` (records below the stored offsets), ``rejects`` stored, ``lake_files``."""
+
+    applied: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    redelivered: int = 0
+    rejects: int = 0
+    lake_files: int = 0
+
+
+def _fresh(table: pa.Table, thresholds: Mapping[int, int]) -> pa.Table:
+    """Rows at or above their partition's stored next offset."""
+    if not thresholds or table.num_rows == 0:
+        return table
+    parts = table[PARTITION_COL].to_numpy()
+    offs = table[OFFSET_COL].to_numpy()
+    lut = np.zeros(max(int(parts.max()), max(thresholds)) + 1, dtype=np.int64)
+    for part, next_offset in thresholds.items():
+        lut[part] = next_offset
+    mask = offs >= lut[parts]
+    return table if bool(mask.all()) else table.filter(pa.array(mask))
+
+
+def _upsert(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -> pa.Table:
+    """Apply ``rows`` to ``proj``'s table by its policy; returns the rows written."""
+    name, key = proj.name, proj.key
+    conn.register("bb_batch", rows)
+    try:
+        if proj.policy == "first":
+            new = conn.sql(
+                f'SELECT b.* FROM bb_batch b ANTI JOIN "{name}" t ON t."{key}" = b."{key}" '
+                f'QUALIFY row_number() OVER (PARTITION BY b."{key}" '
+                f'ORDER BY b."{PARTITION_COL}", b."{OFFSET_COL}") = 1'
+            ).to_arrow_table()
+        else:
+            new = conn.sql(
+                f'SELECT * FROM bb_batch QUALIFY row_number() OVER (PARTITION BY "{key}" '
+                f'ORDER BY "{PARTITION_COL}" DESC, "{OFFSET_COL}" DESC) = 1'
+            ).to_arrow_table()
+        if new.num_rows:
+            conn.register("bb_new", new)
+            try:
+                if proj.policy == "last":
+                    conn.execute(f'DELETE FROM "{name}" WHERE "{key}" IN (SELECT "{key}" FROM bb_new)')
+                conn.execute(f'INSERT INTO "{name}" SELECT * FROM bb_new')
+            finally:
+                conn.unregister("bb_new")
+        return new
+    finally:
+        conn.unregister("bb_batch")
+
+
+def _store_rejects(
+    conn: duckdb.DuckDBPyConnection, rejects: list[Reject], thresholds: Mapping[tuple[str, str, int], int]
+) -> int:
+    fresh = [r for r in rejects if r.offset >= thresholds.get((r.projection, r.topic, r.partition), 0)]
+    if not fresh:
+        return 0
+    stamp = now_utc()
+    table = pa.table(
+        [
+            pa.array([r.projection for r in fresh], pa.string()),
+            pa.array([r.topic for r in fresh], pa.string()),
+            pa.array([r.partition for r in fresh], pa.int32()),
+            pa.array([r.offset for r in fresh], pa.int64()),
+            pa.array([r.reason for r in fresh], pa.string()),
+            pa.array([stamp] * len(fresh), pa.timestamp("ms")),
+        ],
+        schema=REJECTS_SCHEMA,
+    )
+    conn.register("bb_rejects", table)
+    try:
+        conn.execute(
+            f"INSERT INTO {REJECTS_TABLE} SELECT n.* FROM bb_rejects n ANTI JOIN {REJECTS_TABLE} o "
+            'ON o.projection = n.projection AND o.topic = n.topic AND o."partition" = n."partition" '
+            'AND o."offset" = n."offset"'
+        )
+    finally:
+        conn.unregister("bb_rejects")
+    return len(fresh)
+
+
+def apply_batch(
+    conn: duckdb.DuckDBPyConnection,
+    lake_dir: Path,
+    by_topic: Mapping[str, Projection],
+    prepared: Prepared,
+    identity: LogIdentity,
+) -> Applied:
+    """Write ``prepared`` in one transaction on ``conn`` (module docstring), lake files of
+    lake projections under ``lake_dir``.
+
+    Raises:
+        duckdb.Error, OSError: the write failed; nothing of the batch is kept (rolled back,
+            its lake files deleted).
+    """
+    by_name = {p.name: p for p in by_topic.values()}
+    written: list[tuple[str, int]] = []
+    result = Applied()
+    conn.begin()
+    try:
+        stored = {k: v.next_offset for k, v in load_offsets(conn, by_name).items()}
+        for name, table in prepared.tables.items():
+            proj = by_name[name]
+            marks = {p: off for (n, t, p), off in stored.items() if n == name and t == proj.topic}
+            fresh = _fresh(table, marks)
+            result.redelivered += table.num_rows - fresh.num_rows
+            if fresh.num_rows == 0:
+                continue
+            new = _upsert(conn, proj, fresh)
+            result.applied[name] = new.num_rows
+            result.duplicates += fresh.num_rows - new.num_rows
+            if proj.lake and new.num_rows:
+                batch = lake.next_batch(conn, name)
+                files = lake.write_files(lake_dir, proj, new, batch)
+                written += files
+                lake.record_files(conn, name, batch, files, now_utc())
+                result.lake_files += len(files)
+        result.rejects = _store_rejects(conn, prepared.rejects, stored)
+        result.redelivered += len(prepared.rejects) - result.rejects
+        next_offsets: dict[tuple[str, str, int], int] = {}
+        for (topic, part), end in prepared.ends.items():
+            key = (by_topic[topic].name, topic, part)
+            if end > stored.get(key, 0):
+                next_offsets[key] = end
+        save_offsets(conn, next_offsets, identity)
+        conn.commit()
+    except BaseException:
+        lake.delete_files(lake_dir, written)
+        try:
+            conn.rollback()
+        except duckdb.Error:
+            pass  # the connection is broken: nothing was committed either way
+        raise
+    return result
+
+
+__all__ = ["Applied", "apply_batch"]

@@ -1,0 +1,197 @@
+"""From consumed Kafka records to what a runner applies: Arrow rows per projection, rejects,
+and the offsets the batch covers.
+
+Control records (``bb_control`` header, :mod:`events.control`) are counted and skipped: they are
+not events. A record whose value is missing, not Confluent-framed Avro of a known schema, of
+another event type than the projection reads, or not mappable to a row becomes a
+:class:`Reject` with its reason (never dropped silently). Every record, skipped or not, moves
+its partition's offset on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Protocol
+
+import fastavro
+import pyarrow as pa
+from fastavro import schemaless_reader
+
+from events.control import is_control
+from events.serde import AvroDecoder, schema_id_of
+from infra.errors import DecodeError, InfraError, RegistryError
+from projections.readmodels import Projection, to_table_checked
+
+#: Confluent error codes meaning "no such schema" (subject / version / schema id not found).
+_NOT_FOUND = frozenset({40401, 40402, 40403})
+
+
+class MessageLike(Protocol):
+    """What is read of a consumed record (confluent-kafka's ``Message`` fits)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes | None]] | None: ...
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that was not applied, and why."""
+
+    projection: str
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+
+
+@dataclass
+class Prepared:
+    """One consumed batch, ready to write: ``tables`` (projection name → rows), ``rejects``,
+    ``ends`` (``(topic, partition)`` → the offset after the batch's last record there),
+    ``records`` (all records seen) and ``controls`` (control records skipped)."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    rejects: list[Reject] = field(default_factory=list)
+    ends: dict[tuple[str, int], int] = field(default_factory=dict)
+    records: int = 0
+    controls: int = 0
+
+
+class BatchPreparer:
+    """Decodes and maps batches for the projections ``by_topic`` (source topic → projection).
+
+    ``lookup(schema_id)`` returns the fastavro-parsed writer schema (usually
+    ``Registry.parsed_schema_by_id``). A schema id the registry does not know (404) makes a
+    reject; any other lookup failure (registry down) is raised, so nothing is rejected for a
+    transient outage. Schemas are cached per id, parsed with fastavro's "already parsed"
+    marker: without it fastavro re-parses the schema on *every* record (measured: 70k → 130k
+    records/s once marked).
+    """
+
+    def __init__(self, by_topic: Mapping[str, Projection], lookup: Callable[[int], dict[str, Any]]) -> None:
+        self._by_topic = dict(by_topic)
+        self._lookup = lookup
+        self._schemas: dict[int, dict[str, Any]] = {}
+        self._types: dict[int, str] = {}
+        self._unknown: dict[int, str] = {}
+        self._decoder = AvroDecoder(self._schemas.__getitem__)
+
+    def _type_of(self, schema_id: int) -> str:
+        """The full name of the writer schema ``schema_id``.
+
+        Raises:
+            DecodeError: the registry does not know the id.
+            RegistryError, InfraError: the registry cannot be asked (nothing is rejected).
+        """
+        if schema_id not in self._types:
+            if schema_id in self._unknown:
+                raise DecodeError(self._unknown[schema_id])
+            try:
+                schema = fastavro.parse_schema(self._lookup(schema_id))
+            except RegistryError as exc:
+                if exc.error_code not in _NOT_FOUND and exc.http_status != 404:
+                    raise
+                self._unknown[schema_id] = f"schema id {schema_id} is not in the registry: {exc}"
+                raise DecodeError(self._unknown[schema_id]) from exc
+            except Exception as exc:
+                raise InfraError(
+                    f"the schema registry cannot be asked for schema id {schema_id} ({exc}); is it "
+                    "running? ('backbeat up' starts the embedded one, or set BACKBEAT_REGISTRY_URL)"
+                ) from exc
+            self._schemas[schema_id] = schema
+            self._types[schema_id] = str(schema.get("name"))
+        return self._types[schema_id]
+
+    def _slow(
+        self, out: Prepared, proj: Projection, msg: MessageLike, value: bytes | None
+    ) -> dict[str, Any] | None:
+        """The careful path for a record the fast path did not decode: control record, tombstone,
+        unknown schema, other event type, or bad Avro. Returns the event or ``None`` (counted)."""
+        topic, part, off = proj.topic, msg.partition() or 0, msg.offset() or 0
+        if is_control(msg.headers()):
+            out.controls += 1
+            return None
+        if value is None:
+            out.rejects.append(Reject(proj.name, topic, part, off, "tombstone: the record has no value"))
+            return None
+        try:
+            event_type = self._type_of(schema_id_of(value))
+            if event_type != proj.event_type:
+                raise DecodeError(
+                    f"event type {event_type} is not {proj.event_type}, the type {proj.name} reads"
+                )
+            return self._decoder.decode(value)
+        except DecodeError as exc:
+            out.rejects.append(Reject(proj.name, topic, part, off, str(exc)))
+            return None
+
+    def prepare(self, messages: Sequence[MessageLike]) -> Prepared:
+        """Decode and map ``messages`` (data records only: no error events).
+
+        Hot path (about 8 µs per record, most of it fastavro): a value that starts with the
+        wire-format magic byte and a known schema id of the projection's event type is decoded
+        directly. Anything else takes :meth:`_slow`, which reads the headers (about 6 µs per
+        record with CloudEvents headers, so only there): control records carry an empty value
+        (:mod:`events.control`) and so always take it.
+
+        Raises:
+            KeyError: a message comes from a topic no projection reads (a runner bug).
+            RegistryError, InfraError: the registry cannot be reached (nothing is rejected).
+        """
+        out = Prepared(records=len(messages))
+        ends = out.ends
+        columns: dict[str, tuple[list[dict[str, Any]], list[int], list[int]]] = {
+            p.name: ([], [], []) for p in self._by_topic.values()
+        }
+        by_topic = self._by_topic
+        schemas = self._schemas
+        types = self._types
+        slow = self._slow
+        last_topic: str | None = None
+        proj: Projection | None = None
+        events: list[dict[str, Any]] = []
+        parts: list[int] = []
+        offs: list[int] = []
+        for msg in messages:
+            topic, part, off = msg.topic(), msg.partition(), msg.offset()
+            ends[(topic, part)] = off + 1  # a partition's records arrive in offset order
+            if topic != last_topic:
+                last_topic, proj = topic, by_topic[topic]
+                events, parts, offs = columns[proj.name]
+            value = msg.value()
+            event = None
+            if value and value[0] == 0 and len(value) > 5:
+                schema_id = int.from_bytes(value[1:5], "big")
+                if types.get(schema_id) == proj.event_type:
+                    buf = BytesIO(value)
+                    buf.seek(5)
+                    try:
+                        event = schemaless_reader(buf, schemas[schema_id], None, return_record_name=False)
+                    except Exception:  # fastavro raises several types: let the slow path say why
+                        event = None
+                    if event is not None and buf.tell() != len(value):
+                        event = None
+            if event is None:
+                event = slow(out, proj, msg, value)
+                if event is None:
+                    continue
+            events.append(event)
+            parts.append(part)
+            offs.append(off)
+        for proj in by_topic.values():
+            events, parts, offs = columns[proj.name]
+            if not events:
+                continue
+            table, bad = to_table_checked(proj, events, parts, offs)
+            out.tables[proj.name] = table
+            for i, reason in bad:
+                out.rejects.append(Reject(proj.name, proj.topic, parts[i], offs[i], reason))
+        return out
+
+
+__all__ = ["BatchPreparer", "MessageLike", "Prepared", "Reject"]

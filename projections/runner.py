@@ -1,0 +1,435 @@
+"""The projection runner: reads the projections' topics and keeps their DuckDB read models (and
+the Parquet lake) up to date, exactly once.
+
+How it runs:
+
+1. Start: read the live log identity (cluster id, topic ids) and each partition's high
+   watermark from Fetch responses (:func:`events.offsets.high_watermarks`, since ListOffsets
+   LATEST is wrong on Tansu); open DuckDB once to create tables, load the stored offsets and
+   check them against the log (:func:`projections.tracking.check_offsets`, raising
+   ``OffsetMismatchError``), and delete orphan lake files.
+2. A confluent-kafka consumer is ``assign()``-ed to every partition at its stored offset (no
+   consumer-group join, so no Tansu join delay; nothing is committed to Kafka: the offsets live
+   in DuckDB).
+3. Loop: consume up to ``batch_size`` records or ``linger_s`` seconds, decode and map them to
+   Arrow (:mod:`projections.decoding`), then write them in one DuckDB transaction with their
+   offsets (:func:`projections.apply.apply_batch`) on a writer thread while the next batch is
+   consumed (DuckDB and Parquet release the GIL). The database is opened per batch, so
+   ``backbeat sql`` can read in between (:mod:`projections.store`).
+4. Stop when every partition reached the high watermark taken at start
+   (``until_caught_up=True``), or on :meth:`ProjectionRunner.stop` / SIGTERM / SIGINT, after the
+   batch in flight is committed.
+
+``python -m projections.runner [--until-caught-up] [--projection NAME]...`` runs it from a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from events.offsets import high_watermarks
+from events.registry_client import registry_for
+from infra.errors import BackbeatError, ConfigError, OffsetMismatchError
+from infra.settings import Settings
+from projections import lake
+from projections.apply import Applied, apply_batch
+from projections.decoding import BatchPreparer, Prepared
+from projections.readmodels import PROJECTIONS, Projection, get_projection
+from projections.store import WriterSession, writer
+from projections.tracking import (
+    LogIdentity,
+    check_offsets,
+    check_topics_exist,
+    ensure_tables,
+    load_offsets,
+    log_identity,
+)
+
+log = logging.getLogger("backbeat.projections")
+
+TopicPart = tuple[str, int]
+
+#: Consumer errors that mean the log changed under the runner (not transient).
+_FATAL_CODES = {
+    KafkaError._AUTO_OFFSET_RESET,
+    KafkaError.OFFSET_OUT_OF_RANGE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+}
+#: Consumer errors after which the broker may have been restarted: re-check the log identity.
+_RECHECK_CODES = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+
+
+@dataclass
+class RunStats:
+    """What a run did. ``applied``: rows written to read models (per projection in
+    ``per_projection``); ``duplicates``: events whose key was already applied (``first``) or
+    superseded in their batch (``last``); ``redelivered``: records at offsets already applied;
+    ``rejects``: records stored in ``projection_rejects``; ``controls``: control records skipped;
+    ``records``: every record consumed; ``elapsed_s``: wall time in seconds."""
+
+    records: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    rejects: int = 0
+    controls: int = 0
+    batches: int = 0
+    lake_files: int = 0
+    elapsed_s: float = 0.0
+    per_projection: dict[str, int] = field(default_factory=dict)
+
+    def add(self, done: Applied, records: int, controls: int) -> None:
+        """Account one committed batch."""
+        self.batches += 1
+        self.records += records
+        self.controls += controls
+        self.duplicates += done.duplicates
+        self.redelivered += done.redelivered
+        self.rejects += done.rejects
+        self.lake_files += done.lake_files
+        for name, n in done.applied.items():
+            self.applied += n
+            self.per_projection[name] = self.per_projection.get(name, 0) + n
+
+    @property
+    def rate(self) -> float:
+        """Records consumed per second of wall time."""
+        return self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every committed batch. ``positions``/``starts``: next offset per
+    ``(topic, partition)`` now and at start; ``targets``: the high watermarks to reach
+    (``None`` in forever mode)."""
+
+    stats: RunStats
+    starts: dict[TopicPart, int]
+    positions: dict[TopicPart, int]
+    targets: dict[TopicPart, int] | None
+
+    @property
+    def done(self) -> int:
+        """Records consumed since start."""
+        return sum(self.positions[tp] - self.starts[tp] for tp in self.positions)
+
+    @property
+    def total(self) -> int | None:
+        """Records to consume until caught up (``None`` in forever mode)."""
+        if self.targets is None:
+            return None
+        return sum(max(0, t - self.starts[tp]) for tp, t in self.targets.items())
+
+
+ProgressHook = Callable[[Progress], None]
+
+
+class ProjectionRunner:
+    """Runs ``projections`` (default: all) against ``settings``' broker, registry and DuckDB.
+
+    ``batch_size``: most records per transaction; ``linger_s``: longest wait to fill a batch
+    (seconds); ``progress``: called with a :class:`Progress` after each committed batch;
+    ``lookup``: schema id → parsed schema (default: the registry at ``settings.registry_url``).
+
+    Raises:
+        ConfigError: two projections read the same topic (one consumer feeds one projection
+            per topic).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        projections: Iterable[Projection] | None = None,
+        *,
+        batch_size: int = 50_000,
+        linger_s: float = 0.5,
+        progress: ProgressHook | None = None,
+        lookup: Callable[[int], dict[str, Any]] | None = None,
+        db_timeout_s: float = 120.0,
+    ) -> None:
+        self.settings = settings
+        self.projections = list(PROJECTIONS.values() if projections is None else projections)
+        self.by_topic: dict[str, Projection] = {}
+        for proj in self.projections:
+            other = self.by_topic.setdefault(proj.topic, proj)
+            if other is not proj:
+                raise ConfigError(f"projections {other.name} and {proj.name} both read {proj.topic}")
+        self.batch_size = max(1, batch_size)
+        self.linger_s = linger_s
+        self.progress = progress
+        self.db_timeout_s = db_timeout_s
+        self._lookup = lookup or registry_for(settings.registry_url).parsed_schema_by_id
+        self._stop = threading.Event()
+        self._recheck = False
+
+    # -- control --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to stop after the batch in flight (thread- and signal-safe)."""
+        self._stop.set()
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _start(self) -> tuple[LogIdentity, dict[TopicPart, int], dict[TopicPart, int | None]]:
+        """Identity, high watermarks and stored offsets (``None`` = never read) after checks."""
+        topics = sorted(self.by_topic)
+        identity = log_identity(self.settings, topics)
+        with writer(self.settings.duckdb_path, self.db_timeout_s) as conn:
+            conn.begin()
+            for proj in self.projections:
+                ensure_tables(conn, proj)
+            conn.commit()
+            stored = load_offsets(conn, [p.name for p in self.projections])
+            bootstrap = self.settings.bootstrap_servers
+            check_offsets(stored.values(), identity, {}, bootstrap, cluster_only=True)
+            check_topics_exist(stored.values(), identity, topics)
+            marks = {t: high_watermarks(self.settings, t) for t in topics}
+            check_offsets(stored.values(), identity, marks, bootstrap)
+            for proj in self.projections:
+                if proj.lake:
+                    removed = lake.remove_orphans(conn, self.settings.lake_dir, proj.name)
+                    if removed:
+                        log.warning(
+                            "%s: removed %d orphan lake file(s) of an uncommitted batch", proj.name, removed
+                        )
+        flat = {(t, p): hwm for t, parts in marks.items() for p, hwm in parts.items()}
+        starts: dict[TopicPart, int | None] = {}
+        for topic, part in flat:
+            found = stored.get((self.by_topic[topic].name, topic, part))
+            starts[(topic, part)] = found.next_offset if found else None
+        return identity, flat, starts
+
+    def _consumer(self, starts: dict[TopicPart, int | None]) -> Consumer:
+        conf = self.settings.consumer_conf(
+            f"bb-projections-{uuid.uuid4().hex[:8]}",
+            **{"enable.partition.eof": True, "auto.offset.reset": "error", "enable.auto.offset.store": False},
+        )
+        consumer = Consumer(conf)
+        consumer.assign(
+            [TopicPartition(t, p, OFFSET_BEGINNING if off is None else off) for (t, p), off in starts.items()]
+        )
+        return consumer
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _error(self, msg: Message) -> None:
+        err = msg.error()
+        code = err.code()
+        if code in _FATAL_CODES or err.fatal():
+            raise OffsetMismatchError(
+                f"reading {msg.topic()}[{msg.partition()}] failed: {err.str()}. The log changed under "
+                "the runner (broker restarted empty, topic recreated, or records deleted); stored "
+                "offsets no longer fit it. Rebuild: re-import the data and run "
+                "'backbeat projections reset <name>', then run the projections again"
+            )
+        if code in _RECHECK_CODES:
+            self._recheck = True
+        log.warning("consumer: %s", err.str())
+
+    def _collect(
+        self, consumer: Consumer, positions: dict[TopicPart, int], caught_up: Callable[[], bool]
+    ) -> list[Message]:
+        """Consume up to ``batch_size`` data records within ``linger_s``; update ``positions``."""
+        out: list[Message] = []
+        deadline = time.monotonic() + self.linger_s
+        while len(out) < self.batch_size and not self._stop.is_set():
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            got = consumer.consume(num_messages=self.batch_size - len(out), timeout=wait)
+            for msg in got:
+                err = msg.error()
+                if err is None:
+                    out.append(msg)
+                    positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    tp = (msg.topic(), msg.partition())
+                    positions[tp] = max(positions[tp], msg.offset())
+                else:
+                    self._error(msg)
+            if caught_up():
+                break
+        return out
+
+    def _verify_identity(self, identity: LogIdentity) -> None:
+        if not self._recheck:
+            return
+        self._recheck = False
+        live = log_identity(self.settings, self.by_topic)
+        if live != identity:
+            raise OffsetMismatchError(
+                f"the broker at {self.settings.bootstrap_servers} changed while running: cluster "
+                f"{identity.cluster_id} -> {live.cluster_id}, topic ids {dict(identity.topic_ids)} -> "
+                f"{dict(live.topic_ids)}: the embedded broker was restarted empty or a topic was "
+                "recreated. Nothing after the last committed batch was applied. Re-import the data "
+                "and run 'backbeat projections reset <name>', then run the projections again"
+            )
+
+    def run(self, until_caught_up: bool = False) -> RunStats:
+        """Run until caught up with the high watermarks taken at start (``until_caught_up``) or
+        until :meth:`stop` / SIGTERM / SIGINT (handlers installed when called from the main
+        thread). Returns the :class:`RunStats`.
+
+        Raises:
+            OffsetMismatchError: stored offsets do not belong to the live log (see
+                :mod:`projections.tracking`), or it changed while running.
+            InfraError: the broker, a topic or the registry cannot be reached.
+            DatabaseBusyError: the DuckDB file stayed locked (another long writer or query).
+        """
+        started = time.monotonic()
+        stats = RunStats()
+        identity, marks, stored = self._start()
+        starts = {tp: off or 0 for tp, off in stored.items()}
+        positions = dict(starts)
+        targets = marks if until_caught_up else None
+
+        def caught_up() -> bool:
+            return targets is not None and all(positions[tp] >= t for tp, t in targets.items())
+
+        preparer = BatchPreparer(self.by_topic, self._lookup)
+        consumer = self._consumer(stored)
+        restore = self._install_signals()
+        pending: tuple[Future[Applied], int, int] | None = None
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is None:
+                return
+            future, records, controls = pending
+            pending = None
+            stats.add(future.result(), records, controls)
+            stats.elapsed_s = time.monotonic() - started
+            if self.progress is not None:
+                self.progress(Progress(stats, starts, dict(positions), targets))
+
+        try:
+            with (
+                WriterSession(self.settings.duckdb_path, self.db_timeout_s) as session,
+                ThreadPoolExecutor(1, thread_name_prefix="bb-projection-writer") as pool,
+            ):
+                while not self._stop.is_set() and not caught_up():
+                    msgs = self._collect(consumer, positions, caught_up)
+                    if not msgs:  # idle: let readers have the file until records arrive
+                        settle()
+                        pool.submit(session.close).result()
+                        continue
+                    prepared = preparer.prepare(msgs)
+                    settle()
+                    self._verify_identity(identity)
+                    future = pool.submit(self._write, session, prepared, identity)
+                    pending = (future, prepared.records, prepared.controls)
+                settle()
+        finally:
+            restore()
+            consumer.close()
+        stats.elapsed_s = time.monotonic() - started
+        return stats
+
+    def _write(self, session: WriterSession, prepared: Prepared, identity: LogIdentity) -> Applied:
+        """One batch transaction (runs on the writer thread)."""
+        with session.connection() as conn:
+            return apply_batch(conn, self.settings.lake_dir, self.by_topic, prepared, identity)
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(_signum: int, _frame: FrameType | None) -> None:
+            self.stop()
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, previous in old.items():
+                signal.signal(sig, previous)
+
+        return restore
+
+
+def run_projections(
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    *,
+    until_caught_up: bool = False,
+    topics: dict[str, str] | None = None,
+    progress: ProgressHook | None = None,
+    batch_size: int = 50_000,
+) -> RunStats:
+    """Run the projections ``names`` (default: all) — the function ``backbeat project`` calls.
+    ``topics`` overrides source topics (``{projection: topic}``).
+
+    Raises:
+        ConfigError: an unknown projection name.
+        OffsetMismatchError, InfraError, DatabaseBusyError: as :meth:`ProjectionRunner.run`.
+    """
+    chosen = [get_projection(n) for n in (names or list(PROJECTIONS))]
+    overrides = topics or {}
+    chosen = [p.on_topic(overrides[p.name]) if p.name in overrides else p for p in chosen]
+    runner = ProjectionRunner(settings, chosen, progress=progress, batch_size=batch_size)
+    return runner.run(until_caught_up=until_caught_up)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m projections.runner", description="Materialise read models into DuckDB."
+    )
+    parser.add_argument("--until-caught-up", action="store_true", help="stop at the end of the log")
+    parser.add_argument(
+        "--projection",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"projection to run (repeatable; default all: {', '.join(PROJECTIONS)})",
+    )
+    parser.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        metavar="NAME=TOPIC",
+        help="read projection NAME from TOPIC instead of its declared topic",
+    )
+    parser.add_argument("--batch-size", type=int, default=50_000, help="records per transaction")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: prints the run's stats as one JSON line; exit 1 on a backbeat error."""
+    args = _parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        topics = dict(item.split("=", 1) for item in args.topic)
+    except ValueError:
+        print("error: --topic takes NAME=TOPIC", file=sys.stderr)
+        return 2
+    try:
+        stats = run_projections(
+            Settings.from_env(),
+            args.projection or None,
+            until_caught_up=args.until_caught_up,
+            topics=topics,
+            batch_size=args.batch_size,
+        )
+    except BackbeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({**asdict(stats), "rate": round(stats.rate, 1)}), flush=True)
+    return 0
+
+
+__all__ = ["Progress", "ProgressHook", "ProjectionRunner", "RunStats", "main", "run_projections"]
+
+if __name__ == "__main__":
+    sys.exit(main())

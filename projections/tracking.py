@@ -1,0 +1,330 @@
+"""Consumed offsets stored with the read models, tied to the log they were read from.
+
+The table ``projection_offsets`` holds, per ``(projection, topic, partition)``, the next offset
+to read and the identity of the log: the broker's cluster id and the topic's id. The runner
+writes it in the same DuckDB transaction as the rows (DESIGN.md §3), so a redelivered batch is
+applied once. Before reading, :func:`check_offsets` compares the stored identity and offsets
+with the live log and raises :class:`~infra.errors.OffsetMismatchError` when they cannot belong
+to it: the embedded broker restarted empty (new cluster id, every topic gone), a topic was
+deleted and recreated (new topic id), or the log is shorter than what was read. Resuming then
+would silently skip or double events; the error says how to rebuild instead.
+
+Also here: ``projection_versions`` (which version and topic built each read model),
+``projection_rejects`` (records that could not be decoded or mapped), and :func:`reset`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient
+
+from infra.broker import cluster_id_of
+from infra.errors import InfraError, OffsetMismatchError
+from infra.settings import Settings
+from projections.lake import LAKE_FILES_DDL, LAKE_FILES_TABLE
+from projections.readmodels import Projection
+from projections.store import writer
+
+OFFSETS_TABLE = "projection_offsets"
+VERSIONS_TABLE = "projection_versions"
+REJECTS_TABLE = "projection_rejects"
+
+BOOKKEEPING_DDL = (
+    f"""CREATE TABLE IF NOT EXISTS {OFFSETS_TABLE} (
+  projection VARCHAR NOT NULL, topic VARCHAR NOT NULL, "partition" INTEGER NOT NULL,
+  next_offset BIGINT NOT NULL, cluster_id VARCHAR NOT NULL, topic_id VARCHAR NOT NULL,
+  updated_at TIMESTAMP NOT NULL, PRIMARY KEY (projection, topic, "partition"))""",
+    f"""CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (
+  projection VARCHAR PRIMARY KEY, version INTEGER NOT NULL, topic VARCHAR NOT NULL,
+  created_at TIMESTAMP NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS {REJECTS_TABLE} (
+  projection VARCHAR NOT NULL, topic VARCHAR NOT NULL, "partition" INTEGER NOT NULL,
+  "offset" BIGINT NOT NULL, reason VARCHAR NOT NULL, rejected_at TIMESTAMP NOT NULL)""",
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("projection", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("reason", pa.string()),
+        ("rejected_at", pa.timestamp("ms")),
+    ]
+)
+
+_OFFSETS_SCHEMA = pa.schema(
+    [
+        ("projection", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("next_offset", pa.int64()),
+        ("cluster_id", pa.string()),
+        ("topic_id", pa.string()),
+        ("updated_at", pa.timestamp("ms")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class LogIdentity:
+    """Which log is being read: the broker's ``cluster_id`` and ``{topic: topic id}``."""
+
+    cluster_id: str
+    topic_ids: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class StoredOffset:
+    """One row of ``projection_offsets``: the next offset to read and the log it belongs to."""
+
+    projection: str
+    topic: str
+    partition: int
+    next_offset: int
+    cluster_id: str
+    topic_id: str
+
+
+def now_utc() -> datetime:
+    """The current time as a naive UTC datetime (DuckDB ``TIMESTAMP`` convention here)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def log_identity(settings: Settings, topics: Iterable[str], timeout_s: float = 10.0) -> LogIdentity:
+    """The live identity of ``topics`` on ``settings.bootstrap_servers``: cluster id (random per
+    embedded-broker start) and topic ids (new when a topic is recreated). Topics that do not
+    exist are left out of ``topic_ids`` (the caller decides what that means).
+
+    Raises:
+        InfraError: the broker does not answer.
+    """
+    cluster = cluster_id_of(settings.bootstrap_servers, timeout_s)
+    names = sorted(set(topics))
+    admin = AdminClient(settings.kafka_common())
+    ids: dict[str, str] = {}
+    for name, future in admin.describe_topics(TopicCollection(names)).items():
+        try:
+            ids[name] = str(future.result(timeout=timeout_s).topic_id)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise InfraError(
+                f"topic {name} cannot be described on {settings.bootstrap_servers}: {exc}"
+            ) from exc
+    return LogIdentity(cluster, ids)
+
+
+def check_topics_exist(stored: Iterable[StoredOffset], identity: LogIdentity, topics: Iterable[str]) -> None:
+    """Every topic of ``topics`` must exist on the broker.
+
+    Raises:
+        OffsetMismatchError: a topic that offsets were stored for is gone (broker restarted
+            empty, or the topic was deleted).
+        InfraError: a topic that was never read does not exist (create it first).
+    """
+    read_before = {s.topic: s.projection for s in stored}
+    for topic in sorted(set(topics)):
+        if topic in identity.topic_ids:
+            continue
+        if topic in read_before:
+            raise OffsetMismatchError(
+                f"topic {topic} no longer exists on cluster {identity.cluster_id}, but read model "
+                f"{read_before[topic]!r} was built from it: the topic was deleted or the embedded "
+                f"broker restarted empty. {_fix(read_before[topic])}"
+            )
+        raise InfraError(
+            f"topic {topic} does not exist; create it with 'backbeat topics apply' (and import data) first"
+        )
+
+
+def _fix(projection: str) -> str:
+    return (
+        f"The read model {projection!r} holds events this log does not have, so resuming would skip "
+        "or double events. Either point BACKBEAT_BOOTSTRAP_SERVERS back at the broker it was read "
+        "from, or rebuild it: re-import the data into the new broker ('backbeat import …') and run "
+        f"'backbeat projections reset {projection}' (or delete the DuckDB file and the lake "
+        "directory) before running the projections again."
+    )
+
+
+def ensure_tables(conn: duckdb.DuckDBPyConnection, projection: Projection) -> None:
+    """Create the bookkeeping tables and ``projection``'s table if missing, and record which
+    version and topic build it.
+
+    Raises:
+        OffsetMismatchError: the table was built by another version of the projection or from
+            another topic (its rows and offsets do not fit this code or this topic).
+    """
+    for ddl in (*BOOKKEEPING_DDL, LAKE_FILES_DDL):
+        conn.execute(ddl)
+    conn.execute(projection.ddl)
+    rows = conn.execute(
+        f"SELECT version, topic FROM {VERSIONS_TABLE} WHERE projection = ?", [projection.name]
+    ).fetchall()  # fetch to the end: DuckDB 2 refuses new work while a result is unfinished
+    row = rows[0] if rows else None
+    if row is None:
+        conn.execute(
+            f"INSERT INTO {VERSIONS_TABLE} VALUES (?, ?, ?, ?)",
+            [projection.name, projection.version, projection.topic, now_utc()],
+        )
+        return
+    version, topic = int(row[0]), str(row[1])
+    if version != projection.version or topic != projection.topic:
+        raise OffsetMismatchError(
+            f"read model {projection.name!r} was built by version {version} from topic {topic}, "
+            f"but this runner builds version {projection.version} from {projection.topic}; "
+            f"rebuild it: 'backbeat projections reset {projection.name}' then run the projections"
+        )
+
+
+def load_offsets(
+    conn: duckdb.DuckDBPyConnection, names: Iterable[str]
+) -> dict[tuple[str, str, int], StoredOffset]:
+    """Stored offsets of the projections ``names``, keyed by ``(projection, topic, partition)``."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        f'SELECT projection, topic, "partition", next_offset, cluster_id, topic_id '
+        f"FROM {OFFSETS_TABLE} WHERE list_contains(?, projection)",
+        [wanted],
+    ).fetchall()
+    return {(r[0], r[1], int(r[2])): StoredOffset(r[0], r[1], int(r[2]), int(r[3]), r[4], r[5]) for r in rows}
+
+
+def save_offsets(
+    conn: duckdb.DuckDBPyConnection,
+    next_offsets: Mapping[tuple[str, str, int], int],
+    identity: LogIdentity,
+) -> None:
+    """Upsert ``{(projection, topic, partition): next offset}`` with the log ``identity``
+    (inside the caller's transaction, from one Arrow table)."""
+    if not next_offsets:
+        return
+    keys = sorted(next_offsets)
+    stamp = now_utc()
+    table = pa.Table.from_pylist(
+        [
+            {
+                "projection": proj,
+                "topic": topic,
+                "partition": part,
+                "next_offset": next_offsets[(proj, topic, part)],
+                "cluster_id": identity.cluster_id,
+                "topic_id": identity.topic_ids.get(topic, ""),
+                "updated_at": stamp,
+            }
+            for proj, topic, part in keys
+        ],
+        schema=_OFFSETS_SCHEMA,
+    )
+    conn.register("bb_offsets_batch", table)
+    try:
+        conn.execute(f"INSERT OR REPLACE INTO {OFFSETS_TABLE} SELECT * FROM bb_offsets_batch")
+    finally:
+        conn.unregister("bb_offsets_batch")
+
+
+def check_offsets(
+    stored: Iterable[StoredOffset],
+    identity: LogIdentity,
+    high_watermarks: Mapping[str, Mapping[int, int]],
+    bootstrap: str = "the broker",
+    *,
+    cluster_only: bool = False,
+) -> None:
+    """Verify that stored offsets belong to the live log (pure). ``cluster_only``: check the
+    cluster id alone (before topics are looked at: after a restart they are all gone).
+
+    ``high_watermarks`` is ``{topic: {partition: high watermark}}`` from Fetch responses
+    (:func:`events.offsets.high_watermarks`; ListOffsets is wrong on Tansu).
+
+    Raises:
+        OffsetMismatchError: another cluster id (broker restarted empty / other cluster),
+            another topic id (topic recreated), a partition that no longer exists, or a stored
+            offset beyond the partition's high watermark (the log is shorter than what was read).
+    """
+    rows = sorted(stored, key=lambda s: (s.projection, s.topic, s.partition))
+    for s in rows:  # the cluster first: after a broker restart every other check is moot
+        if s.cluster_id != identity.cluster_id:
+            raise OffsetMismatchError(
+                f"stored offsets of {s.projection!r} ({s.topic}[{s.partition}] at {s.next_offset}) "
+                f"were read from cluster {s.cluster_id}, but {bootstrap} is cluster "
+                f"{identity.cluster_id}: the embedded broker was restarted empty (it keeps topics in "
+                f"memory) or this is another cluster. {_fix(s.projection)}"
+            )
+    if cluster_only:
+        return
+    for s in rows:
+        fix = _fix(s.projection)
+        where = f"{s.topic}[{s.partition}]"
+        live_id = identity.topic_ids.get(s.topic)
+        if s.topic_id and live_id and s.topic_id != live_id:
+            raise OffsetMismatchError(
+                f"stored offsets of {s.projection!r} were read from topic {s.topic} with id "
+                f"{s.topic_id}, but the topic now has id {live_id}: it was deleted and recreated. "
+                f"{fix}"
+            )
+        marks = high_watermarks.get(s.topic, {})
+        if s.partition not in marks:
+            raise OffsetMismatchError(
+                f"stored offsets of {s.projection!r} name partition {where}, which does not exist "
+                f"on {bootstrap}. {fix}"
+            )
+        if s.next_offset > marks[s.partition]:
+            raise OffsetMismatchError(
+                f"stored offset {s.next_offset} of {s.projection!r} for {where} is beyond the "
+                f"partition's end ({marks[s.partition]}): the log is shorter than what was read. {fix}"
+            )
+
+
+def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
+    """Drop the read models ``names``: their tables, stored offsets, versions, rejects, lake
+    file records and lake directories, so the next run rebuilds them from offset 0.
+    Returns the names reset. Other projections are untouched.
+
+    Raises:
+        DatabaseBusyError: the database stayed locked for ``timeout_s`` seconds.
+    """
+    done: list[str] = []
+    wanted = list(dict.fromkeys(names))
+    with writer(settings.duckdb_path, timeout_s) as conn:
+        conn.begin()
+        for ddl in (*BOOKKEEPING_DDL, LAKE_FILES_DDL):
+            conn.execute(ddl)
+        for name in wanted:
+            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            for table in (OFFSETS_TABLE, VERSIONS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
+                conn.execute(f"DELETE FROM {table} WHERE projection = ?", [name])
+            done.append(name)
+        conn.commit()
+    for name in done:
+        shutil.rmtree(settings.lake_dir / name, ignore_errors=True)
+    return done
+
+
+__all__ = [
+    "BOOKKEEPING_DDL",
+    "OFFSETS_TABLE",
+    "REJECTS_SCHEMA",
+    "REJECTS_TABLE",
+    "VERSIONS_TABLE",
+    "LogIdentity",
+    "StoredOffset",
+    "check_offsets",
+    "check_topics_exist",
+    "ensure_tables",
+    "load_offsets",
+    "log_identity",
+    "now_utc",
+    "reset",
+    "save_offsets",
+]

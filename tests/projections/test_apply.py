@@ -1,0 +1,81 @@
+"""The batch transaction on a real DuckDB file, without a broker: redelivery, policies, lake
+files and orphans, readers between batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from projections import lake
+from projections.apply import apply_batch
+from projections.decoding import Prepared, Reject
+from projections.readmodels import LISTENS, TRACKS, to_table
+from projections.store import WriterSession, reader, writer
+from projections.tracking import LogIdentity, ensure_tables
+from tests.projections.test_readmodels import listen, track
+
+IDENT = LogIdentity("cluster-1", {"playback.listens": "L", "catalog.tracks": "T"})
+BY_TOPIC = {"playback.listens": LISTENS, "catalog.tracks": TRACKS}
+
+
+def batch(name: str, events: list[dict], offsets: list[int], partition: int = 0, **kw: object) -> Prepared:
+    proj = LISTENS if name == "listens" else TRACKS
+    table = to_table(proj, events, [partition] * len(events), offsets)
+    ends = {(proj.topic, partition): max(offsets) + 1}
+    return Prepared(tables={name: table}, ends=ends, records=len(events), **kw)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "rm.duckdb"
+    with writer(path) as conn:
+        ensure_tables(conn, LISTENS)
+        ensure_tables(conn, TRACKS)
+    return path
+
+
+def test_redelivered_batch_applies_once_and_older_value_never_wins(db: Path, tmp_path: Path):
+    lake_dir = tmp_path / "lake"
+    first = batch("tracks", [track(1, name="v1")], [0])
+    second = batch("tracks", [track(1, name="v2")], [1])
+    with WriterSession(db) as session:
+        for prepared in (first, second):
+            with session.connection() as conn:
+                apply_batch(conn, lake_dir, BY_TOPIC, prepared, IDENT)
+        with session.connection() as conn:
+            again = apply_batch(conn, lake_dir, BY_TOPIC, first, IDENT)  # redelivered, older
+    assert again.redelivered == 1 and again.applied == {}
+    with reader(db) as conn:
+        assert conn.execute("SELECT track_id, name FROM tracks").fetchall() == [("T1", "v2")]
+
+
+def test_listens_lake_files_are_recorded_and_orphans_removed(db: Path, tmp_path: Path):
+    lake_dir = tmp_path / "lake"
+    day = 86_400_000
+    events = [listen(i, occurred_at=1_400_000_000_000 + (i % 3) * day) for i in range(9)]
+    rejects = [Reject("listens", "playback.listens", 0, 9, "bad")]
+    prepared = batch("listens", events, list(range(9)), rejects=rejects)
+    prepared.ends[("playback.listens", 0)] = 10
+    with writer(db) as conn:
+        done = apply_batch(conn, lake_dir, BY_TOPIC, prepared, IDENT)
+        assert done.applied == {"listens": 9} and done.lake_files == 3 and done.rejects == 1
+        assert conn.execute("SELECT next_offset FROM projection_offsets").fetchall() == [(10,)]
+        dates = sorted(p.parent.name for p in (lake_dir / "listens").rglob("*.parquet"))
+        assert dates == ["event_date=2014-05-13", "event_date=2014-05-14", "event_date=2014-05-15"]
+        orphan = lake_dir / "listens" / "event_date=2014-05-13" / "v1-b000000002-0.parquet"
+        orphan.write_bytes(b"half-written")
+        assert lake.remove_orphans(conn, lake_dir, "listens") == 1 and not orphan.exists()
+        assert conn.execute("SELECT sum(rows) FROM lake_files").fetchall() == [(9,)]
+
+
+def test_failed_batch_leaves_nothing(db: Path, tmp_path: Path):
+    lake_dir = tmp_path / "lake"
+    bad = batch("listens", [listen(1)], [0])
+    bad.ends[("no.such.topic", 0)] = 5  # makes the offsets step fail after rows and lake files
+    with writer(db) as conn, pytest.raises(KeyError):
+        apply_batch(conn, lake_dir, BY_TOPIC, bad, IDENT)
+    with reader(db) as conn:
+        assert conn.execute("SELECT count(*) FROM listens").fetchall() == [(0,)]
+        assert conn.execute("SELECT count(*) FROM lake_files").fetchall() == [(0,)]
+    assert not list(lake_dir.rglob("*.parquet"))
