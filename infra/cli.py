@@ -34,8 +34,13 @@ topics_app = typer.Typer(
 import_app = typer.Typer(
     help="Import real data sets as events.", no_args_is_help=True, rich_markup_mode="markdown"
 )
+projections_app = typer.Typer(
+    help="Read models: list them, reset one to rebuild it.", no_args_is_help=True,
+    rich_markup_mode="markdown",
+)  # fmt: skip
 app.add_typer(topics_app, name="topics")
 app.add_typer(import_app, name="import")
+app.add_typer(projections_app, name="projections")
 
 
 def _settings() -> Settings:
@@ -230,6 +235,51 @@ def project(
         f"applied {stats.applied:,} rows from {stats.records:,} records "
         f"({stats.rate:,.0f} records/s) into {settings.duckdb_path}"
     )
+
+
+@projections_app.command("list")
+def projections_list() -> None:
+    """List the read models with version, source topic, rows, stored offsets and rejects."""
+    from projections.readmodels import PROJECTIONS
+    from projections.sql import query as run_query
+
+    settings = _settings()
+    rows = []
+    for proj in PROJECTIONS.values():
+        try:
+            count = run_query(settings, f'SELECT count(*) FROM "{proj.name}"').rows[0][0]
+            offsets = run_query(
+                settings,
+                "SELECT coalesce(sum(next_offset), 0), count(*) FROM projection_offsets WHERE projection = ?",
+                [proj.name],
+            ).rows[0]
+            rejects = run_query(
+                settings, "SELECT count(*) FROM projection_rejects WHERE projection = ?", [proj.name]
+            ).rows[0][0]
+        except BackbeatError:
+            count, offsets, rejects = None, (None, 0), None
+        rows.append((proj.name, proj.version, proj.topic, count, offsets[0], offsets[1], rejects))
+    console.print(
+        table(["projection", "version", "topic", "rows", "offsets consumed", "partitions", "rejects"], rows)
+    )
+
+
+@projections_app.command("reset")
+def projections_reset(
+    names: Annotated[list[str], typer.Argument(help="Projection(s) to reset: listens, sessions, tracks.")],
+) -> None:
+    """Drop read models (tables, stored offsets, rejects, lake files) so the next run rebuilds
+    them from the start of their topics.
+
+    Use it when the runner reports that its stored offsets belong to another log (the embedded
+    broker restarted empty, or a topic was recreated)."""
+    from projections.readmodels import get_projection
+    from projections.tracking import reset
+
+    for name in names:
+        get_projection(name)  # unknown names fail before anything is dropped
+    done = reset(_settings(), names)
+    console.print(f"reset {', '.join(done)}; run 'backbeat project' to rebuild")
 
 
 @app.command()
