@@ -1,0 +1,273 @@
+"""The listening-ingest agent end to end: a Faust worker subprocess on the real broker and
+registry; exact SessionEnded events, dead letters with reasons, counters, and a SIGKILL restart."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from events.control import watermark_headers
+from events.producer import EventProducer
+from events.registry_client import registry_for
+from infra.provision import apply_topics
+from infra.settings import REPO_ROOT, Settings
+from streams.config import IngestConfig
+from streams.sessions import session_event_id
+from tests.conftest import env_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+GAP = 1_800_000
+T0 = 1_700_000_000_000
+
+
+def listen(user: str, t: int, eid: str, artist: str = "a1", **extra) -> dict:
+    record = {
+        "event_id": eid,
+        "user_id": user,
+        "track_id": f"track-{eid}",
+        "artist_id": artist,
+        "occurred_at": t,
+        "source": "tests",
+        "ms_played": 1000,
+    }
+    record.update(extra)
+    return record
+
+
+class Worker:
+    """A `faust -A streams.app worker` subprocess with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        out.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def check(self) -> None:
+        """Fail at once when the worker died."""
+        assert self.proc is not None and self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
+
+    def last_stats(self) -> dict | None:
+        self.check()
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if "ingest stats " in ln]
+        return json.loads(lines[-1].split("ingest stats ", 1)[1]) if lines else None
+
+
+class TopicReader:
+    """Reads every record of a topic from the beginning, incrementally."""
+
+    def __init__(self, settings: Settings, topic: str, partitions: int) -> None:
+        self.consumer = Consumer(settings.consumer_conf(f"reader-{topic}"))
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        self.records: list = []
+
+    def poll(self, worker: Worker | None = None) -> list:
+        if worker is not None:
+            worker.check()
+        for msg in self.consumer.consume(1000, timeout=0.2):
+            if msg.error() is None:
+                self.records.append(msg)
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def ingest_env(stack: Settings, unique: Callable[[str], str], tmp_path: Path) -> Iterator[dict]:
+    name = unique("ingest")
+    config = IngestConfig(
+        app_id=name,
+        source_topic=f"{name}.listens",
+        sessions_topic=f"{name}.sessions",
+        dlq_topic=f"{name}.dlq",
+    )
+    apply_topics(stack, config.topic_specs())
+    env = env_for(stack)
+    env.update(
+        BACKBEAT_INGEST_APP_ID=config.app_id,
+        BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
+        BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
+        BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
+        BACKBEAT_INGEST_STATS_INTERVAL_S="0.5",
+        BACKBEAT_INGEST_BATCH_WITHIN_S="0.05",
+    )
+    worker = Worker(env, tmp_path / "worker.log")
+    readers: list[TopicReader] = []
+    yield {"config": config, "settings": stack, "worker": worker, "readers": readers}
+    worker.kill()
+    for reader in readers:
+        reader.close()
+    if worker.log.exists():  # captured: pytest shows it when the test failed
+        print("".join(worker.log.read_text(errors="replace").splitlines(True)[-40:]))
+
+
+def send_watermarks(settings: Settings, topic: str, watermark_ms: int) -> None:
+    producer = Producer(settings.producer_conf())
+    for p in range(6):
+        producer.produce(topic, value=b"", partition=p, headers=watermark_headers(watermark_ms))
+    assert producer.flush(10) == 0
+
+
+def decode_sessions(settings: Settings, records: list) -> dict[str, dict]:
+    decoder = registry_for(settings.registry_url).decoder()
+    out: dict[str, dict] = {}
+    for msg in records:
+        value = decoder.decode(msg.value())
+        assert msg.key() == value["user_id"].encode()
+        assert msg.timestamp()[1] == value["session_end"]
+        headers = dict(msg.headers())
+        assert headers["ce_id"] == value["event_id"].encode()
+        assert headers["ce_type"] == b"backbeat.listening.SessionEnded"
+        previous = out.setdefault(value["event_id"], value)
+        assert previous == value  # a re-emitted session is identical
+    return out
+
+
+def session(user: str, start: int, end: int, listens: int, artists: int) -> tuple[str, dict]:
+    eid = session_event_id(user, start)
+    return eid, {
+        "event_id": eid,
+        "user_id": user,
+        "session_start": start,
+        "session_end": end,
+        "listens": listens,
+        "distinct_artists": artists,
+        "gap_ms": GAP,
+    }
+
+
+def test_sessions_dead_letters_and_counters(ingest_env):
+    settings: Settings = ingest_env["settings"]
+    config: IngestConfig = ingest_env["config"]
+    worker: Worker = ingest_env["worker"]
+    records = [
+        listen("u1", T0, "e1", "a1"),
+        listen("u2", T0, "e4"),
+        listen("u3", T0 + 5000, "e6"),
+        listen("u3", T0 + 6000, "bad", ms_played=-5),  # validation error
+        listen("u1", T0 + 60_000, "e2", "a2"),
+        listen("u1", T0 + 60_000, "e2", "a2"),  # duplicate
+        listen("u1", T0 + 120_000, "e3", "a1"),
+        listen("u2", T0 + GAP, "e5"),  # exactly the gap: same session
+        listen("u1", T0 + 120_000 + GAP + 1, "e7", "a3"),  # just above: new session
+    ]
+    producer = EventProducer(settings)
+    producer.send_many(
+        config.source_topic, "ListenRecorded", records, key_field="user_id", time_field="occurred_at",
+        source="/tests",
+    )
+    producer.produce_raw(config.source_topic, [b"not avro"], [b"u4"])
+    producer.flush()
+    send_watermarks(settings, config.source_topic, T0 + 10 * GAP)
+    late = listen("u3", T0 + 7000, "e8")  # after the watermark closed u3's session
+    producer.send_many(
+        config.source_topic, "ListenRecorded", [late], key_field="user_id", time_field="occurred_at",
+        source="/tests",
+    )
+    producer.flush()
+
+    worker.start()
+    sessions = TopicReader(settings, config.sessions_topic, 6)
+    dlq = TopicReader(settings, config.dlq_topic, 1)
+    ingest_env["readers"] += [sessions, dlq]
+    expected = dict(
+        [
+            session("u1", T0, T0 + 120_000, 3, 2),
+            session("u1", T0 + 120_000 + GAP + 1, T0 + 120_000 + GAP + 1, 1, 1),
+            session("u2", T0, T0 + GAP, 2, 1),
+            session("u3", T0 + 5000, T0 + 5000, 1, 1),
+        ]
+    )
+    wait_for(lambda: len(sessions.poll(worker)) >= 4 and len(dlq.poll(worker)) >= 2, 90, "sessions and DLQ")
+    assert decode_sessions(settings, sessions.records) == expected
+
+    reasons = {}
+    for msg in dlq.records:
+        headers = dict(msg.headers())
+        assert headers["dlq_topic"] == config.source_topic.encode()
+        assert int(headers["dlq_offset"]) >= 0 and int(headers["dlq_partition"]) in range(6)
+        assert headers["dlq_error"]
+        reasons[msg.key()] = (headers["dlq_reason"], msg.value())
+    assert reasons[b"u4"] == (b"decode_error", b"not avro")
+    assert reasons[b"u3"][0] == b"validation_error"
+
+    stats = wait_for(
+        lambda: (s := worker.last_stats()) and s["listens_in"] == 11 and s["late"] == 1 and s,
+        30,
+        "stats",
+    )
+    assert stats["reconciles"]
+    assert (stats["sessionised"], stats["duplicates"], stats["late"], stats["dead_lettered"]) == (7, 1, 1, 2)
+    assert stats["sessions_emitted"] == 4
+
+
+def test_sigkill_restart_keeps_sessions_exact(ingest_env):
+    settings: Settings = ingest_env["settings"]
+    config: IngestConfig = ingest_env["config"]
+    worker: Worker = ingest_env["worker"]
+    producer = EventProducer(settings)
+
+    def send(records: list[dict]) -> None:
+        producer.send_many(
+            config.source_topic, "ListenRecorded", records, key_field="user_id",
+            time_field="occurred_at", source="/tests",
+        )
+        producer.flush()
+
+    users = [f"r{i}" for i in range(12)]
+    # phase 1: every user has a closed session and an open one
+    phase1 = [listen(u, T0 + i * 60_000, f"{u}-a{i}", f"x{i % 2}") for u in users for i in range(3)]
+    phase1 += [listen(u, T0 + 3 * GAP + i * 60_000, f"{u}-b{i}", f"y{i}") for u in users for i in range(2)]
+    send(sorted(phase1, key=lambda r: r["occurred_at"]))
+    worker.start()
+    sessions = TopicReader(settings, config.sessions_topic, 6)
+    ingest_env["readers"].append(sessions)
+    wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(users), 90, "phase 1")
+    wait_for(lambda: (s := worker.last_stats()) and s["listens_in"] == len(phase1), 30, "phase 1 stats")
+    worker.kill(signal.SIGKILL)
+
+    # phase 2, while the worker is down: the open sessions continue, then everything closes
+    phase2 = [listen(u, T0 + 3 * GAP + (2 + i) * 60_000, f"{u}-b{2 + i}", "y0") for u in users for i in range(2)]
+    phase2 += phase1[:5]  # a re-import of old events changes nothing
+    send(phase2)
+    send_watermarks(settings, config.source_topic, T0 + 20 * GAP)
+    worker.start()
+    expected = {}
+    for u in users:
+        expected.update([session(u, T0, T0 + 120_000, 3, 2)])
+        expected.update([session(u, T0 + 3 * GAP, T0 + 3 * GAP + 3 * 60_000, 4, 2)])
+    wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(expected), 90, "phase 2")
+    assert decode_sessions(settings, sessions.records) == expected
+    # the second run started from the checkpointed state, not from scratch
+    restored = re.findall(r"partition \d+: restored (\d+) users", worker.log.read_text(errors="replace"))
+    assert sum(int(n) for n in restored) >= len(users)
