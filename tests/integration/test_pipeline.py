@@ -3,7 +3,6 @@ projection runner → DuckDB, compared with ground truth computed from the file 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -13,13 +12,14 @@ import duckdb
 import pytest
 
 from events.importers.run import import_catalog, import_listens
+from infra import services
 from infra.demo import group_progress
 from infra.processes import free_port
 from infra.provision import apply_topics
 from infra.settings import Settings
 from projections.runner import run_projections
 from projections.sql import query
-from tests.conftest import CATALOG, LISTENS_30MUSIC, LISTENS_LASTFM1K, env_for, wait_for
+from tests.conftest import CATALOG, LISTENS_30MUSIC, LISTENS_LASTFM1K, env_for, settings_for, wait_for
 
 GROUND_TRUTH = """
 WITH l AS (
@@ -41,9 +41,18 @@ def truth_per_user(path: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(stack: Settings, tmp_path_factory: pytest.TempPathFactory):
-    """The real 30Music file imported twice, sessionised by a worker, projected."""
-    settings = dataclasses.replace(stack, data_dir=tmp_path_factory.mktemp("pipeline"))
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """The real 30Music file imported twice, sessionised by a worker, projected, on a broker of
+    its own (the shared one's playback.listens holds other tests' events)."""
+    settings = settings_for(tmp_path_factory.mktemp("pipeline"), free_port(), free_port())
+    services.up(settings)
+    try:
+        yield from _run_pipeline(settings)
+    finally:
+        services.down(settings)
+
+
+def _run_pipeline(settings: Settings):
     apply_topics(settings)
     env = env_for(settings) | {"BACKBEAT_INGEST_APP_ID": "pipeline-test"}
     log = open(settings.data_dir / "worker.log", "wb")  # noqa: SIM115
