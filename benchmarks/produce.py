@@ -7,22 +7,26 @@ beforehand; backbeat's side encodes with fastavro and builds headers as it goes
 (``EventProducer.send_many`` in batches of 10,000). Each side's time runs until ``flush``
 returns. Prints one JSON line; ``ratio`` = backbeat rate / raw rate (target ≥ 0.7).
 
-Usage: python benchmarks/produce.py [--copies N]   (N × 86,468 listens, default 5)
+Usage: .venv/bin/python benchmarks/produce.py [--copies N]   (N × 86,468 listens, default 5)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-from confluent_kafka import Producer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mib, private_stack, replayed_listens
-from events.catalog import TopicSpec
-from events.cloudevents import ce_headers
-from events.producer import EventProducer
-from infra.provision import apply_topics
+from confluent_kafka import Producer  # noqa: E402
+
+from benchmarks.common import peak_rss_mib, private_stack, replayed_listens  # noqa: E402
+from events.catalog import TopicSpec  # noqa: E402
+from events.cloudevents import ce_headers  # noqa: E402
+from events.producer import EventProducer  # noqa: E402
+from infra.provision import apply_topics  # noqa: E402
 
 BATCH = 10_000
 
