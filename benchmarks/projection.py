@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -25,13 +24,12 @@ from fastavro import schemaless_reader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import private_stack  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
 from events.offsets import high_watermarks  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from events.schemas import get_schema  # noqa: E402
-from infra import services  # noqa: E402
-from infra.processes import free_port  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
 from projections.readmodels import LISTENS  # noqa: E402
@@ -88,30 +86,19 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50_000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
-        settings = Settings.from_env(
-            {
-                "BACKBEAT_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-                "BACKBEAT_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
-                "BACKBEAT_DATA_DIR": tmp,
-            }
-        )
-        services.up(settings)
-        try:
-            apply_topics(settings, [TopicSpec(TOPIC, 6)])
-            total = produce(settings, args.copies)
-            raw_eps = raw_consume_decode(settings, total)
-            runner = ProjectionRunner(settings, [LISTENS.on_topic(TOPIC)], batch_size=args.batch_size)
-            stats = runner.run(until_caught_up=True)
-            proj_eps = stats.records / stats.elapsed_s
-            rows = query(settings, "SELECT count(*) FROM listens").rows[0][0]
-            lake_rows = query(
-                settings,
-                "SELECT count(*) FROM read_parquet(?)",
-                [str(settings.lake_dir / "listens" / "**" / "*.parquet")],
-            ).rows[0][0]
-        finally:
-            services.down(settings)
+    with private_stack() as settings:
+        apply_topics(settings, [TopicSpec(TOPIC, 6)])
+        total = produce(settings, args.copies)
+        raw_eps = raw_consume_decode(settings, total)
+        runner = ProjectionRunner(settings, [LISTENS.on_topic(TOPIC)], batch_size=args.batch_size)
+        stats = runner.run(until_caught_up=True)
+        proj_eps = stats.records / stats.elapsed_s
+        rows = query(settings, "SELECT count(*) FROM listens").rows[0][0]
+        lake_rows = query(
+            settings,
+            "SELECT count(*) FROM read_parquet(?)",
+            [str(settings.lake_dir / "listens" / "**" / "*.parquet")],
+        ).rows[0][0]
     print(
         json.dumps(
             {

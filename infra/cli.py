@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from infra.console import console, err_console, progress_bar, table
+from infra.console import console, err_console, progress_bar, run_with_bar, table
 from infra.errors import BackbeatError
 from infra.settings import Settings, get_settings
 
@@ -150,13 +150,13 @@ def import_listens_cmd(
     duplicate rows collapse into one event. Rejected rows are listed with line and reason."""
     from events.importers.run import import_listens
 
-    with progress_bar() as bar:
-        task = bar.add_task(f"import {file.name}", total=None)
-        result = import_listens(
-            _settings(), file, fmt, close_sessions=close_sessions,
-            on_parsed=lambda n: bar.update(task, total=n),
-            progress=lambda k: bar.advance(task, k),
-        )  # fmt: skip
+    settings = _settings()
+    result = run_with_bar(
+        f"import {file.name}",
+        lambda total, advance: import_listens(
+            settings, file, fmt, close_sessions=close_sessions, on_parsed=total, progress=advance
+        ),
+    )
     _print_import(result)
 
 
@@ -170,13 +170,11 @@ def import_catalog_cmd(
     track id, ordered by album release date."""
     from events.importers.run import import_catalog
 
-    with progress_bar() as bar:
-        task = bar.add_task(f"import {file.name}", total=None)
-        result = import_catalog(
-            _settings(), file,
-            on_parsed=lambda n: bar.update(task, total=n),
-            progress=lambda k: bar.advance(task, k),
-        )  # fmt: skip
+    settings = _settings()
+    result = run_with_bar(
+        f"import {file.name}",
+        lambda total, advance: import_catalog(settings, file, on_parsed=total, progress=advance),
+    )
     _print_import(result)
 
 

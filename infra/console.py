@@ -3,7 +3,8 @@ and tables."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -43,6 +44,18 @@ def progress_bar() -> Progress:
         console=err_console,
         transient=False,
     )
+
+
+T = TypeVar("T")
+Counter = Callable[[int], None]
+
+
+def run_with_bar(description: str, work: Callable[[Counter, Counter], T]) -> T:
+    """Run ``work(set_total, advance)`` under a progress bar: ``set_total(n)`` once the amount of
+    work is known, ``advance(k)`` after each ``k`` items done. Returns what ``work`` returns."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None)
+        return work(lambda n: bar.update(task, total=n), lambda k: bar.advance(task, k))
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> Table:

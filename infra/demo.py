@@ -63,14 +63,7 @@ def group_progress(settings: Settings, group: str, topic: str) -> AgentProgress:
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker subprocess: ours plus the resolved BACKBEAT_* settings."""
-    env = dict(os.environ)
-    env.update(
-        BACKBEAT_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-        BACKBEAT_REGISTRY_URL=settings.registry_url,
-        BACKBEAT_DATA_DIR=str(settings.data_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def start_worker(settings: Settings, ready: Callable[[], bool] | None = None) -> Running:
@@ -267,7 +260,7 @@ def run_demo(
     """
     from events.importers.run import import_catalog, import_listens
     from infra import services
-    from infra.console import console, progress_bar
+    from infra.console import console, progress_bar, run_with_bar
     from infra.processes import pid_file
     from infra.provision import apply_topics
     from projections.readmodels import PROJECTIONS
@@ -292,24 +285,18 @@ def run_demo(
         worker = start_worker(settings)
         console.print(f"worker started (pid {worker.pid}, log {worker.log})")
 
-        with progress_bar() as bar:
-            task = bar.add_task(f"import {catalog.name}", total=None)
-            result = import_catalog(
-                settings, catalog,
-                on_parsed=lambda n: bar.update(task, total=n),
-                progress=lambda k: bar.advance(task, k),
-            )  # fmt: skip
+        result = run_with_bar(
+            f"import {catalog.name}",
+            lambda total, advance: import_catalog(settings, catalog, on_parsed=total, progress=advance),
+        )
         console.print(
             f"catalog: {result.rows_read:,} rows → {result.produced:,} TrackPublished "
             f"({result.duplicates:,} repeated track rows collapsed, {result.rejected:,} rejected)"
         )
-        with progress_bar() as bar:
-            task = bar.add_task(f"import {listens.name}", total=None)
-            result = import_listens(
-                settings, listens, fmt,
-                on_parsed=lambda n: bar.update(task, total=n),
-                progress=lambda k: bar.advance(task, k),
-            )  # fmt: skip
+        result = run_with_bar(
+            f"import {listens.name}",
+            lambda total, advance: import_listens(settings, listens, fmt, on_parsed=total, progress=advance),
+        )
         console.print(
             f"listens: {result.rows_read:,} rows → {result.produced:,} ListenRecorded "
             f"({result.duplicates:,} duplicate rows collapsed, {result.rejected:,} rejected)"

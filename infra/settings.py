@@ -104,6 +104,26 @@ class Settings:
             session_gap_ms=_int("BACKBEAT_SESSION_GAP_MS", get("BACKBEAT_SESSION_GAP_MS", "1800000")),
         )
 
+    def to_env(self) -> dict[str, str]:
+        """The ``BACKBEAT_*`` variables that reproduce these settings in a child process."""
+        env = {
+            "BACKBEAT_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            "BACKBEAT_REGISTRY_URL": self.registry_url,
+            "BACKBEAT_DATA_DIR": str(self.data_dir),
+            "BACKBEAT_EMBEDDED": "1" if self.embedded else "0",
+            "BACKBEAT_SECURITY_PROTOCOL": self.security_protocol,
+            "BACKBEAT_SESSION_GAP_MS": str(self.session_gap_ms),
+        }
+        for name, value in (
+            ("BACKBEAT_SASL_MECHANISM", self.sasl_mechanism),
+            ("BACKBEAT_SASL_USERNAME", self.sasl_username),
+            ("BACKBEAT_SASL_PASSWORD", self.sasl_password),
+            ("BACKBEAT_SSL_CA_LOCATION", self.ssl_ca_location),
+        ):
+            if value:
+                env[name] = value
+        return env
+
     # -- derived paths -------------------------------------------------------------------------
     @property
     def duckdb_path(self) -> Path:

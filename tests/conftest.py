@@ -32,13 +32,7 @@ def settings_for(data_dir: Path, broker_port: int, registry_port: int) -> Settin
 
 def env_for(settings: Settings) -> dict[str, str]:
     """os.environ plus the BACKBEAT_* variables of ``settings`` (for subprocesses)."""
-    env = dict(os.environ)
-    env.update(
-        BACKBEAT_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-        BACKBEAT_REGISTRY_URL=settings.registry_url,
-        BACKBEAT_DATA_DIR=str(settings.data_dir),
-    )
-    return env
+    return {**os.environ, **settings.to_env()}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from events.control import watermark_headers
-from events.importers.base import ImportResult, ProgressCallback, Record, dedupe_and_order
+from events.importers.base import ImportResult, Parsed, ProgressCallback, Record, dedupe_and_order
 from events.importers.catalog import parse_catalog_file
 from events.importers.listens import parse_listens_file, without_line
 from events.offsets import partitions_of
@@ -45,6 +45,29 @@ def _produce(
         )
         if progress is not None:
             progress(len(chunk))
+
+
+def _result(
+    path: Path,
+    topic: str,
+    parsed: Parsed,
+    records: list[Record],
+    duplicates: int,
+    time_field: str,
+    began: float,
+) -> ImportResult:
+    return ImportResult(
+        source=str(path),
+        topic=topic,
+        rows_read=parsed.rows_read,
+        produced=len(records),
+        duplicates=duplicates,
+        rejected=parsed.rejected,
+        rejects=parsed.rejects,
+        first_time_ms=records[0][time_field] if records else None,
+        last_time_ms=records[-1][time_field] if records else None,
+        seconds=time.monotonic() - began,
+    )
 
 
 def import_listens(
@@ -85,18 +108,7 @@ def import_listens(
                 headers=watermark_headers(watermark),
             )  # fmt: skip
     producer.flush()
-    return ImportResult(
-        source=str(path),
-        topic=topic,
-        rows_read=parsed.rows_read,
-        produced=len(records),
-        duplicates=duplicates,
-        rejected=parsed.rejected,
-        rejects=parsed.rejects,
-        first_time_ms=records[0]["occurred_at"] if records else None,
-        last_time_ms=last,
-        seconds=time.monotonic() - began,
-    )
+    return _result(path, topic, parsed, records, duplicates, "occurred_at", began)
 
 
 def import_catalog(
@@ -124,15 +136,4 @@ def import_catalog(
         progress=progress,
     )  # fmt: skip
     producer.flush()
-    return ImportResult(
-        source=str(path),
-        topic=topic,
-        rows_read=parsed.rows_read,
-        produced=len(records),
-        duplicates=duplicates,
-        rejected=parsed.rejected,
-        rejects=parsed.rejects,
-        first_time_ms=records[0]["published_at"] if records else None,
-        last_time_ms=records[-1]["published_at"] if records else None,
-        seconds=time.monotonic() - began,
-    )
+    return _result(path, topic, parsed, records, duplicates, "published_at", began)
