@@ -126,7 +126,9 @@ def status(settings: Settings) -> list[ServiceStatus]:
         (REGISTRY, settings.registry_url),
     ):
         current = read_running(settings.run_dir, name)
-        if current is None:
+        if current is None and name == BROKER and not settings.embedded:
+            out.append(ServiceStatus(name, address, "external (not managed by backbeat)", None, None))
+        elif current is None:
             out.append(ServiceStatus(name, address, "stopped", None, None))
         elif is_alive(current):
             out.append(ServiceStatus(name, current.address, "running", current.pid, current.log))

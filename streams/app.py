@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         "topic_partitions": source_partitions,
         "topic_allow_declare": False,
         "TableManager": "streams.recovery:FetchTableManager",
+        "Stream": "streams.delivery:BatchStream",
         "web_enabled": False,
         "stream_buffer_maxsize": max(4096, 2 * config.batch),
         "consumer_max_fetch_size": 4 * 1024 * 1024,

@@ -17,6 +17,8 @@ from typing import Any
 import aiokafka
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
 
+from streams.delivery import LeanConductor
+
 
 class FetchWaitConsumerThread(AIOKafkaConsumerThread):
     """The consumer thread whose worker consumer waits at most ``app.conf`` fetch wait."""
@@ -86,7 +88,9 @@ class FetchWaitConsumer(Consumer):
 
 
 class FetchWaitTransport(Transport):
-    """Faust's aiokafka transport using :class:`FetchWaitConsumer`."""
+    """Faust's aiokafka transport using :class:`FetchWaitConsumer` and
+    :class:`streams.delivery.LeanConductor`."""
 
     Consumer = FetchWaitConsumer
+    Conductor = LeanConductor
 
