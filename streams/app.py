@@ -6,7 +6,11 @@ linger of TANSU.md §1/§7, a 100 ms fetch wait instead of Faust's 1.5 s (:mod:`
 and table recovery from Fetch high watermarks (:mod:`streams.recovery`). Faust never creates
 topics (``topic_allow_declare=False``, so a source is never made with a wrong partition count):
 on first start the worker creates what is missing from the catalogue, exactly as
-``backbeat topics apply`` does, plus its changelog. The web server is off.
+``backbeat topics apply`` does, plus its changelog. The web server is off under ``backbeat
+worker`` / ``python -m streams``; Faust's own CLI (``faust -A streams.app worker``) turns it on
+unless given ``--without-web``, and it then binds loopback only (127.0.0.1:6066, not Faust's
+0.0.0.0). Streams use :class:`streams.delivery.BatchStream` (a bulk ``take_events``) and the
+transport a leaner conductor for raw topics (:mod:`streams.delivery`).
 
 Importing this module registers the agents (:mod:`streams.ingest`).
 """
@@ -83,6 +87,8 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         "TableManager": "streams.recovery:FetchTableManager",
         "Stream": "streams.delivery:BatchStream",
         "web_enabled": False,
+        "web_bind": "127.0.0.1",  # faust's CLI enables the web server by default (--with-web)
+        "web_host": "127.0.0.1",
         "stream_buffer_maxsize": max(4096, 2 * config.batch),
         "consumer_max_fetch_size": 4 * 1024 * 1024,
         "producer_max_batch_size": 512 * 1024,
