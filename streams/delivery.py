@@ -76,6 +76,9 @@ class RawTopicHandler:
         self.on_topic_buffer_full = app.sensors.on_topic_buffer_full
         self.consumer_on_buffer_full = app.consumer.on_buffer_full
         self.consumer_on_buffer_drop = app.consumer.on_buffer_drop
+        # bound once: ``put_nowait_enhanced`` takes them per message (and keeps a pending one)
+        self._pressure_high = self.on_pressure_high
+        self._pressure_drop = self.on_pressure_drop
 
     def on_pressure_high(self) -> None:
         """The queue is nearly full: stop fetching this partition."""
@@ -101,7 +104,7 @@ class RawTopicHandler:
             await channel.put(event)
         else:
             queue.put_nowait_enhanced(
-                event, on_pressure_high=self.on_pressure_high, on_pressure_drop=self.on_pressure_drop
+                event, on_pressure_high=self._pressure_high, on_pressure_drop=self._pressure_drop
             )
 
 
