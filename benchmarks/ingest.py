@@ -9,6 +9,11 @@ to the ``ingest stats`` line that shows every listen in (0.25 s resolution), so 
 and the group join are excluded. Starts its own broker and registry on free ports in a temporary
 data dir and stops them at the end. Prints ONE JSON line.
 
+The baseline runs twice: first with CPython's default collector settings (what a minimal loop
+gets), then with the collector tuning every backbeat process applies (:mod:`infra.runtime`).
+``ratio`` compares the agent with the tuned baseline (the stricter figure);
+``ratio_vs_default_gc_baseline`` with the default one.
+
     .venv/bin/python benchmarks/ingest.py [--copies 10] [--batch 20000]
 """
 
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
+from events.catalog import TopicSpec  # noqa: E402
 from events.cloudevents import ce_headers  # noqa: E402
 from events.control import is_control, watermark_headers, watermark_of  # noqa: E402
 from events.importers.base import event_id  # noqa: E402
@@ -39,6 +45,7 @@ from events.registry_client import registry_for  # noqa: E402
 from infra import services  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
 from streams.config import IngestConfig  # noqa: E402
 from streams.sessions import Sessionizer, validate_listen  # noqa: E402
@@ -227,6 +234,11 @@ def main() -> None:
             produce_input(settings, config.source_topic, records, settings.session_gap_ms)
             produce_s = time.perf_counter() - t
             del records
+            # The baseline twice: as a minimal loop would run (CPython's default GC), then with
+            # the worker's GC tuning (infra/runtime.py); `ratio` compares against the latter.
+            apply_topics(settings, [TopicSpec("bench.sessions.default-gc", 6)])
+            base_default = baseline(settings, config.source_topic, "bench.sessions.default-gc", total)
+            tune_gc()
             base = baseline(settings, config.source_topic, "bench.sessions", total)
             env = dict(os.environ)
             env.update(
@@ -253,6 +265,8 @@ def main() -> None:
                 "baseline_rate": base["rate"],
                 "agent_rate": faust_run["rate"],
                 "ratio": round(faust_run["rate"] / base["rate"], 3),
+                "baseline_rate_default_gc": base_default["rate"],
+                "ratio_vs_default_gc_baseline": round(faust_run["rate"] / base_default["rate"], 3),
                 "baseline_sessions": base["sessions"],
                 "baseline_counts": [base["accepted"], base["duplicates"], base["late"]],
                 "agent_sessions": faust_run["sessions"],

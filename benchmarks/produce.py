@@ -27,6 +27,7 @@ from events.catalog import TopicSpec  # noqa: E402
 from events.cloudevents import ce_headers  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.runtime import tune_gc  # noqa: E402
 
 BATCH = 10_000
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--copies", type=int, default=5, help="replays of the 30Music file")
     args = parser.parse_args()
+    tune_gc()  # as every backbeat process does (infra/runtime.py); both sides share it
     records = replayed_listens(args.copies)
     with private_stack() as settings:
         apply_topics(settings, [TopicSpec("bench.raw", 6), TopicSpec("bench.backbeat", 6)])

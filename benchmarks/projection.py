@@ -31,6 +31,7 @@ from events.offsets import high_watermarks  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from events.schemas import get_schema  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
 from projections.readmodels import LISTENS  # noqa: E402
 from projections.runner import ProjectionRunner  # noqa: E402
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=50_000)
     args = parser.parse_args()
+    tune_gc()  # as every backbeat process does (infra/runtime.py); both sides share it
     with private_stack() as settings:
         apply_topics(settings, [TopicSpec(TOPIC, 6)])
         total = produce(settings, args.copies)

@@ -12,6 +12,7 @@ import typer
 
 from infra.console import console, err_console, progress_bar, run_with_bar, table
 from infra.errors import BackbeatError
+from infra.runtime import tune_gc
 from infra.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -344,6 +345,7 @@ def demo(
 
 def main() -> None:
     """Entry point of the ``backbeat`` console script."""
+    tune_gc()
     try:
         app()
     except BackbeatError as exc:

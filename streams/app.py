@@ -12,15 +12,8 @@ unless given ``--without-web``, and it then binds loopback only (127.0.0.1:6066,
 0.0.0.0). Streams use :class:`streams.delivery.BatchStream` (a bulk ``take_events``) and the
 transport a leaner conductor for raw topics (:mod:`streams.delivery`).
 
-Garbage collection: on first start the worker freezes what start-up allocated (``gc.freeze``)
-and raises the collector's thresholds to :data:`GC_THRESHOLDS`. With CPython's defaults
-(700, 10, 10) the ~10 container objects per event that live as long as a batch (messages,
-events, sensor states) keep being promoted to the oldest generation, which triggers a full
-collection of the whole heap (every open session's sets) every couple of batches: measured on
-the ingest benchmark (3 copies), 3.1 s of 9.6 s were spent in the collector, 2.7 s of it in
-full collections; with these settings the 10-copy ratio went from 0.44 to 0.61. Reference
-cycles are still collected (the young generation every 50k net allocations), only less often;
-the state itself (:mod:`streams.sessions`) holds no cycles.
+Garbage collection: on first start the worker applies :func:`infra.runtime.tune_gc` (measured:
+the 10-copy ingest ratio went from 0.44 to 0.61 with it; the reasons are in that module).
 
 Importing this module registers the agents (:mod:`streams.ingest`).
 """
@@ -28,7 +21,6 @@ Importing this module registers the agents (:mod:`streams.ingest`).
 from __future__ import annotations
 
 import asyncio
-import gc
 import ssl
 from pathlib import Path
 from typing import Any
@@ -36,22 +28,10 @@ from typing import Any
 import faust
 
 from infra.provision import apply_topics
+from infra.runtime import tune_gc
 from infra.settings import Settings
 from streams.config import TABLE, IngestConfig
 from streams.transport import FetchWaitTransport
-
-#: ``gc.set_threshold`` of a worker (module docstring): young collections every 50k net
-#: allocations, middle every 20 of those, full at most every 10 middle ones (and, as always,
-#: only when the objects promoted since the last full collection are 25 % of the old ones).
-GC_THRESHOLDS = (50_000, 20, 10)
-
-
-def tune_gc() -> None:
-    """Freeze the objects allocated so far out of future collections and set
-    :data:`GC_THRESHOLDS` (called once by the worker on first start)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def broker_credentials(settings: Settings) -> Any:
