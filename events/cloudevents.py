@@ -34,18 +34,16 @@ def _constant_headers(event_type: str, source: str) -> tuple[tuple[str, bytes], 
     )
 
 
-@lru_cache(maxsize=4096)
-def _day(days: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(days * 86400))
+@lru_cache(maxsize=65_536)
+def _minute(minutes: int) -> bytes:
+    return time.strftime("%Y-%m-%dT%H:%M:", time.gmtime(minutes * 60)).encode()
 
 
 def _ce_time(epoch_ms: int) -> bytes:
-    # the hot path of rfc3339_ms (~4x faster than datetime.isoformat): the date is cached per day
-    seconds, ms = divmod(epoch_ms, 1000)
-    days, sod = divmod(seconds, 86400)
-    hours, rest = divmod(sod, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{_day(days)}T{hours:02d}:{minutes:02d}:{secs:02d}.{ms:03d}Z".encode()
+    # the hot path of rfc3339_ms (~5x faster than datetime.isoformat): events come roughly in
+    # time order, so the "YYYY-MM-DDTHH:MM:" prefix is cached per minute
+    minutes, rest = divmod(epoch_ms, 60_000)
+    return _minute(minutes) + b"%02d.%03dZ" % divmod(rest, 1000)
 
 
 def ce_headers(
