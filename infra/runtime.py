@@ -16,6 +16,7 @@ one exceed 25 % of the long-lived ones.
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 #: ``gc.set_threshold``: young collections every 50k net allocations, middle every 20 of those,
@@ -25,7 +26,9 @@ GC_THRESHOLDS = (50_000, 20, 10)
 
 def tune_gc() -> None:
     """Collect once, freeze the objects allocated so far out of future collections and set
-    :data:`GC_THRESHOLDS`. Idempotent; affects the whole process."""
+    :data:`GC_THRESHOLDS`; unfreeze at exit. Affects the whole process."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    # frozen objects are never freed at exit otherwise (duckdb's nanobind then reports leaks)
+    atexit.register(gc.unfreeze)
