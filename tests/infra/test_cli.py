@@ -64,3 +64,30 @@ def test_unreachable_broker_is_a_clear_error(tmp_path: Path):
     result = _backbeat(["topics", "apply"], env)
     assert result.returncode == 1
     assert "cannot reach Kafka" in result.stderr and "backbeat up" in result.stderr
+
+
+def test_backbeat_worker_starts_the_agent_and_stops_on_sigterm(stack, tmp_path: Path):
+    import signal
+
+    from tests.conftest import wait_for
+
+    log_path = tmp_path / "worker.log"
+    env = env_for(stack) | {"BACKBEAT_INGEST_APP_ID": "cli-worker-test"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker", "-l", "info"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(
+                lambda: "[^Worker]: Ready" in log_path.read_text(errors="replace") or proc.poll() is not None,
+                timeout_s=90, what="the worker to be ready",
+            )  # fmt: skip
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            assert "Agent: streams.ingest.listening_ingest" in log_path.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0 or proc.returncode in (-signal.SIGTERM, 143)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "6066" not in log_path.read_text()  # backbeat worker runs no web server
