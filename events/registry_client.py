@@ -75,6 +75,34 @@ class Registry:
             self._parsed[schema_id] = parsed
         return parsed
 
+    def schema_text_by_id(self, schema_id: int) -> str:
+        """The schema text registered under ``schema_id`` (cached by the client).
+
+        Raises:
+            RegistryError: the id is unknown or the registry cannot be reached.
+        """
+        try:
+            return str(self.client.get_schema(schema_id).schema_str)
+        except SchemaRegistryError as exc:
+            raise RegistryError(
+                f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
+            ) from exc
+
+    def register_text(self, subject: str, schema_text: str) -> int:
+        """Register raw Avro ``schema_text`` under ``subject`` (e.g. an old version from
+        ``schemas/<context>/history/``) and return its id.
+
+        Raises:
+            RegistryError: refused (e.g. 409 incompatible) or unreachable.
+        """
+        try:
+            return self.client.register_schema(subject, Schema(schema_text, "AVRO"))
+        except SchemaRegistryError as exc:
+            raise RegistryError(
+                f"registering {subject} failed: {exc.error_message}",
+                error_code=exc.error_code, http_status=exc.http_status_code,
+            ) from exc  # fmt: skip
+
     def encoder(self, topic: str, event_type: str) -> AvroEncoder:
         """An encoder for ``event_type`` (full or short name) on ``topic``; registers the schema."""
         schema = get_schema(event_type)
