@@ -107,9 +107,9 @@ class EventProducer:
         values = enc.encode_many(batch)
         full_name = get_schema(event_type).full_name
         keys = [str(r[key_field]).encode() for r in batch]
-        # Kafka timestamps cannot be negative: events before 1970 (old albums) get 0 there; the
-        # payload keeps the true event time.
-        times = [max(0, int(r[time_field])) for r in batch]
+        # Kafka timestamps cannot be negative and librdkafka reads 0 as "now": events at or before
+        # 1970 (old albums, unknown dates) get 1 ms there; the payload keeps the true event time.
+        times = [max(1, int(r[time_field])) for r in batch]
         headers = [
             ce_headers(
                 event_id=r["event_id"], event_type=full_name, source=source, time_ms=int(r[time_field])
