@@ -12,8 +12,9 @@ answered, so an answered registration is durable in the log.
 
 It is a **single-instance** server: it does not follow ``_schemas`` after start, so two instances
 writing to one topic would hand out clashing ids. Read-only extra instances are fine.
-Compatibility is not enforced yet (``GET /config`` reports Confluent's default, ``BACKWARD``);
-only Avro schemas without references are accepted. Domain rules live in
+Compatibility is enforced on registration at the subject's level (its own, else the global one,
+``BACKWARD`` by default), with verdicts from :mod:`events.compatibility`; levels are stored in
+``_schemas`` as Confluent stores them. Only Avro schemas without references are accepted. Domain rules live in
 :mod:`events.registry_state`; this module does the HTTP and Kafka I/O.
 
 Endpoints (Confluent API reference, docs.confluent.io …/schema-registry/develop/api.html):
@@ -21,7 +22,10 @@ Endpoints (Confluent API reference, docs.confluent.io …/schema-registry/develo
 ``GET /subjects/{s}/versions``, ``GET /subjects/{s}/versions/{v}``,
 ``GET /subjects/{s}/versions/{v}/schema``, ``DELETE /subjects/{s}`` (soft),
 ``GET /schemas/ids/{id}``, ``GET /schemas/ids/{id}/schema``, ``GET /schemas/ids/{id}/versions``,
-``GET /schemas/ids/{id}/subjects``, ``GET /schemas/types``, ``GET /config``, ``GET /``.
+``GET /schemas/ids/{id}/subjects``, ``GET /schemas/types``, ``GET|PUT|DELETE /config``,
+``GET|PUT|DELETE /config/{s}`` (``?defaultToGlobal=true``),
+``POST /compatibility/subjects/{s}/versions/{v}``, ``POST /compatibility/subjects/{s}/versions``
+(``?verbose=true``), ``GET /``.
 """
 
 from __future__ import annotations
@@ -44,11 +48,16 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from events.offsets import high_watermarks
 from events.registry_state import (
     AVRO,
+    ConfigRecord,
     InvalidSchemaError,
     RegistryState,
     SchemaRecord,
+    SubjectLevelNotConfiguredError,
+    decode_config,
     decode_record,
+    encode_config,
     encode_record,
+    parse_level,
 )
 from infra.errors import BackbeatError, InfraError, RegistryError
 from infra.settings import Settings
@@ -147,6 +156,9 @@ def load_state(settings: Settings, timeout_s: float = 60.0) -> RegistryState:
             count += 1
             decoded = decode_record(msg.key(), msg.value())
             if decoded is None:
+                config = decode_config(msg.key(), msg.value())
+                if config is not None:
+                    state.apply_config(config)
                 continue
             subject, version, record = decoded
             if record is None:
@@ -171,7 +183,7 @@ class SchemaStore:
             settings.producer_conf(**{"linger.ms": 0, "message.timeout.ms": WRITE_TIMEOUT_MS})
         )
 
-    def write(self, records: list[SchemaRecord]) -> None:
+    def write(self, records: list[SchemaRecord | ConfigRecord]) -> None:
         """Produce ``records`` and wait until the broker has them all.
 
         Raises:
@@ -185,7 +197,7 @@ class SchemaStore:
 
         try:
             for rec in records:
-                key, value = encode_record(rec)
+                key, value = encode_config(rec) if isinstance(rec, ConfigRecord) else encode_record(rec)
                 self._producer.produce(SCHEMAS_TOPIC, value=value, key=key, on_delivery=on_delivery)
         except (KafkaException, BufferError) as exc:
             errors.append(str(exc))
@@ -215,14 +227,17 @@ class Registry:
         self._lock = asyncio.Lock()
         self._stale = False  # a failed write may have landed: re-read the log before the next one
 
-    async def _write(self, records: list[SchemaRecord]) -> None:
+    async def _write(self, records: list[SchemaRecord | ConfigRecord]) -> None:
         try:
             await asyncio.to_thread(self.store.write, records)
         except RegistryError:
             self._stale = True
             raise
         for rec in records:
-            self.state.apply(rec)
+            if isinstance(rec, ConfigRecord):
+                self.state.apply_config(rec)
+            else:
+                self.state.apply(rec)
 
     async def _refresh(self) -> None:
         if self._stale:
@@ -242,6 +257,38 @@ class Registry:
                 await self._write([plan.record])
                 log.info("registered %s version %d id %d", subject, plan.record.version, plan.record.id)
             return plan.id
+
+    async def set_level(self, subject: str | None, level: object) -> str:
+        """Set the global (``subject`` ``None``) or a subject's compatibility level; the level.
+
+        Raises:
+            InvalidCompatibilityLevelError: not a known level (422 / 42203).
+        """
+        level = parse_level(level)
+        async with self._lock:
+            await self._refresh()
+            await self._write([ConfigRecord(subject, level)])
+            log.info("compatibility of %s set to %s", subject or "(global)", level)
+            return level
+
+    async def delete_level(self, subject: str | None) -> str:
+        """Delete the global level (back to ``BACKWARD``) or a subject's own level (back to the
+        global one); the level it had.
+
+        Raises:
+            SubjectLevelNotConfiguredError: the subject has no level of its own (404 / 40408).
+        """
+        async with self._lock:
+            await self._refresh()
+            if subject is None:
+                previous = self.state.global_level()
+            else:
+                own = self.state.subject_level(subject)
+                if own is None:
+                    raise SubjectLevelNotConfiguredError(subject)
+                previous = own
+            await self._write([ConfigRecord(subject, None)])
+            return previous
 
     async def delete_subject(self, subject: str) -> list[int]:
         """Soft-delete every live version of ``subject``; the deleted version numbers."""
@@ -300,8 +347,8 @@ def _schema_id(request: web.Request) -> int:
         raise RegistryError(f"Schema {raw} not found", error_code=40403, http_status=404) from None
 
 
-async def _schema_body(request: web.Request) -> tuple[str, str | None]:
-    """``(schema, schemaType)`` of a register/lookup body."""
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a request body (an empty body is ``{}``)."""
     if "Content-Type" in request.headers and request.content_type not in ACCEPTED_CONTENT_TYPES:
         raise RegistryError(
             f"Unsupported Content-Type {request.content_type!r}; use {CONTENT_TYPE}",
@@ -319,6 +366,12 @@ async def _schema_body(request: web.Request) -> tuple[str, str | None]:
         raise RegistryError(
             "Unrecognized request body: expected a JSON object", error_code=400, http_status=400
         )
+    return body
+
+
+async def _schema_body(request: web.Request) -> tuple[str, str | None]:
+    """``(schema, schemaType)`` of a register/lookup body."""
+    body = await _json_body(request)
     if body.get("references"):
         raise InvalidSchemaError("schema references are not supported by the embedded registry")
     schema = body.get("schema")
@@ -334,8 +387,87 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def get_config(request: web.Request) -> web.Response:
-    """``GET /config`` → ``{"compatibilityLevel": "BACKWARD"}`` (not enforced yet)."""
-    return _json({"compatibilityLevel": "BACKWARD"})
+    """``GET /config`` → ``{"compatibilityLevel": L}`` (``BACKWARD`` until set)."""
+    return _json({"compatibilityLevel": _registry(request).state.global_level()})
+
+
+async def _level_body(request: web.Request) -> object:
+    body = await _json_body(request)
+    return body.get("compatibility", body.get("compatibilityLevel"))
+
+
+async def put_config(request: web.Request) -> web.Response:
+    """``PUT /config`` ``{"compatibility": L}`` → ``{"compatibility": L}``; 422/42203 for an
+    unknown level."""
+    level = await _registry(request).set_level(None, await _level_body(request))
+    return _json({"compatibility": level})
+
+
+async def delete_config(request: web.Request) -> web.Response:
+    """``DELETE /config`` → the level it had; the global level is ``BACKWARD`` again."""
+    return _json({"compatibilityLevel": await _registry(request).delete_level(None)})
+
+
+async def get_subject_config(request: web.Request) -> web.Response:
+    """``GET /config/{subject}`` → ``{"compatibilityLevel": L}``; 404/40408 when the subject has
+    no level of its own, unless ``?defaultToGlobal=true`` (then the global level)."""
+    subject = request.match_info["subject"]
+    state = _registry(request).state
+    level = state.subject_level(subject)
+    if level is None:
+        if not _flag(request, "defaultToGlobal"):
+            raise SubjectLevelNotConfiguredError(subject)
+        level = state.global_level()
+    return _json({"compatibilityLevel": level})
+
+
+async def put_subject_config(request: web.Request) -> web.Response:
+    """``PUT /config/{subject}`` ``{"compatibility": L}`` → ``{"compatibility": L}``."""
+    reg = _registry(request)
+    level = await reg.set_level(request.match_info["subject"], await _level_body(request))
+    return _json({"compatibility": level})
+
+
+async def delete_subject_config(request: web.Request) -> web.Response:
+    """``DELETE /config/{subject}`` → the level it had; the subject follows the global level
+    again. 404/40408 when it had none."""
+    return _json({"compatibilityLevel": await _registry(request).delete_level(request.match_info["subject"])})
+
+
+def _verdict(request: web.Request, problems: list[str]) -> web.Response:
+    body: dict[str, Any] = {"is_compatible": not problems}
+    if _flag(request, "verbose"):
+        body["messages"] = problems
+    return _json(body)
+
+
+async def test_compatibility(request: web.Request) -> web.Response:
+    """``POST /compatibility/subjects/{subject}/versions/{version}`` ``{"schema"}`` →
+    ``{"is_compatible": bool}`` (``"messages"`` too with ``?verbose=true``), against that version
+    at the subject's level; ``latest`` of an unknown subject is compatible."""
+    schema, schema_type = await _schema_body(request)
+    normalise_type(schema_type)
+    problems = _registry(request).state.check_compatibility(
+        request.match_info["subject"], schema, request.match_info["version"]
+    )
+    return _verdict(request, problems)
+
+
+async def test_compatibility_all(request: web.Request) -> web.Response:
+    """``POST /compatibility/subjects/{subject}/versions`` ``{"schema"}`` → ``{"is_compatible"}``
+    against the subject's live versions (the latest, or all for ``*_TRANSITIVE`` levels)."""
+    schema, schema_type = await _schema_body(request)
+    normalise_type(schema_type)
+    problems = _registry(request).state.check_compatibility(request.match_info["subject"], schema)
+    return _verdict(request, problems)
+
+
+def normalise_type(schema_type: str | None) -> None:
+    """Refuse a non-Avro ``schemaType`` (422 / 42201)."""
+    if schema_type not in (None, "", AVRO):
+        raise InvalidSchemaError(
+            f"schemaType {schema_type!r} is not supported by the embedded registry; only AVRO is"
+        )
 
 
 async def get_types(request: web.Request) -> web.Response:
@@ -430,6 +562,13 @@ def make_app(registry: Registry) -> web.Application:
     app[_REGISTRY] = registry
     app.router.add_get("/", root)
     app.router.add_get("/config", get_config)
+    app.router.add_put("/config", put_config)
+    app.router.add_delete("/config", delete_config)
+    app.router.add_get("/config/{subject}", get_subject_config)
+    app.router.add_put("/config/{subject}", put_subject_config)
+    app.router.add_delete("/config/{subject}", delete_subject_config)
+    app.router.add_post("/compatibility/subjects/{subject}/versions", test_compatibility_all)
+    app.router.add_post("/compatibility/subjects/{subject}/versions/{version}", test_compatibility)
     app.router.add_get("/schemas/types", get_types)
     app.router.add_get("/schemas/ids/{id}", get_schema_by_id)
     app.router.add_get("/schemas/ids/{id}/schema", get_raw_schema_by_id)

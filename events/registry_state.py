@@ -18,6 +18,13 @@ and :meth:`RegistryState.plan_delete_subject` say which records a request must w
 :func:`encode_record` / :func:`decode_record` convert records to and from Confluent's ``_schemas``
 key/value JSON.
 
+Compatibility levels (:mod:`events.compatibility`) are a global level (``BACKWARD`` until set)
+and optional per-subject levels, stored in ``_schemas`` as Confluent stores them (key
+``{"keytype":"CONFIG","subject":S or null,"magic":0}``, value ``{"compatibilityLevel": L}``, a
+tombstone when a level is deleted) and applied with :meth:`RegistryState.apply_config`.
+:meth:`RegistryState.plan_register` refuses a schema that is incompatible with the subject's live
+versions at the subject's level (409).
+
 Only Avro is supported; schema references are not (a request with references is refused).
 """
 
@@ -30,7 +37,8 @@ from typing import Any
 import avro.errors
 import avro.schema
 
-from infra.errors import RegistryError
+from events.compatibility import DEFAULT_LEVEL, LEVELS, check
+from infra.errors import RegistryError, SchemaError
 
 #: The one schema type this registry serves (Confluent's default when ``schemaType`` is absent).
 AVRO = "AVRO"
@@ -76,6 +84,61 @@ class InvalidVersionError(RegistryError):
             error_code=42202,
             http_status=422,
         )
+
+
+class IncompatibleSchemaError(RegistryError):
+    """409 / 409: the schema breaks the subject's compatibility level; names the problems."""
+
+    def __init__(self, subject: str, level: str, problems: list[str]) -> None:
+        super().__init__(
+            f"Schema being registered is incompatible with an earlier schema for subject "
+            f'"{subject}" (compatibility {level}): ' + "; ".join(problems),
+            error_code=409,
+            http_status=409,
+        )
+        self.problems = problems
+
+
+class InvalidCompatibilityLevelError(RegistryError):
+    """422 / 42203: not one of the compatibility levels."""
+
+    def __init__(self, level: object) -> None:
+        super().__init__(
+            f"Invalid compatibility level {level!r}. Valid values are " + ", ".join(LEVELS),
+            error_code=42203,
+            http_status=422,
+        )
+
+
+class SubjectLevelNotConfiguredError(RegistryError):
+    """404 / 40408: the subject has no compatibility level of its own."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(
+            f"Subject '{subject}' does not have subject-level compatibility configured",
+            error_code=40408,
+            http_status=404,
+        )
+
+
+def parse_level(level: object) -> str:
+    """``level`` upper-cased if it is one of :data:`events.compatibility.LEVELS`.
+
+    Raises:
+        InvalidCompatibilityLevelError: anything else (422 / 42203).
+    """
+    if isinstance(level, str) and level.upper() in LEVELS:
+        return level.upper()
+    raise InvalidCompatibilityLevelError(level)
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """A compatibility level: of ``subject``, or the global one when ``subject`` is ``None``;
+    ``level`` ``None`` deletes it (a tombstone in ``_schemas``)."""
+
+    subject: str | None
+    level: str | None
 
 
 @dataclass(frozen=True)
@@ -141,6 +204,8 @@ class RegistryState:
         self._schema_by_id: dict[int, str] = {}
         self._id_by_form: dict[str, int] = {}
         self._form_by_id: dict[int, str] = {}
+        self._global_level: str | None = None
+        self._subject_levels: dict[str, str] = {}
 
     # -- changes -------------------------------------------------------------------------------
     def apply(self, record: SchemaRecord) -> None:
@@ -156,6 +221,20 @@ class RegistryState:
             self._form_by_id[record.id] = form
         self._id_by_form.setdefault(form, record.id)
 
+    def apply_config(self, record: ConfigRecord) -> None:
+        """Set (or, with ``level`` ``None``, delete) a global or subject compatibility level.
+
+        Raises:
+            InvalidCompatibilityLevelError: the level is not a known one.
+        """
+        level = None if record.level is None else parse_level(record.level)
+        if record.subject is None:
+            self._global_level = level
+        elif level is None:
+            self._subject_levels.pop(record.subject, None)
+        else:
+            self._subject_levels[record.subject] = level
+
     def remove(self, subject: str, version: int) -> None:
         """Forget a (subject, version) key (a tombstone in ``_schemas``); the id stays readable."""
         versions = self._versions.get(subject)
@@ -166,15 +245,21 @@ class RegistryState:
 
     def plan_register(self, subject: str, schema: str, schema_type: str | None = AVRO) -> RegisterPlan:
         """What ``POST /subjects/{subject}/versions`` must do for ``schema`` (changes nothing).
+        A schema the subject already holds is answered as is; a new one must be compatible with
+        the subject's live versions at :meth:`level_of` the subject.
 
         Raises:
             InvalidSchemaError: the schema is invalid or not Avro.
+            IncompatibleSchemaError: the schema breaks the subject's compatibility level (409).
         """
         form = normalise(schema, schema_type)
         versions = self._versions.get(subject, {})
         for rec in sorted(versions.values(), key=lambda r: r.version):
             if not rec.deleted and self._form_by_id.get(rec.id) == form:
                 return RegisterPlan(existing=rec, record=None)
+        problems = self.check_compatibility(subject, schema)
+        if problems:
+            raise IncompatibleSchemaError(subject, self.level_of(subject), problems)
         schema_id = self._id_by_form.get(form)
         if schema_id is None:
             schema_id = max(self._schema_by_id, default=0) + 1
@@ -192,6 +277,42 @@ class RegistryState:
         """
         live = self._live(subject, deleted=False)
         return [SchemaRecord(r.subject, r.version, r.id, r.schema, deleted=True) for r in live]
+
+    # -- compatibility -------------------------------------------------------------------------
+    def global_level(self) -> str:
+        """The global compatibility level (``BACKWARD`` until one is set)."""
+        return self._global_level or DEFAULT_LEVEL
+
+    def subject_level(self, subject: str) -> str | None:
+        """The subject's own level, ``None`` when it has none."""
+        return self._subject_levels.get(subject)
+
+    def level_of(self, subject: str) -> str:
+        """The level that applies to ``subject``: its own, else the global one."""
+        return self._subject_levels.get(subject) or self.global_level()
+
+    def check_compatibility(self, subject: str, schema: str, version: int | str | None = None) -> list[str]:
+        """The problems of ``schema`` under ``subject``'s level: against ``version`` only (an int,
+        ``latest`` or ``-1``), or with ``version`` ``None`` against every live version (the level
+        decides whether the latest or all of them count). An empty subject has no problems,
+        and so has ``latest`` of an unknown subject (as with Confluent).
+
+        Raises:
+            InvalidSchemaError: the schema is invalid (42201).
+            SubjectNotFoundError / VersionNotFoundError / InvalidVersionError: for ``version``.
+        """
+        normalise(schema)
+        if version is None or (parse_version(version) == -1 and not self._has_live(subject)):
+            existing = [r.schema for _, r in sorted(self._versions.get(subject, {}).items()) if not r.deleted]
+        else:
+            existing = [self.get_version(subject, version).schema]
+        try:
+            return check(schema, existing, self.level_of(subject))
+        except SchemaError as exc:
+            raise InvalidSchemaError(str(exc)) from exc
+
+    def _has_live(self, subject: str) -> bool:
+        return any(not r.deleted for r in self._versions.get(subject, {}).values())
 
     # -- queries -------------------------------------------------------------------------------
     def schema_by_id(self, schema_id: int) -> str:
@@ -347,8 +468,49 @@ def decode_record(key: bytes | None, value: bytes | None) -> tuple[str, int, Sch
     return subject, version, record
 
 
+def encode_config(record: ConfigRecord) -> tuple[bytes, bytes | None]:
+    """``(key, value)`` bytes of a compatibility level as Confluent writes them to ``_schemas``:
+    key ``{"keytype":"CONFIG","subject":S or null,"magic":0}``, value
+    ``{"compatibilityLevel": L}``, or ``None`` (a tombstone) when the level is deleted."""
+    key = {"keytype": "CONFIG", "subject": record.subject, "magic": 0}
+    value = None if record.level is None else {"compatibilityLevel": record.level}
+    return (
+        json.dumps(key, separators=(",", ":")).encode(),
+        None if value is None else json.dumps(value, separators=(",", ":")).encode(),
+    )
+
+
+def decode_config(key: bytes | None, value: bytes | None) -> ConfigRecord | None:
+    """The :class:`ConfigRecord` of a ``_schemas`` ``CONFIG`` record (``level`` ``None`` for a
+    tombstone); ``None`` for other keys and for values without a valid level."""
+    try:
+        k = json.loads(key) if key else None
+    except ValueError:
+        return None
+    if not isinstance(k, dict) or k.get("keytype") != "CONFIG":
+        return None
+    subject = k.get("subject")
+    if subject is not None and not isinstance(subject, str):
+        return None
+    if value is None:
+        return ConfigRecord(subject, None)
+    try:
+        v = json.loads(value)
+        level = parse_level(v.get("compatibilityLevel"))
+    except (ValueError, AttributeError, RegistryError):
+        return None
+    return ConfigRecord(subject, level)
+
+
 __all__ = [
     "AVRO",
+    "ConfigRecord",
+    "IncompatibleSchemaError",
+    "InvalidCompatibilityLevelError",
+    "SubjectLevelNotConfiguredError",
+    "decode_config",
+    "encode_config",
+    "parse_level",
     "InvalidSchemaError",
     "InvalidVersionError",
     "RegisterPlan",

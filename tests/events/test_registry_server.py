@@ -9,7 +9,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry import (
+    ConfigCompatibilityLevel,
+    Schema,
+    SchemaRegistryClient,
+    ServerConfig,
+)
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -28,7 +33,8 @@ def record_schema(name: str, *fields: str) -> str:
             "type": "record",
             "name": name,
             "namespace": "backbeat.test",
-            "fields": [{"name": f, "type": "string"} for f in fields],
+            # defaults keep adding fields BACKWARD compatible (the registry's default level)
+            "fields": [{"name": f, "type": "string", "default": ""} for f in fields],
         }
     )
 
@@ -49,8 +55,9 @@ def call(url: str, method: str = "GET", body: object = None, content_type: str |
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": content_type} if content_type else {}
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
     try:
-        conn.request(method, parts.path, body=data, headers=headers)
+        conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip()
         return resp.status, ctype, json.loads(resp.read())
@@ -223,3 +230,174 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+# -- compatibility ---------------------------------------------------------------------------------
+
+
+def listen_schema(ms_played: object, *extra: dict) -> str:
+    return json.dumps(
+        {
+            "type": "record",
+            "name": "Listen",
+            "namespace": "backbeat.test",
+            "fields": [
+                {"name": "user_id", "type": "string"},
+                {"name": "ms_played", "type": ms_played},
+                *extra,
+            ],
+        }
+    )
+
+
+def level(value: str) -> ServerConfig:
+    return ServerConfig(compatibility=ConfigCompatibilityLevel(value))
+
+
+def test_subject_config_endpoints(stack, client, unique):
+    subject = unique("cfg") + "-backbeat.test.Listen"
+    assert client.get_config().compatibility_level == ConfigCompatibilityLevel.BACKWARD
+    with pytest.raises(SchemaRegistryError) as err:
+        client.get_config(subject)
+    assert (err.value.http_status_code, err.value.error_code) == (404, 40408)
+    status, _, body = call(f"{stack.registry_url}/config/{subject}?defaultToGlobal=true")
+    assert (status, body) == (200, {"compatibilityLevel": "BACKWARD"})
+
+    assert client.set_config(subject, level("FULL")) == {"compatibility": "FULL"}
+    assert fresh_client(stack.registry_url).get_config(subject).compatibility_level.value == "FULL"
+    status, _, body = call(f"{stack.registry_url}/config/{subject}?defaultToGlobal=true")
+    assert body == {"compatibilityLevel": "FULL"}
+    # Confluent's other spelling of the body, and lower case
+    status, _, body = call(f"{stack.registry_url}/config/{subject}", "PUT", {"compatibilityLevel": "none"})
+    assert (status, body) == (200, {"compatibility": "NONE"})
+
+    status, _, body = call(f"{stack.registry_url}/config/{subject}", "PUT", {"compatibility": "SIDEWAYS"})
+    assert (status, body["error_code"]) == (422, 42203)
+    status, _, body = call(f"{stack.registry_url}/config", "PUT", {"compatibility": "SIDEWAYS"})
+    assert (status, body["error_code"]) == (422, 42203)
+    assert call(f"{stack.registry_url}/config")[2] == {"compatibilityLevel": "BACKWARD"}
+
+    assert client.delete_config(subject).compatibility_level.value == "NONE"
+    with pytest.raises(SchemaRegistryError) as err:
+        client.get_config(subject)
+    assert err.value.error_code == 40408
+    status, _, body = call(f"{stack.registry_url}/config/{subject}", "DELETE")
+    assert (status, body["error_code"]) == (404, 40408)
+
+
+def test_global_config_round_trip(stack, client):
+    try:
+        assert client.set_config(config=level("FORWARD_TRANSITIVE")) == {
+            "compatibility": "FORWARD_TRANSITIVE"
+        }
+        assert client.get_config().compatibility_level.value == "FORWARD_TRANSITIVE"
+    finally:
+        client.delete_config()  # back to the default, for the other tests of the session
+    assert client.get_config().compatibility_level.value == "BACKWARD"
+
+
+def test_incompatible_schema_is_refused_with_409(stack, client, unique):
+    subject = unique("compat") + "-backbeat.test.Listen"
+    v1 = listen_schema("long")
+    client.register_schema(subject, Schema(v1, "AVRO"))
+    breaking = Schema(listen_schema("int"), "AVRO")  # BACKWARD: int cannot read long
+
+    assert client.test_compatibility(subject, breaking) is False
+    assert client.test_compatibility(subject, breaking, version=1) is False
+    assert client.test_compatibility_all_versions(subject, breaking) is False
+    assert client.test_compatibility(subject, Schema(listen_schema(["null", "long"]), "AVRO")) is True
+    status, _, body = call(
+        f"{stack.registry_url}/compatibility/subjects/{subject}/versions/latest?verbose=true",
+        "POST",
+        {"schema": breaking.schema_str},
+    )
+    assert status == 200 and body["is_compatible"] is False
+    assert len(body["messages"]) == 1 and "field 'ms_played'" in body["messages"][0]
+
+    with pytest.raises(SchemaRegistryError) as err:
+        fresh_client(stack.registry_url).register_schema(subject, breaking)
+    assert (err.value.http_status_code, err.value.error_code) == (409, 409)
+    assert "incompatible with an earlier schema" in err.value.error_message
+    assert "'ms_played'" in err.value.error_message and "'int'" in err.value.error_message
+    assert client.get_versions(subject) == [1]
+
+    # the subject's own level wins over the global one
+    client.set_config(subject, level("NONE"))
+    assert client.test_compatibility(subject, breaking) is True
+    assert fresh_client(stack.registry_url).register_schema(subject, breaking) >= 1
+    assert client.get_versions(subject) == [1, 2]
+
+
+def test_compatibility_errors_and_unknown_subjects(stack, client, unique):
+    url = stack.registry_url
+    subject = unique("compat-err")
+    schema = listen_schema("long")
+    # latest of an unknown subject is compatible (nothing to break), a numbered version is not found
+    status, _, body = call(
+        f"{url}/compatibility/subjects/{subject}/versions/latest", "POST", {"schema": schema}
+    )
+    assert (status, body) == (200, {"is_compatible": True})
+    status, _, body = call(f"{url}/compatibility/subjects/{subject}/versions", "POST", {"schema": schema})
+    assert (status, body) == (200, {"is_compatible": True})
+    status, _, body = call(f"{url}/compatibility/subjects/{subject}/versions/1", "POST", {"schema": schema})
+    assert (status, body["error_code"]) == (404, 40401)
+    client.register_schema(subject, Schema(schema, "AVRO"))
+    status, _, body = call(f"{url}/compatibility/subjects/{subject}/versions/5", "POST", {"schema": schema})
+    assert (status, body["error_code"]) == (404, 40402)
+    status, _, body = call(f"{url}/compatibility/subjects/{subject}/versions/x", "POST", {"schema": schema})
+    assert (status, body["error_code"]) == (422, 42202)
+    status, _, body = call(f"{url}/compatibility/subjects/{subject}/versions/1", "POST", {"schema": "{no"})
+    assert (status, body["error_code"]) == (422, 42201)
+
+
+def test_transitive_levels_check_every_version(stack, client, unique):
+    subject = unique("trans") + "-backbeat.test.Listen"
+    client.register_schema(subject, Schema(listen_schema("long"), "AVRO"))
+    age = {"name": "age", "type": "int", "default": 0}
+    client.register_schema(subject, Schema(listen_schema("long", age), "AVRO"))
+    # age without default: reads v2's data (age present), not v1's
+    v3 = Schema(listen_schema("long", {"name": "age", "type": "int"}), "AVRO")
+    assert client.test_compatibility_all_versions(subject, v3) is True
+    assert client.test_compatibility(subject, v3, version=2) is True
+    assert client.test_compatibility(subject, v3, version=1) is False
+
+    client.set_config(subject, level("BACKWARD_TRANSITIVE"))
+    assert client.test_compatibility_all_versions(subject, v3) is False
+    with pytest.raises(SchemaRegistryError) as err:
+        client.register_schema(subject, v3)
+    assert (err.value.http_status_code, err.value.error_code) == (409, 409)
+    assert "field 'age'" in err.value.error_message
+    client.set_config(subject, level("BACKWARD"))
+    assert client.register_schema(subject, v3) >= 1
+    assert client.get_versions(subject) == [1, 2, 3]
+
+
+def test_config_survives_a_registry_restart(stack, client, unique, tmp_path):
+    subject = unique("cfg-persist") + "-backbeat.test.Listen"
+    dropped = unique("cfg-dropped")
+    client.register_schema(subject, Schema(listen_schema("long"), "AVRO"))
+    client.set_config(subject, level("FULL_TRANSITIVE"))
+    client.set_config(dropped, level("FORWARD"))
+    client.delete_config(dropped)
+
+    second = settings_for(tmp_path, int(stack.bootstrap_servers.rsplit(":", 1)[1]), free_port())
+    try:
+        client.set_config(config=level("NONE"))
+        running = start_registry(second)
+        try:
+            other = fresh_client(second.registry_url)
+            assert other.get_config(subject).compatibility_level.value == "FULL_TRANSITIVE"
+            assert other.get_config().compatibility_level.value == "NONE"
+            with pytest.raises(SchemaRegistryError) as err:
+                other.get_config(dropped)
+            assert err.value.error_code == 40408
+            # the reloaded level is enforced: FULL refuses the int change the global NONE would allow
+            with pytest.raises(SchemaRegistryError) as err:
+                other.register_schema(subject, Schema(listen_schema("int"), "AVRO"))
+            assert err.value.error_code == 409 and "ms_played" in err.value.error_message
+        finally:
+            assert stop(running)
+    finally:
+        client.delete_config()
+    wait_for(lambda: not _answers(second.registry_url), timeout_s=15, what="second registry to stop")
+    assert client.get_config().compatibility_level.value == "BACKWARD"

@@ -7,6 +7,9 @@ import json
 import pytest
 
 from events.registry_state import (
+    ConfigRecord,
+    IncompatibleSchemaError,
+    InvalidCompatibilityLevelError,
     InvalidSchemaError,
     InvalidVersionError,
     RegistryState,
@@ -14,7 +17,9 @@ from events.registry_state import (
     SchemaRecord,
     SubjectNotFoundError,
     VersionNotFoundError,
+    decode_config,
     decode_record,
+    encode_config,
     encode_record,
     normalise,
 )
@@ -185,3 +190,93 @@ def test_records_round_trip_and_last_value_wins():
     state.remove("s", 1)
     assert state.subjects(deleted=True) == []
     assert state.schema_by_id(1) == USER_V1
+
+
+# -- compatibility levels ------------------------------------------------------------------------
+
+USER_V3_BREAKING = json.dumps(
+    {
+        "type": "record",
+        "name": "User",
+        "namespace": "t",
+        "fields": [{"name": "id", "type": "string"}, {"name": "age", "type": "string"}],
+    }
+)
+
+
+def test_levels_default_global_and_per_subject():
+    state = RegistryState()
+    assert state.global_level() == "BACKWARD" and state.subject_level("s") is None
+    assert state.level_of("s") == "BACKWARD"
+    state.apply_config(ConfigRecord(None, "full"))
+    state.apply_config(ConfigRecord("s", "NONE"))
+    assert (state.global_level(), state.level_of("s"), state.level_of("t")) == ("FULL", "NONE", "FULL")
+    state.apply_config(ConfigRecord("s", None))
+    state.apply_config(ConfigRecord(None, None))
+    assert state.level_of("s") == "BACKWARD" and state.subject_level("s") is None
+    with pytest.raises(InvalidCompatibilityLevelError) as err:
+        state.apply_config(ConfigRecord(None, "SIDEWAYS"))
+    assert (err.value.http_status, err.value.error_code) == (422, 42203)
+
+
+def test_incompatible_registration_is_409_and_names_the_field():
+    state = RegistryState()
+    register(state, "s", USER_V1)
+    register(state, "s", USER_V2)
+    with pytest.raises(IncompatibleSchemaError) as err:
+        state.plan_register("s", USER_V3_BREAKING)
+    assert (err.value.http_status, err.value.error_code) == (409, 409)
+    assert "incompatible with an earlier schema" in str(err.value) and "'age'" in str(err.value)
+    assert state.versions("s") == [1, 2]
+    # already-registered schemas are answered without a check; NONE lets anything in
+    assert register(state, "s", USER_V1) == 1
+    state.apply_config(ConfigRecord("s", "NONE"))
+    assert register(state, "s", USER_V3_BREAKING) == 3
+
+
+def test_check_compatibility_against_one_version_or_all():
+    state = RegistryState()
+    register(state, "s", USER_V1)
+    register(state, "s", USER_V2)
+    required_age = json.dumps(
+        {"type": "record", "name": "User", "namespace": "t", "fields": [{"name": "age", "type": "int"}]}
+    )
+    assert state.check_compatibility("s", required_age) == []  # BACKWARD: latest only
+    assert state.check_compatibility("s", required_age, "latest") == []
+    assert state.check_compatibility("s", required_age, 1) != []
+    state.apply_config(ConfigRecord("s", "BACKWARD_TRANSITIVE"))
+    assert any("'age'" in p for p in state.check_compatibility("s", required_age))
+    assert state.check_compatibility("unknown", required_age, "latest") == []
+    with pytest.raises(SubjectNotFoundError):
+        state.check_compatibility("unknown", required_age, 1)
+    with pytest.raises(VersionNotFoundError):
+        state.check_compatibility("s", required_age, 7)
+    with pytest.raises(InvalidSchemaError):
+        state.check_compatibility("s", "not json")
+
+
+def test_soft_deleted_versions_are_not_checked():
+    state = RegistryState()
+    register(state, "s", USER_V1)
+    for rec in state.plan_delete_subject("s"):
+        state.apply(rec)
+    incompatible = json.dumps({"type": "record", "name": "User", "namespace": "t",
+                               "fields": [{"name": "id", "type": "int"}]})  # fmt: skip
+    assert register(state, "s", incompatible) == 2
+
+
+def test_config_records_round_trip():
+    key, value = encode_config(ConfigRecord("s", "FULL"))
+    assert json.loads(key) == {"keytype": "CONFIG", "subject": "s", "magic": 0}
+    assert json.loads(value) == {"compatibilityLevel": "FULL"}
+    assert decode_config(key, value) == ConfigRecord("s", "FULL")
+    gkey, gvalue = encode_config(ConfigRecord(None, "NONE"))
+    assert json.loads(gkey) == {"keytype": "CONFIG", "subject": None, "magic": 0}
+    assert decode_config(gkey, gvalue) == ConfigRecord(None, "NONE")
+    tkey, tvalue = encode_config(ConfigRecord("s", None))
+    assert tvalue is None and decode_config(tkey, None) == ConfigRecord("s", None)
+    # config records are not schema records and vice versa; junk is skipped
+    assert decode_record(key, value) is None
+    assert decode_config(*encode_record(SchemaRecord("s", 1, 1, USER_V1))) is None
+    assert decode_config(key, b'{"compatibilityLevel": "SIDEWAYS"}') is None
+    assert decode_config(b"junk", b"junk") is None
