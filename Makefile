@@ -22,6 +22,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/backbeat --help >/dev/null
+	$(BIN)/backbeat schemas check --against history
 
 test: venv lint
 	$(BIN)/python -m pytest

@@ -69,9 +69,9 @@ def load_schema_file(path: Path) -> EventSchema:
     return EventSchema(full_name, path.parent.name, raw, parsed, path)
 
 
-@lru_cache(maxsize=4)
-def load_schemas(root: Path = REPO_ROOT / "schemas") -> dict[str, EventSchema]:
-    """All schemas under ``root``, keyed by full name.
+def read_schemas(root: Path) -> dict[str, EventSchema]:
+    """All schemas under ``root`` (``root/<context>/<Name>.avsc``), keyed by full name, read
+    from disk now (see :func:`load_schemas` for the cached tree of this checkout).
 
     Raises:
         SchemaError: a file is invalid or two files declare the same full name.
@@ -83,6 +83,16 @@ def load_schemas(root: Path = REPO_ROOT / "schemas") -> dict[str, EventSchema]:
             raise SchemaError(f"{path}: {schema.full_name} also in {found[schema.full_name].path}")
         found[schema.full_name] = schema
     return found
+
+
+@lru_cache(maxsize=4)
+def load_schemas(root: Path = REPO_ROOT / "schemas") -> dict[str, EventSchema]:
+    """All schemas under ``root``, keyed by full name, read once per process.
+
+    Raises:
+        SchemaError: a file is invalid or two files declare the same full name.
+    """
+    return read_schemas(root)
 
 
 def get_schema(full_name_or_name: str) -> EventSchema:

@@ -41,7 +41,12 @@ projections_app = typer.Typer(
 )  # fmt: skip
 app.add_typer(topics_app, name="topics")
 app.add_typer(import_app, name="import")
+schemas_app = typer.Typer(
+    help="Avro schemas under schemas/: compatibility checks.", no_args_is_help=True,
+    rich_markup_mode="markdown",
+)  # fmt: skip
 app.add_typer(projections_app, name="projections")
+app.add_typer(schemas_app, name="schemas")
 
 
 def _settings() -> Settings:
@@ -177,6 +182,116 @@ def import_catalog_cmd(
         lambda total, advance: import_catalog(settings, file, on_parsed=total, progress=advance),
     )
     _print_import(result)
+
+
+@app.command()
+def produce(
+    topic: Annotated[str, typer.Argument(help="Topic to write to (see 'backbeat topics list').")],
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="JSON-lines file (default: standard input).", exists=True),
+    ] = None,
+    event_type: Annotated[
+        str | None, typer.Option(help="Event type, e.g. ListenRecorded (needed when the topic has several).")
+    ] = None,
+    key_field: Annotated[
+        str | None, typer.Option(help="Field whose value is the record key (default: the topic's key).")
+    ] = None,
+) -> None:
+    """Write JSON lines as Avro events (Confluent wire format, CloudEvents headers).
+
+    Each line is one JSON object matching the event type's schema; timestamp-millis fields take
+    ms or an ISO-8601 time. Every line is validated first: if any line is bad JSON or does not
+    match the schema, the errors name the line and the field and nothing is sent."""
+    from events.console_io import produce_json_lines
+
+    source = file.read_text(encoding="utf-8").splitlines() if file else sys.stdin.read().splitlines()
+    try:
+        report = produce_json_lines(
+            _settings(), topic, source, event_type=event_type, key_field=key_field
+        )
+    except BackbeatError as exc:
+        problems = getattr(exc, "problems", None)
+        if problems:
+            for problem in problems:
+                err_console.print(f"line {problem.line}: {problem.field}: {problem.reason}", markup=False)
+            err_console.print(f"[bold red]error:[/] {len(problems)} bad line(s); nothing was sent")
+            raise typer.Exit(1) from None
+        raise
+    console.print(
+        f"sent {report.produced:,} {report.event_type} to {report.topic} (key: {report.key_field})"
+    )
+
+
+@app.command()
+def consume(
+    topic: Annotated[str, typer.Argument(help="Topic to read.")],
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from", help="earliest, latest, an offset N, P:N[,P:N…], or an ISO-8601 time."
+        ),
+    ] = "earliest",
+    limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep waiting for new records.")] = False,
+) -> None:
+    """Print records as JSON lines: key, headers, partition, offset, timestamp and the decoded
+    value (times in ms).
+
+    Without --follow it stops at the end of the log as it was at start. Undecodable records are
+    printed with an 'error' field, control records (watermarks) with 'control'."""
+    from events.console_io import consume as consume_records
+    from events.console_io import to_json_line
+
+    for record in consume_records(_settings(), topic, start=start, limit=limit, follow=follow):
+        print(to_json_line(record), flush=True)
+
+
+@schemas_app.command("check")
+def schemas_check(
+    against: Annotated[
+        str,
+        typer.Option(
+            help="'registry' (what is registered, at each subject's level), 'history' (every "
+            "committed version of each file, as CI runs it) or a git revision such as HEAD~1."
+        ),
+    ] = "registry",
+    level: Annotated[
+        str, typer.Option(help="Compatibility level for 'history' and git revisions.")
+    ] = "BACKWARD",
+    repo: Annotated[
+        Path | None, typer.Option(help="Git checkout whose schemas/ to check (default: this one).")
+    ] = None,
+) -> None:
+    """Check that schemas/ is compatible with what came before; exit 1 on a breaking change.
+
+    Verdicts come from the Apache avro package's compatibility checker. BACKWARD: consumers
+    with the new schema read data written with the old one (add fields only with defaults,
+    remove only fields that had defaults); FORWARD: the reverse; FULL: both; *_TRANSITIVE:
+    against every earlier version, not only the latest."""
+    from events.schema_check import check_against_registry, check_against_revision, check_history
+    from infra.settings import REPO_ROOT
+
+    root = (repo or REPO_ROOT).resolve()
+    if against == "registry":
+        verdicts = check_against_registry(_settings().registry_url, root)
+    elif against == "history":
+        verdicts = check_history(level.upper(), root)
+    else:
+        verdicts = check_against_revision(against, level.upper(), root)
+    rows = [(v.full_name, v.against, v.level, v.status) for v in verdicts]
+    console.print(table(["event type", "against", "level", "status"], rows))
+    bad = [v for v in verdicts if not v.ok]
+    for verdict in bad:
+        where = f"{verdict.level}, {verdict.against}"
+        err_console.print(f"\n[bold red]{verdict.full_name}[/] is incompatible ({where}):")
+        for line in verdict.diff:
+            err_console.print(f"  {line}", markup=False)
+        for problem in verdict.problems:
+            err_console.print(f"  ✗ {problem}", markup=False)
+    if bad:
+        raise typer.Exit(1)
+    console.print(f"{len(verdicts)} checked, no breaking change")
 
 
 # -- stream processing and read models -------------------------------------------------------------
