@@ -1,9 +1,11 @@
-"""The generated parts of the README: the CLI reference, from the ``backbeat`` command tree
-itself, and the event catalogue (:mod:`events.catalogue_doc`).
+"""The generated docs: the README's CLI reference, from the ``backbeat`` command tree itself, and
+the event catalogue (:mod:`events.catalogue_doc`).
 
 ``python -m infra.clidoc`` rewrites the part of README.md between the markers
-``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``; a test fails when the README
-and the commands disagree, so ``--help`` and the README never drift apart.
+``<!-- cli-reference:start -->`` and ``<!-- cli-reference:end -->``, the README's short event
+summary between ``<!-- events:start -->`` and ``<!-- events:end -->``, and the full catalogue page
+``docs/events.md``; tests fail when these and the commands or schemas disagree, so ``--help``,
+the schemas and the docs never drift apart.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from infra.settings import REPO_ROOT
 START = "<!-- cli-reference:start -->"
 END = "<!-- cli-reference:end -->"
 README = REPO_ROOT / "README.md"
+EVENTS_DOC = REPO_ROOT / "docs" / "events.md"
 
 
 # typer vendors its own click; commands and parameters are duck-typed here.
@@ -80,24 +83,38 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 
 
 def updated_readme(text: str) -> str:
-    """``text`` with the generated parts (CLI reference, event catalogue) rewritten.
+    """``text`` with the generated parts (CLI reference, event summary) rewritten.
 
     Raises:
         ValueError: the markers are missing.
     """
-    from events.catalogue_doc import render_events_markdown
+    from events.catalogue_doc import render_events_summary
 
     text = _replace(text, START, END, render_markdown())
-    return _replace(text, EVENTS_START, EVENTS_END, render_events_markdown())
+    link = EVENTS_DOC.relative_to(REPO_ROOT).as_posix()
+    return _replace(text, EVENTS_START, EVENTS_END, render_events_summary(link))
+
+
+def events_doc() -> str:
+    """The full event catalogue page, as ``docs/events.md`` must hold it."""
+    from events.catalogue_doc import render_events_markdown
+
+    return render_events_markdown()
 
 
 def main() -> None:
-    """Rewrite README.md's CLI reference in place."""
+    """Rewrite README.md's generated parts and docs/events.md in place."""
     text = README.read_text(encoding="utf-8")
     new = updated_readme(text)
     if new != text:
         README.write_text(new, encoding="utf-8")
-        print("README.md: CLI reference updated", file=sys.stderr)
+        print("README.md: generated sections updated", file=sys.stderr)
+    page = events_doc()
+    old = EVENTS_DOC.read_text(encoding="utf-8") if EVENTS_DOC.exists() else None
+    if page != old:
+        EVENTS_DOC.parent.mkdir(parents=True, exist_ok=True)
+        EVENTS_DOC.write_text(page, encoding="utf-8")
+        print(f"{EVENTS_DOC.relative_to(REPO_ROOT)}: event catalogue updated", file=sys.stderr)
 
 
 if __name__ == "__main__":
