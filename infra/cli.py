@@ -214,7 +214,8 @@ def produce(
         problems = getattr(exc, "problems", None)
         if problems:
             for problem in problems:
-                err_console.print(f"line {problem.line}: {problem.field}: {problem.reason}", markup=False)
+                where = f"line {problem.line}: {problem.field}" if problem.field else f"line {problem.line}"
+                err_console.print(f"{where}: {problem.reason}", markup=False)
             err_console.print(f"[bold red]error:[/] {len(problems)} bad line(s); nothing was sent")
             raise typer.Exit(1) from None
         raise

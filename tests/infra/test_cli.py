@@ -91,3 +91,33 @@ def test_backbeat_worker_starts_the_agent_and_stops_on_sigterm(stack, tmp_path: 
                 proc.kill()
                 proc.wait()
     assert "6066" not in log_path.read_text()  # backbeat worker runs no web server
+
+
+def test_produce_and_consume_as_a_user_types_them(stack, unique, tmp_path: Path):
+    import json
+
+    from events.catalog import TopicSpec
+    from infra.provision import apply_topics
+
+    topic = unique("cli.listens")
+    apply_topics(stack, [TopicSpec(topic, 2, event_types=("backbeat.playback.ListenRecorded",))])
+    env = env_for(stack)
+    common = ["--event-type", "ListenRecorded", "--key-field", "user_id"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"event_id": "e0"\n{"event_id": "e1", "user_id": 7, "track_id": "t", "artist_id": "a", "occurred_at": 1, "source": "cli"}\n')
+    result = _backbeat(["produce", topic, "--file", str(bad), *common], env)
+    assert result.returncode == 1
+    assert "line 1: not JSON" in result.stderr and "line 2: user_id" in result.stderr
+    assert "nothing was sent" in result.stderr
+    good = '{"event_id": "e2", "user_id": "u2", "track_id": "t", "artist_id": "a", "occurred_at": "2014-04-20T08:28:45Z", "source": "cli"}\n'
+    result = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "produce", topic, *common], input=good, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = _backbeat(["consume", topic], env)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()  # the bad file sent nothing
+    record = json.loads(line)
+    assert record["key"] == "u2" and record["value"]["occurred_at"] == 1_397_982_525_000
+    assert record["headers"]["ce_type"] == "backbeat.playback.ListenRecorded"
