@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from events.catalog import load_catalogue
 from events.schema_check import check_against_registry, check_against_revision, check_history
-from events.schemas import load_schemas
+from events.schemas import load_schemas, subject_for
 from infra.settings import REPO_ROOT
 
 V1 = {
@@ -105,3 +106,20 @@ def test_against_the_registry(stack):
     verdicts = {v.against: v for v in check_against_registry(stack.registry_url)}
     assert verdicts["playback.listens-backbeat.playback.ListenRecorded"].status == "unchanged"
     assert all(v.ok for v in verdicts.values())
+
+
+def test_a_registered_version_the_files_break_fails_against_the_registry(stack):
+    from events.registry_client import Registry
+    from events.schemas import get_schema
+
+    current = get_schema("FileAnalysed")
+    topic = next(t for t, spec in load_catalogue().items() if current.full_name in spec.event_types)
+    required = [f for f in current.raw["fields"] if "default" not in f and f["name"] != "event_id"]
+    old = {**current.raw, "fields": [f for f in current.raw["fields"] if f is not required[0]]}
+    registry = Registry(stack.registry_url)
+    registry.register_text(subject_for(topic, current.full_name), json.dumps(old))
+    verdict = next(v for v in check_against_registry(stack.registry_url) if v.full_name == current.full_name)
+    assert verdict.status == "incompatible"
+    assert any(required[0]["name"] in p for p in verdict.problems), verdict.problems
+    assert "- removed field" not in "\n".join(verdict.diff)
+    assert f"+ added field {required[0]['name']!r}" in "\n".join(verdict.diff)
