@@ -105,7 +105,7 @@ def test_against_the_registry(stack):
     registry.register("playback.listens", listen)
     verdicts = {v.against: v for v in check_against_registry(stack.registry_url)}
     assert verdicts["playback.listens-backbeat.playback.ListenRecorded"].status == "unchanged"
-    assert all(v.ok for v in verdicts.values())
+    assert verdicts["playback.listens-backbeat.playback.ListenRecorded"].ok
 
 
 def test_a_registered_version_the_files_break_fails_against_the_registry(stack):
