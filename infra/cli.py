@@ -29,24 +29,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-topics_app = typer.Typer(
-    help="The topic catalogue (infra/topics.toml).", no_args_is_help=True, rich_markup_mode="markdown"
-)
-import_app = typer.Typer(
-    help="Import real data sets as events.", no_args_is_help=True, rich_markup_mode="markdown"
-)
-projections_app = typer.Typer(
-    help="Read models: list them, reset one to rebuild it.", no_args_is_help=True,
-    rich_markup_mode="markdown",
-)  # fmt: skip
-app.add_typer(topics_app, name="topics")
-app.add_typer(import_app, name="import")
-schemas_app = typer.Typer(
-    help="Avro schemas under schemas/: compatibility checks.", no_args_is_help=True,
-    rich_markup_mode="markdown",
-)  # fmt: skip
-app.add_typer(projections_app, name="projections")
-app.add_typer(schemas_app, name="schemas")
+
+
+def _group(name: str, help_text: str) -> typer.Typer:
+    """A sub-command group of ``backbeat``, registered under ``name``."""
+    group = typer.Typer(help=help_text, no_args_is_help=True, rich_markup_mode="markdown")
+    app.add_typer(group, name=name)
+    return group
+
+
+topics_app = _group("topics", "The topic catalogue (infra/topics.toml).")
+import_app = _group("import", "Import real data sets as events.")
+projections_app = _group("projections", "Read models: list them, reset one to rebuild it.")
+schemas_app = _group("schemas", "Avro schemas under schemas/: compatibility checks.")
 
 
 def _settings() -> Settings:
