@@ -454,6 +454,11 @@ def demo(
     )
 
 
+# Commands kept in their own modules, one line each.
+for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features"):
+    __import__(_module, fromlist=["register"]).register(app)
+
+
 def main() -> None:
     """Entry point of the ``backbeat`` console script."""
     tune_gc()
