@@ -6,11 +6,16 @@ Arrow schema are both derived from it, so they cannot drift apart. Times arrive 
 epoch (``timestamp-millis``, decoded as ints by :mod:`events.serde`) and are stored as DuckDB
 ``TIMESTAMP`` holding UTC. Every row also carries where it came from (``kafka_partition``,
 ``kafka_offset``), which the runner uses to drop redelivered records inside its transaction.
+Column types are flat (string, int, double, ms timestamp) or nested: a list of structs (see
+:func:`struct_list`) becomes a DuckDB ``STRUCT(...)[]`` column, e.g. the feature store's
+``top_artists``. A projection may also carry companion DDL (views and table macros over its table,
+:attr:`Projection.extra_ddl`), created by the runner right after the table.
 
 Policies on a repeated key (DESIGN.md §3 "Exactly-once effects"): ``first`` — the first event
-with a key wins and a later duplicate changes nothing (``listens``, ``sessions``, keyed by
-``event_id``); ``last`` — the last event per key (highest offset) wins (``tracks``, keyed by
-``track_id``, the compacted-topic semantics).
+with a key wins and a later duplicate changes nothing (``listens``, ``sessions``, and the feature
+store's history tables ``user_features`` and ``track_features``, keyed by ``event_id``);
+``last`` — the last event per key (highest offset) wins (``tracks``, keyed by ``track_id``, the
+compacted-topic semantics).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from infra.errors import ConfigError
+from projections.feature_store import TRACK_TABLE, USER_TABLE
 
 Policy = Literal["first", "last"]
 
@@ -36,6 +42,54 @@ _SQL_TYPES: dict[pa.DataType, str] = {
     pa.float64(): "DOUBLE",
     pa.timestamp("ms"): "TIMESTAMP",
 }
+
+
+def sql_type(arrow_type: pa.DataType) -> str:
+    """The DuckDB type of an Arrow column type: the flat types of ``_SQL_TYPES`` (``TIMESTAMP``
+    for ms timestamps, stored as UTC), ``STRUCT("a" T, ...)`` for a struct and ``T[]`` for a
+    list, recursively (DuckDB documentation, "Data Types": STRUCT and LIST). DuckDB has no
+    NOT NULL inside nested types, so the nullability of nested fields is checked by
+    :func:`to_table` instead.
+
+    Raises:
+        ConfigError: the type (or a nested one) has no DuckDB counterpart here.
+    """
+    if pa.types.is_list(arrow_type):
+        return f"{sql_type(arrow_type.value_type)}[]"
+    if pa.types.is_struct(arrow_type):
+        fields = ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in arrow_type)
+        return f"STRUCT({fields})"
+    try:
+        return _SQL_TYPES[arrow_type]
+    except KeyError:
+        raise ConfigError(
+            f"Arrow type {arrow_type} has no DuckDB column type in backbeat's read models; use one of "
+            f"{', '.join(map(str, _SQL_TYPES))}, a struct or a list of them"
+        ) from None
+
+
+def struct_list(*fields: tuple[str, pa.DataType]) -> pa.ListType:
+    """The Arrow type of an Avro ``array`` of ``record``: a list of non-null structs whose
+    ``fields`` (``(name, type)`` in Avro order) are non-null, e.g.
+    ``struct_list(("artist_id", pa.string()), ("affinity", pa.float64()))`` → DuckDB
+    ``STRUCT("artist_id" VARCHAR, "affinity" DOUBLE)[]``. Avro unions with null are not
+    supported inside (no schema needs them yet)."""
+    item = pa.struct([pa.field(name, typ, nullable=False) for name, typ in fields])
+    return pa.list_(pa.field("item", item, nullable=False))
+
+
+def _forbidden_nulls(arr: pa.Array, nullable: bool) -> int:
+    """How many values of ``arr`` (and of the fields and items nested in it) are NULL where the
+    type says they may not be. NULL lists and structs are not looked into."""
+    bad = 0 if nullable else arr.null_count
+    typ = arr.type
+    if pa.types.is_list(typ):
+        bad += _forbidden_nulls(arr.flatten(), typ.value_field.nullable)  # items of non-NULL lists
+    elif pa.types.is_struct(typ):
+        valid = arr.drop_null() if arr.null_count else arr
+        for field, child in zip(typ, valid.flatten(), strict=True):
+            bad += _forbidden_nulls(child, field.nullable)
+    return bad
 
 
 @dataclass(frozen=True)
@@ -55,8 +109,8 @@ class Column:
 
     @property
     def sql_type(self) -> str:
-        """The DuckDB type (``TIMESTAMP`` for ms timestamps, stored as UTC)."""
-        return _SQL_TYPES[self.type]
+        """The DuckDB type (:func:`sql_type`)."""
+        return sql_type(self.type)
 
 
 @dataclass(frozen=True)
@@ -65,7 +119,9 @@ class Projection:
 
     ``name`` is also the table name; ``key`` the column duplicates are recognised by; ``policy``
     what a repeated key does (module docstring); ``lake`` whether applied rows are also written
-    to the Parquet lake, partitioned by the date (UTC) of ``lake_time``.
+    to the Parquet lake, partitioned by the date (UTC) of ``lake_time``; ``extra_ddl`` the
+    idempotent statements (``CREATE OR REPLACE VIEW`` / ``MACRO``) over the table that the runner
+    runs after :attr:`ddl` at every start, so they follow the code.
     """
 
     name: str
@@ -77,6 +133,7 @@ class Projection:
     policy: Policy
     lake: bool = False
     lake_time: str = ""
+    extra_ddl: tuple[str, ...] = ()
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -117,7 +174,7 @@ def to_table(
 
     Raises:
         pyarrow.ArrowException, TypeError, ValueError: a value has the wrong type, or is NULL
-            or missing where the column is not nullable.
+            or missing where the column (or a field or item nested in it) is not nullable.
     """
     # one C++ pass over the dicts (a struct array), about 2x faster than a Python list per column;
     # a missing key becomes NULL, so non-nullable columns are checked below
@@ -126,8 +183,11 @@ def to_table(
         struct.flatten() if len(events) else [pa.array([], c.type) for c in projection.columns]
     )
     for col, arr in zip(projection.columns, arrays, strict=True):
-        if not col.nullable and arr.null_count:
-            raise ValueError(f"{projection.name}.{col.name} is NULL or missing in {arr.null_count} event(s)")
+        bad = _forbidden_nulls(arr, col.nullable)
+        if bad:
+            raise ValueError(
+                f"{projection.name}.{col.name} has {bad} NULL or missing value(s) where none may be"
+            )
     arrays.append(pa.array(partitions, type=pa.int32()))
     arrays.append(pa.array(offsets, type=pa.int64()))
     return pa.Table.from_arrays(arrays, schema=projection.arrow_schema)
@@ -245,8 +305,78 @@ TRACKS = Projection(
     policy="last",
 )
 
-#: Every projection by name.
-PROJECTIONS: dict[str, Projection] = {p.name: p for p in (LISTENS, SESSIONS, TRACKS)}
+#: ``top_artists`` of UserFeaturesComputed: Avro array of ArtistAffinity records.
+ARTIST_AFFINITIES = struct_list(("artist_id", _S), ("affinity", _D))
+
+#: The feature store's history of per-user windowed features (schemas/personalisation/
+#: UserFeaturesComputed.avsc): every final value once, keyed by its deterministic ``event_id``
+#: (a re-emission after a restart has the same id and values, so ``first`` loses nothing).
+#: Views ``user_features_latest`` and macro ``user_features_as_of(ts)``:
+#: :mod:`projections.feature_store`.
+USER_FEATURES = Projection(
+    name=USER_TABLE.name,
+    version=1,
+    topic="personalisation.features.users",
+    event_type="backbeat.personalisation.UserFeaturesComputed",
+    columns=(
+        Column("event_id", _S),
+        Column("user_id", _S),
+        Column("occurred_at", _T),
+        Column("feature_set", _S),
+        Column("window_start", _T),
+        Column("window_end", _T),
+        Column("window_size_ms", _L),
+        Column("window_step_ms", _L),
+        Column("grace_ms", _L),
+        Column("plays", _I),
+        Column("distinct_artists", _I),
+        Column("distinct_tracks", _I),
+        Column("sessions", _I),
+        Column("session_ms_mean", _D, nullable=True),
+        Column("session_ms_p50", _D, nullable=True),
+        Column("session_ms_max", _L, nullable=True),
+        Column("top_artists", ARTIST_AFFINITIES),
+        Column("affinity_half_life_ms", _L),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=USER_TABLE.companion_ddl(hidden=(PARTITION_COL, OFFSET_COL)),
+)
+
+#: The feature store's history of per-track windowed play counts and trending scores
+#: (TrackFeaturesComputed.avsc), as :data:`USER_FEATURES`; views ``track_features_latest`` and
+#: macro ``track_features_as_of(ts)``.
+TRACK_FEATURES = Projection(
+    name=TRACK_TABLE.name,
+    version=1,
+    topic="personalisation.features.tracks",
+    event_type="backbeat.personalisation.TrackFeaturesComputed",
+    columns=(
+        Column("event_id", _S),
+        Column("track_id", _S),
+        Column("artist_id", _S),
+        Column("occurred_at", _T),
+        Column("feature_set", _S),
+        Column("window_start", _T),
+        Column("window_end", _T),
+        Column("window_size_ms", _L),
+        Column("window_step_ms", _L),
+        Column("grace_ms", _L),
+        Column("plays", _I),
+        Column("listeners", _I),
+        Column("trending_score", _D),
+        Column("baseline_plays_mean", _D),
+        Column("baseline_windows", _I),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=TRACK_TABLE.companion_ddl(hidden=(PARTITION_COL, OFFSET_COL)),
+)
+
+#: Every projection by name (``backbeat project`` runs them all by default).
+PROJECTIONS: dict[str, Projection] = {
+    p.name: p for p in (LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES)
+}
 
 
 def get_projection(name: str) -> Projection:
@@ -263,15 +393,20 @@ def get_projection(name: str) -> Projection:
 
 
 __all__ = [
+    "ARTIST_AFFINITIES",
     "LISTENS",
     "OFFSET_COL",
     "PARTITION_COL",
     "PROJECTIONS",
     "SESSIONS",
     "TRACKS",
+    "TRACK_FEATURES",
+    "USER_FEATURES",
     "Column",
     "Projection",
     "get_projection",
+    "sql_type",
+    "struct_list",
     "to_table",
     "to_table_checked",
 ]
