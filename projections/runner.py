@@ -5,9 +5,10 @@ How it runs:
 
 1. Start: read the live log identity (cluster id, topic ids) and each partition's high
    watermark from Fetch responses (:func:`events.offsets.high_watermarks`, since ListOffsets
-   LATEST is wrong on Tansu); open DuckDB once to create tables, load the stored offsets and
-   check them against the log (:func:`projections.tracking.check_offsets`, raising
-   ``OffsetMismatchError``), and delete orphan lake files.
+   LATEST is wrong on Tansu); open DuckDB once to create tables (with their views and macros,
+   ``Projection.extra_ddl``), load the stored offsets and check them against the log
+   (:func:`projections.tracking.check_offsets`, raising ``OffsetMismatchError``), and delete
+   orphan lake files.
 2. A confluent-kafka consumer is ``assign()``-ed to every partition at its stored offset (no
    consumer-group join, so no Tansu join delay; nothing is committed to Kafka: the offsets live
    in DuckDB).
@@ -192,6 +193,8 @@ class ProjectionRunner:
             conn.begin()
             for proj in self.projections:
                 ensure_tables(conn, proj)
+                for statement in proj.extra_ddl:  # its views and macros (idempotent)
+                    conn.execute(statement)
             conn.commit()
             stored = load_offsets(conn, [p.name for p in self.projections])
             bootstrap = self.settings.bootstrap_servers
