@@ -21,6 +21,7 @@ from events.offsets import high_watermarks
 from infra.errors import InfraError
 from infra.processes import Running, spawn, stop, tail
 from infra.settings import REPO_ROOT, Settings
+from projections.names import NAMES_CTE
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_LISTENS = DATA_DIR / "listens_30music_2014.tsv"
@@ -133,31 +134,7 @@ __all__ = [
 
 
 # -- the report ----------------------------------------------------------------------------------
-#: Deterministic names for source ids that have none (30Music): each source artist id maps onto a
-#: catalog artist by md5, each source track onto one of that artist's catalog tracks by md5.
-#: Listens that carry names (Last.fm-1K) keep their own.
-NAMES_CTE = """
-WITH cat_artists AS (
-    SELECT artist, row_number() OVER (ORDER BY artist) - 1 AS idx, count(*) OVER () AS n
-    FROM (SELECT DISTINCT artist FROM tracks)
-), cat_tracks AS (
-    SELECT artist, name, row_number() OVER (PARTITION BY artist ORDER BY track_id) - 1 AS idx,
-           count(*) OVER (PARTITION BY artist) AS n
-    FROM tracks
-), artist_names AS (
-    SELECT s.artist_id, c.artist
-    FROM (SELECT DISTINCT artist_id FROM listens) s
-    JOIN cat_artists c ON c.idx = ('0x' || substr(md5(s.artist_id), 1, 12))::BIGINT % c.n
-), named AS (
-    SELECT l.*, coalesce(l.artist_name, a.artist) AS artist_shown,
-           coalesce(l.track_name, t.name) AS track_shown
-    FROM listens l
-    LEFT JOIN artist_names a USING (artist_id)
-    LEFT JOIN cat_tracks t ON t.artist = a.artist
-         AND t.idx = ('0x' || substr(md5(l.track_id), 1, 12))::BIGINT % t.n
-)
-"""
-
+# Names of 30Music ids: the deterministic md5 mapping onto the catalog (projections.names).
 TOP_ARTISTS = NAMES_CTE + """
 SELECT artist_id, any_value(artist_shown) AS artist, count(*) AS listens,
        count(DISTINCT user_id) AS listeners
