@@ -15,22 +15,26 @@ transport a leaner conductor for raw topics (:mod:`streams.delivery`).
 Garbage collection: on first start the worker applies :func:`infra.runtime.tune_gc` (measured:
 the 10-copy ingest ratio went from 0.44 to 0.61 with it; the reasons are in that module).
 
-Importing this module registers the agents (:mod:`streams.ingest`).
+Importing this module registers the agents chosen by ``BACKBEAT_STREAMS_AGENTS`` (default: all):
+listening ingest (:mod:`streams.ingest`) and the feature agents (:mod:`streams.features`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from pathlib import Path
 from typing import Any
 
 import faust
 
+from infra.errors import ConfigError
 from infra.provision import apply_topics
 from infra.runtime import tune_gc
 from infra.settings import Settings
 from streams.config import TABLE, IngestConfig
+from streams.features_config import FeaturesConfig
 from streams.transport import FetchWaitTransport
 
 
@@ -57,6 +61,7 @@ class BackbeatApp(faust.App):
 
     backbeat_settings: Settings
     ingest_config: IngestConfig
+    features_config: FeaturesConfig
     fetch_wait_ms: int
 
     def _new_transport(self) -> Any:
@@ -67,18 +72,46 @@ class BackbeatApp(faust.App):
         Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         tune_gc()
         await super().on_first_start()
-        reports = await asyncio.to_thread(
-            apply_topics, self.backbeat_settings, self.ingest_config.topic_specs()
-        )
+        specs = self.ingest_config.topic_specs()
+        if "features" in self.ingest_config.agents:
+            specs += self.features_config.topic_specs(self.conf.id, self.conf.topic_partitions)
+        reports = await asyncio.to_thread(apply_topics, self.backbeat_settings, specs)
         for report in reports:
             if report.action == "drift":
                 self.log.warning("topic %s drifted from the catalogue: %s", report.name, report.detail)
 
 
-def create_app(settings: Settings | None = None, config: IngestConfig | None = None) -> BackbeatApp:
-    """Build the app (not started) for ``settings`` and ``config`` (default: the environment)."""
+def table_store(url: str) -> str:
+    """Faust's store URL for ``BACKBEAT_STREAMS_STORE``: ``memory://`` (default; rebuilt from
+    the changelogs at start) or ``rocksdict://`` (RocksDB on disk under the data dir through the
+    ``rocksdict`` package, which is what faust-streaming's ``rocksdb://`` store uses when it is
+    installed; tables larger than memory, faster restarts).
+
+    Raises:
+        ConfigError: another scheme.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        return "memory://"
+    if scheme in ("rocksdict", "rocksdb"):
+        return "rocksdb://"
+    raise ConfigError(f"BACKBEAT_STREAMS_STORE={url!r}: expected memory:// or rocksdict://")
+
+
+def create_app(
+    settings: Settings | None = None,
+    config: IngestConfig | None = None,
+    features: FeaturesConfig | None = None,
+) -> BackbeatApp:
+    """Build the app (not started) for ``settings`` and the agents' configurations (default:
+    the environment).
+
+    Raises:
+        ConfigError: a malformed ``BACKBEAT_*`` variable.
+    """
     settings = settings or Settings.from_env()
     config = config or IngestConfig.from_env()
+    features = features or FeaturesConfig.from_env()
     source_partitions = config.topic_specs()[0].partitions
     conf: dict[str, Any] = {
         "broker": [f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp],
@@ -86,7 +119,7 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         "value_serializer": "raw",
         "key_serializer": "raw",
         "datadir": str(settings.data_dir / "faust" / config.app_id),
-        "store": "memory://",
+        "store": table_store(os.environ.get("BACKBEAT_STREAMS_STORE") or "memory://"),
         "topic_partitions": source_partitions,
         "topic_allow_declare": False,
         "TableManager": "streams.recovery:FetchTableManager",
@@ -105,6 +138,7 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
     app = BackbeatApp(config.app_id, **conf)
     app.backbeat_settings = settings
     app.ingest_config = config
+    app.features_config = features
     app.fetch_wait_ms = config.fetch_wait_ms
     return app
 
@@ -127,4 +161,9 @@ def run_worker(loglevel: str = "info") -> None:
     Worker(app, loglevel=loglevel).execute_from_commandline()
 
 
-from streams import ingest  # noqa: E402,F401  (registers the agents)
+from streams import ingest  # noqa: E402  (registers listening ingest)
+
+if "features" in app.ingest_config.agents:
+    from streams import features as _features  # noqa: E402
+
+    feature_agents = _features.register(app, ingest.source_topic, app.features_config)

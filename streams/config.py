@@ -12,6 +12,8 @@ variable                               meaning (default)
 ``BACKBEAT_INGEST_BATCH_WITHIN_S``     max seconds to fill a batch (``0.2``)
 ``BACKBEAT_INGEST_STATS_INTERVAL_S``   seconds between ``ingest stats`` log lines (``10``)
 ``BACKBEAT_INGEST_FETCH_WAIT_MS``      consumer fetch max wait, ms (``100``; Faust: 1500)
+``BACKBEAT_STREAMS_AGENTS``            which agents the worker runs: ``ingest``,
+                                       ``features`` or both, comma-separated (both)
 =====================================  ===================================================
 
 Topics that are overridden keep the partition count and configs of the catalogue entry they
@@ -31,6 +33,8 @@ SOURCE = "playback.listens"
 SESSIONS = "listening.sessions"
 DLQ = "playback.listens.dlq"
 TABLE = "sessions"
+#: The agent groups a worker can run (``BACKBEAT_STREAMS_AGENTS``).
+AGENT_GROUPS = ("ingest", "features")
 
 
 def _num(env: dict[str, str], name: str, default: str, kind: type[int] | type[float]) -> float:
@@ -42,6 +46,16 @@ def _num(env: dict[str, str], name: str, default: str, kind: type[int] | type[fl
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
+
+
+def _agents(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    unknown = [n for n in names if n not in AGENT_GROUPS]
+    if unknown or not names:
+        raise ConfigError(
+            f"BACKBEAT_STREAMS_AGENTS={raw!r}: expected a comma-separated subset of {', '.join(AGENT_GROUPS)}"
+        )
+    return names
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class IngestConfig:
     batch_within_s: float = 0.2
     stats_interval_s: float = 10.0
     fetch_wait_ms: int = 100
+    agents: tuple[str, ...] = AGENT_GROUPS
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> IngestConfig:
@@ -74,6 +89,7 @@ class IngestConfig:
             batch_within_s=float(_num(env, "BACKBEAT_INGEST_BATCH_WITHIN_S", "0.2", float)),
             stats_interval_s=float(_num(env, "BACKBEAT_INGEST_STATS_INTERVAL_S", "10", float)),
             fetch_wait_ms=int(_num(env, "BACKBEAT_INGEST_FETCH_WAIT_MS", "100", int)),
+            agents=_agents(env.get("BACKBEAT_STREAMS_AGENTS") or ",".join(AGENT_GROUPS)),
         )
 
     @property

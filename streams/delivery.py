@@ -10,12 +10,14 @@ and a buffering processor coroutine. This module keeps Faust's semantics and rem
 
 * :class:`LeanConductor` (installed by :class:`streams.transport.FetchWaitTransport`) reads its
   tp → handler map without the lock while no update holds it, and builds :class:`RawTopicHandler`
-  for a partition whose only subscriber is a ``raw``/``raw`` topic: it waits for flow control
-  and the producer buffer (``ProducerBuffer.pending``) like Faust's handler, increments the
-  message refcount, creates the :class:`faust.Event` from the message's bytes (what the raw
-  schema would produce) and puts it on the channel queue with the same pressure callbacks
+  for a partition whose subscribers are all ``raw``/``raw`` topics (e.g. the listening-ingest
+  and user-features agents on ``playback.listens``): it waits for flow control and the producer
+  buffer (``ProducerBuffer.pending``) like Faust's handler, and for each subscriber increments
+  the message refcount, creates a :class:`faust.Event` from the message's bytes (what the raw
+  schema would produce) and puts it on that channel's queue with the same pressure callbacks
   (pause/resume fetching of the partition); a full queue is awaited directly instead of
-  through a task. Any other topic keeps Faust's handler.
+  through a task. The message is acked (and its offset committable) once every subscriber has
+  acked its event, as with Faust's handler. Any other topic keeps Faust's handler.
 * :class:`BatchStream` (the app's ``Stream`` setting) overrides ``take_events`` to drain the
   channel queue in bulk: each event is checked exactly as Faust's stream iterator does (dropped
   when flow control is suspended or the message's generation is stale; tracked as unacked with
@@ -60,12 +62,12 @@ def _is_raw_topic(channel: Any) -> bool:
 
 
 class RawTopicHandler:
-    """Delivers the messages of one topic partition to its only subscriber, a raw topic."""
+    """Delivers the messages of one topic partition to its subscribers, all raw topics."""
 
-    def __init__(self, conductor: Conductor, tp: TP, channel: Any) -> None:
+    def __init__(self, conductor: Conductor, tp: TP, channels: Sequence[Any]) -> None:
         app = conductor.app
         self.tp = tp
-        self.channel = channel
+        self.channels = tuple(channels)
         self.app = app
         self.flow_control = app.flow_control
         buffer = app.producer.buffer
@@ -95,27 +97,25 @@ class RawTopicHandler:
         pending = self.pending
         if pending is None or pending.qsize() > self.max_pending:
             await self.wait_until_producer_ebb()
-        message.refcount += 1  # message.incref(1)
-        channel = self.channel
-        event = Event(self.app, message.key, message.value, message.headers, message)
-        queue = channel.queue
-        if queue.full():
-            self.on_topic_buffer_full(self.tp)
-            await channel.put(event)
-        else:
-            queue.put_nowait_enhanced(
-                event, on_pressure_high=self._pressure_high, on_pressure_drop=self._pressure_drop
-            )
+        for channel in self.channels:
+            message.refcount += 1  # message.incref(1)
+            event = Event(self.app, message.key, message.value, message.headers, message)
+            queue = channel.queue
+            if queue.full():
+                self.on_topic_buffer_full(self.tp)
+                await channel.put(event)
+            else:
+                queue.put_nowait_enhanced(
+                    event, on_pressure_high=self._pressure_high, on_pressure_drop=self._pressure_drop
+                )
 
 
 class LeanConductor(Conductor):
     """Faust's conductor with :class:`RawTopicHandler` for raw topics and a lock-free lookup."""
 
     def _build_handler(self, tp: TP, channels: MutableSet[Any]) -> Any:
-        if len(channels) == 1 and self.app.conf.Event is Event:
-            (channel,) = channels
-            if _is_raw_topic(channel):
-                return RawTopicHandler(self, tp, channel)
+        if channels and self.app.conf.Event is Event and all(_is_raw_topic(c) for c in channels):
+            return RawTopicHandler(self, tp, sorted(channels, key=id))
         return super()._build_handler(tp, channels)
 
     def _compile_message_handler(self) -> Any:

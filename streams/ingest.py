@@ -120,9 +120,7 @@ class ListenIngest:
         if sz is None:
             sz = state.restore(partition, self.table.data.items(), self.gap)
             self.partitions[partition] = sz
-            log.info(
-                "partition %d: restored %d users, watermark %d", partition, len(sz.users), sz.watermark
-            )
+            log.info("partition %d: restored %d users, watermark %d", partition, len(sz.users), sz.watermark)
         return sz
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -164,9 +162,7 @@ class ListenIngest:
         changelog = self.table.changelog_topic.get_topic_name()
         for partition, records in checkpoints:
             if records:
-                await send_records(
-                    producer, changelog, partition, [(k, v, None, []) for k, v in records]
-                )
+                await send_records(producer, changelog, partition, [(k, v, None, []) for k, v in records])
 
     def _process_partition(
         self, partition: int, msgs: list[Any], now_ms: int
@@ -237,9 +233,7 @@ class ListenIngest:
             headers = ce_headers(
                 event_id=s.event_id, event_type=full_name, source=SOURCE_URI, time_ms=s.end_ms
             )
-            by_partition.setdefault(partition % n, []).append(
-                (s.user_id.encode(), value, s.end_ms, headers)
-            )
+            by_partition.setdefault(partition % n, []).append((s.user_id.encode(), value, s.end_ms, headers))
         pending: list[asyncio.Future[Any]] = []
         for partition, records in by_partition.items():
             pending += await send_records(producer, self.config.sessions_topic, partition, records)
@@ -292,22 +286,6 @@ source_topic = app.topic(
 )
 
 
-@app.agent(source_topic, name="listening-ingest")
-async def listening_ingest(stream: Any) -> None:
-    """The agent: batches of up to ``BACKBEAT_INGEST_BATCH`` events, at most
-    ``BACKBEAT_INGEST_BATCH_WITHIN_S`` s apart."""
-    await ingest.start()
-    config = app.ingest_config
-    async for events in stream.take_events(config.batch, within=config.batch_within_s):
-        await ingest.process(events)
-
-
-@app.on_partitions_revoked.connect
-async def on_revoked(sender: Any, revoked: Set[TP], **kwargs: Any) -> None:
-    """Forget the revoked partitions' sessionizers."""
-    ingest.forget(revoked)
-
-
 def stats() -> dict[str, Any]:
     """The counters of this process, plus ``reconciles`` and the open sessions per partition."""
     out: dict[str, Any] = asdict(ingest.stats)
@@ -317,7 +295,23 @@ def stats() -> dict[str, Any]:
     return out
 
 
-@app.timer(app.ingest_config.stats_interval_s)
-async def log_stats() -> None:
-    """Log :func:`stats` as one JSON line (``ingest stats {...}``)."""
-    log.info("ingest stats %s", json.dumps(stats(), sort_keys=True))
+if "ingest" in app.ingest_config.agents:  # BACKBEAT_STREAMS_AGENTS
+
+    @app.agent(source_topic, name="listening-ingest")
+    async def listening_ingest(stream: Any) -> None:
+        """The agent: batches of up to ``BACKBEAT_INGEST_BATCH`` events, at most
+        ``BACKBEAT_INGEST_BATCH_WITHIN_S`` s apart."""
+        await ingest.start()
+        config = app.ingest_config
+        async for events in stream.take_events(config.batch, within=config.batch_within_s):
+            await ingest.process(events)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: Set[TP], **kwargs: Any) -> None:
+        """Forget the revoked partitions' sessionizers."""
+        ingest.forget(revoked)
+
+    @app.timer(app.ingest_config.stats_interval_s)
+    async def log_stats() -> None:
+        """Log :func:`stats` as one JSON line (``ingest stats {...}``)."""
+        log.info("ingest stats %s", json.dumps(stats(), sort_keys=True))

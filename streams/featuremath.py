@@ -1,0 +1,108 @@
+"""The maths of the listening features, pure and vectorised: recency-weighted affinity with
+exponential decay (numpy), session-length statistics of a window's listens (numpy), and the
+trending score of a track window against its own history (scipy.stats).
+
+Times are ms since the epoch (event time); durations ms.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+#: Affinities below this (after decay) are dropped from the state (bounded memory).
+AFFINITY_FLOOR = 1e-3
+#: Lower bound of a trending baseline (plays per window): a track never played before is
+#: compared with 0.1 plays, not 0, so its score stays finite.
+BASELINE_FLOOR = 0.1
+
+
+def decay(values: np.ndarray, elapsed_ms: float, half_life_ms: int) -> np.ndarray:
+    """``values * 2 ** (-elapsed_ms / half_life_ms)`` (shape kept); ``elapsed_ms >= 0``."""
+    if elapsed_ms <= 0:
+        return values
+    return values * math.exp2(-elapsed_ms / half_life_ms)
+
+
+def weights(times_ms: np.ndarray, as_of_ms: int, half_life_ms: int) -> np.ndarray:
+    """The decay weight ``2 ** (-(as_of - t) / half_life)`` of each event time (1.0 at
+    ``as_of``); shape of ``times_ms``."""
+    return np.exp2(-(as_of_ms - times_ms.astype(np.float64)) / half_life_ms)
+
+
+def weight(t_ms: int, as_of_ms: int, half_life_ms: int) -> float:
+    """The decay weight of one event time: ``2 ** (-(as_of - t) / half_life)``."""
+    return math.exp2(-(as_of_ms - t_ms) / half_life_ms)
+
+
+def affinity_as_of(
+    base: dict[str, float],
+    base_ms: int,
+    pending: Sequence[tuple[int, str]],
+    as_of_ms: int,
+    half_life_ms: int,
+) -> dict[str, float]:
+    """Affinity per artist as of ``as_of_ms``: the ``base`` (valid at ``base_ms``, holding every
+    listen before it) decayed to ``as_of_ms``, plus each ``(t, artist)`` of ``pending`` with
+    ``base_ms <= t < as_of_ms`` weighted by :func:`weights`. ``as_of_ms >= base_ms``.
+
+    The affinity of a user for an artist is ``sum_i 2 ** (-(T - t_i) / half_life)`` over the
+    user's listens of that artist before ``T`` (exponential time decay, as in Koren,
+    "Collaborative filtering with temporal dynamics", KDD 2009, §4).
+    """
+    factor = math.exp2(-(as_of_ms - base_ms) / half_life_ms) if as_of_ms > base_ms else 1.0
+    out = {artist: value * factor for artist, value in base.items()}
+    chosen = [(t, a) for t, a in pending if t < as_of_ms]
+    if chosen:
+        w = weights(np.fromiter((t for t, _ in chosen), np.int64, len(chosen)), as_of_ms, half_life_ms)
+        for (_, artist), value in zip(chosen, w.tolist(), strict=True):
+            out[artist] = out.get(artist, 0.0) + value
+    return out
+
+
+def top(affinity: dict[str, float], n: int = 10) -> list[tuple[str, float]]:
+    """The ``n`` highest ``(artist, affinity)``, highest first, ties by artist id."""
+    return heapq.nsmallest(n, affinity.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def prune(affinity: dict[str, float]) -> dict[str, float]:
+    """``affinity`` without the entries below :data:`AFFINITY_FLOOR`."""
+    return {a: v for a, v in affinity.items() if v >= AFFINITY_FLOOR}
+
+
+def session_lengths(times_ms: Sequence[int], gap_ms: int) -> np.ndarray:
+    """Lengths in ms (last - first listen) of the sessions of one user's listen times: sorted,
+    cut where consecutive times are more than ``gap_ms`` apart (the listening-ingest rule,
+    :mod:`streams.sessions`). Empty input → empty array (int64)."""
+    if not times_ms:
+        return np.zeros(0, dtype=np.int64)
+    t = np.sort(np.asarray(times_ms, dtype=np.int64))
+    cuts = np.flatnonzero(np.diff(t) > gap_ms) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts - 1, [len(t) - 1]))
+    return t[ends] - t[starts]
+
+
+def session_stats(lengths: np.ndarray) -> tuple[int, float | None, float | None, int | None]:
+    """``(sessions, mean ms, median ms, max ms)`` of session lengths; ``None`` when empty."""
+    if lengths.size == 0:
+        return 0, None, None, None
+    return int(lengths.size), float(lengths.mean()), float(np.median(lengths)), int(lengths.max())
+
+
+def trending_scores(plays: np.ndarray, baseline_mean: np.ndarray) -> np.ndarray:
+    """``-log10 P(X >= plays)`` for ``X ~ Poisson(max(baseline_mean, BASELINE_FLOOR))``,
+    elementwise (``scipy.stats.poisson.logsf``); 0 when ``plays`` is 0. Arrays of equal shape.
+
+    A track's plays in a window are modelled as Poisson around its own recent mean: the score
+    is the surprise of the current count, in decimal orders of magnitude (2 = a rise seen
+    once in 100 windows).
+    """
+    lam = np.maximum(baseline_mean.astype(np.float64), BASELINE_FLOOR)
+    k = plays.astype(np.float64)
+    out = -stats.poisson.logsf(k - 1, lam) / math.log(10)
+    return np.where(k > 0, np.maximum(out, 0.0), 0.0)
