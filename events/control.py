@@ -2,9 +2,9 @@
 
 A *watermark* record says "no event with an event time at or before ``watermark_ms`` will
 follow in this partition" (the Dataflow/Flink watermark). An importer of a bounded file sends
-one to every partition at the end, with ``watermark_ms`` past the last event time plus the
-session gap, so that stream processors close every open window or session, as Flink does at
-the end of bounded input (MAX_WATERMARK).
+one to every partition at the end, :data:`END_OF_INPUT_MS` past the last event time, so that
+stream processors close every open session and window, as Flink does at the end of bounded
+input (MAX_WATERMARK).
 
 A control record has an empty value (zero bytes), no key, and the headers
 ``bb_control=watermark`` and ``bb_watermark_ms=<decimal ms>``. Consumers that are not
@@ -15,6 +15,11 @@ dead letter.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+#: How far past a bounded import's last event time its closing watermark goes (ms): longer
+#: than any session gap or window plus grace period backbeat's agents accept (the feature
+#: agents check theirs against it), so the end of a file closes everything.
+END_OF_INPUT_MS = 2 * 86_400_000
 
 CONTROL_HEADER = "bb_control"
 WATERMARK = b"watermark"

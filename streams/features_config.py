@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 from events.catalog import TopicSpec, topic
+from events.control import END_OF_INPUT_MS
 from infra.errors import ConfigError
 from streams.windows import HoppingWindows, parse_duration_ms, parse_windows
 
@@ -70,6 +71,12 @@ class FeaturesConfig:
             raise ConfigError(
                 f"every user window step must be a multiple of the first ({users[0].name}); "
                 "list the finest window first"
+            )
+        longest = max(u.size_ms for u in users) + grace
+        if longest > END_OF_INPUT_MS:
+            raise ConfigError(
+                f"the longest window plus grace ({longest} ms) exceeds the closing watermark of an "
+                f"import ({END_OF_INPUT_MS} ms past its last listen): the last windows would never close"
             )
         raw = env.get("BACKBEAT_FEATURES_BASELINE_WINDOWS") or "24"
         if not raw.isdigit() or int(raw) <= 0:

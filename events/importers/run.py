@@ -2,10 +2,11 @@
 (Avro, Confluent wire format, CloudEvents headers) to their topic, keyed by entity.
 
 After a listens import, a watermark control record (:mod:`events.control`) goes to every
-partition of the topic, at the last event time plus the session gap plus 1 ms: the file is a
-bounded source, and its end closes every open listening session downstream (as a bounded
-source's end does in Flink). Pass ``close_sessions=False`` to leave sessions open, e.g. when
-more files of the same period follow.
+partition of the topic, at the last event time plus ``max(session gap, END_OF_INPUT_MS)``: the
+file is a bounded source, and its end closes every open listening session and feature window
+downstream (as a bounded source's end does in Flink). Listens of a later import within that
+horizon are then late. Pass ``close_sessions=False`` to leave sessions and windows open, e.g.
+when more files of the same period follow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from events.control import watermark_headers
+from events.control import END_OF_INPUT_MS, watermark_headers
 from events.importers.base import ImportResult, Parsed, ProgressCallback, Record, dedupe_and_order
 from events.importers.catalog import parse_catalog_file
 from events.importers.listens import parse_listens_file, without_line
@@ -101,7 +102,7 @@ def import_listens(
     )  # fmt: skip
     last = records[-1]["occurred_at"] if records else None
     if close_sessions and last is not None:
-        watermark = last + settings.session_gap_ms + 1
+        watermark = last + max(settings.session_gap_ms + 1, END_OF_INPUT_MS)
         for partition in partitions_of(settings, topic):
             producer.producer.produce(
                 topic, b"", partition=partition, timestamp=watermark,
