@@ -25,10 +25,11 @@ _FIELDS = (
     ("distinct artists", "distinct_artists"),
     ("distinct tracks", "distinct_tracks"),
     ("sessions", "sessions"),
-    ("session_ms_mean", "session_ms_mean"),
-    ("session_ms_p50", "session_ms_p50"),
-    ("session_ms_max", "session_ms_max"),
+    ("session length mean", "session_ms_mean"),
+    ("session length median", "session_ms_p50"),
+    ("session length max", "session_ms_max"),
     ("affinity half-life", "affinity_half_life_ms"),
+    ("top artists (affinity)", "top_artists"),
 )
 
 _UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "min"), (1_000, "s"))
@@ -54,21 +55,26 @@ def window_label(row: Mapping[str, Any]) -> str:
     return f"{human_ms(row['window_size_ms'])} window / {human_ms(row['window_step_ms'])} step"
 
 
-def _cell(key: str, value: object) -> object:
+def _cell(key: str, value: Any) -> object:
+    """One value of the human table: times to the second, durations in minutes (``session_ms_*``)
+    or whole units, top artists one per line as ``rank. artist_id (affinity)``."""
     if value is None:
         return "—"
     if isinstance(value, datetime):
         return f"{value:%Y-%m-%d %H:%M:%S}"
-    if key == "affinity_half_life_ms" and isinstance(value, int):
-        return human_ms(value)
-    if isinstance(value, float):
-        return round(value, 1)
+    if key.startswith("session_ms_"):
+        return f"{value / 60_000:,.1f} min"
+    if key == "affinity_half_life_ms":
+        return human_ms(int(value))
+    if key == "top_artists":
+        lines = [f"{i}. {a['artist_id']} ({a['affinity']:.3g})" for i, a in enumerate(value, 1)]
+        return "\n".join(lines) or "—"
     return value
 
 
 def human_tables(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[object]]]:
     """The features table of the human output: ``(columns, rows)`` with one column per feature
-    row (window size and feature set) and one row per feature (``_FIELDS``)."""
+    row (window size; the feature set is a row) and one row per feature (``_FIELDS``)."""
     columns = ["feature", *(window_label(r) for r in rows)]
     body = [[label, *(_cell(key, r[key]) for r in rows)] for label, key in _FIELDS]
     return columns, body
@@ -88,7 +94,9 @@ def to_json(user: str, as_of: datetime | None, rows: Sequence[Mapping[str, Any]]
 
 
 def features(
-    user: Annotated[str, typer.Argument(help="The user id, as in the listens (e.g. 42 for 30Music).")],
+    user: Annotated[
+        str, typer.Argument(metavar="USER", help="The user id, as in the listens (e.g. 42 for 30Music).")
+    ],
     as_of: Annotated[
         str | None,
         typer.Option(
@@ -119,13 +127,6 @@ def features(
     point = f"as of {when:%Y-%m-%d %H:%M:%S} UTC" if when else "latest"
     columns, body = human_tables(rows)
     console.print(table(columns, body, title=f"features of user {user} ({point})"))
-    for row in rows:
-        artists = [(i, a["artist_id"], round(a["affinity"], 3)) for i, a in enumerate(row["top_artists"], 1)]
-        title = f"top artists, {window_label(row)} ending {row['window_end']:%Y-%m-%d %H:%M} UTC"
-        if artists:
-            console.print(table(["#", "artist_id", "affinity"], artists, title=title))
-        else:
-            console.print(f"{title}: none")
 
 
 def register(app: typer.Typer) -> None:

@@ -278,6 +278,8 @@ def test_cli_formatting():
     columns, body = human_tables(rows)
     assert columns == ["feature", "1 h window / 5 min step"]
     assert ["plays", 1] in body and ["affinity half-life", "7 d"] in body
+    assert ["session length mean", "10.0 min"] in body
+    assert ["top artists (affinity)", "1. a1 (2.5)\n2. a0 (0.25)"] in body
     doc = json.loads(to_json("u1", datetime(2014, 4, 20, 10), rows))
     assert doc["as_of"] == "2014-04-20T10:00:00Z"
     assert doc["features"][0]["window_end"] == "2014-04-20T09:00:00Z"
