@@ -1,0 +1,264 @@
+"""Offline evaluation of session-based next-item recommenders: the protocol and the metrics HR@k
+and MRR@k, pure (sessions in, numbers out; reading files is :mod:`personalisation.sessions_data`).
+
+The protocol follows the next-item evaluation of the session-rec framework (Ludewig & Jannach,
+"Evaluation of session-based recommendation algorithms", User Modeling and User-Adapted
+Interaction 28, 2018, §4): methods are trained on the sessions of earlier time windows and asked,
+for every test session and every position ``i >= 1``, for a top-``k`` list given the prefix
+``items[:i]`` (the context); the target is ``items[i]``. Choices this project made (written
+in ``docs/readme/evaluation.md``):
+
+* consecutive repeats of one track are collapsed to one play, in training and test sessions alike,
+  before anything else (a replay is not a "next track" to predict); sessions shorter than 2
+  plays after that give no prediction and are not counted in ``sessions``;
+* every remaining position is predicted, including targets never seen in training, which count
+  as misses (reported as ``unseen_targets``, never dropped);
+* tracks already in the context are not removed from the lists: a track heard earlier in the
+  session can be the next one (non-consecutive repeats stay in the data); ``exclude_context``
+  removes them from every method's list instead (a variant, not the reported protocol);
+* HR@k is the share of targets within the top ``k``; MRR@k the mean of ``1 / rank`` over all
+  targets, 0 for a target outside the top ``k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from infra.errors import BackbeatError
+from personalisation.baselines import MostPopular, SessionKNN
+from personalisation.cooccurrence import CooccurrenceModel
+from personalisation.sessions_data import Session
+
+#: Default list length of the metrics (HR@20, MRR@20, as in session-rec's tables).
+CUTOFF = 20
+#: The methods compared, in the order they are reported.
+METHODS = ("item-to-item", "item-to-item-unweighted", "most-popular", "session-knn")
+
+
+class EvaluationError(BackbeatError):
+    """The evaluation cannot run on the data given (no training sessions, no test session with
+    two plays, an unknown method)."""
+
+
+class Recommender(Protocol):
+    """What the protocol asks of a method: a ranked list of at most ``n`` distinct track ids for
+    a session prefix (track ids in play order), best first."""
+
+    def recommend(self, context: Sequence[str], n: int) -> Sequence[str]: ...
+
+
+class ItemToItem:
+    """The co-occurrence model (:class:`personalisation.cooccurrence.CooccurrenceModel`) as a
+    :class:`Recommender`: its top-``n`` list for the context, scores dropped. Pairs weigh
+    ``1 / distance`` when ``distance_weighted``, else 1."""
+
+    def __init__(self, distance_weighted: bool = True) -> None:
+        self.model = CooccurrenceModel(distance_weighted=distance_weighted)
+
+    def fit(self, sessions: Iterable[Sequence[str]]) -> ItemToItem:
+        """Count the plays and weighted pairs of ``sessions`` (track ids in play order)."""
+        self.model.add_sessions(sessions)
+        return self
+
+    def recommend(self, context: Sequence[str], n: int) -> list[str]:
+        """The model's ``n`` best tracks for ``context`` (nothing excluded)."""
+        return [t for t, _ in self.model.recommend(context, n)]
+
+
+def collapse_repeats(items: Sequence[str]) -> list[str]:
+    """``items`` with consecutive repeats of one track reduced to one play:
+    ``[a, a, b, a] -> [a, b, a]``."""
+    return [t for i, t in enumerate(items) if i == 0 or t != items[i - 1]]
+
+
+def prediction_cases(items: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """The ``(context, target)`` pairs of one (already collapsed) test session:
+    ``(items[:i], items[i])`` for ``i = 1 .. len(items) - 1``; none when fewer than 2 items."""
+    for i in range(1, len(items)):
+        yield items[:i], items[i]
+
+
+def rank_of(ranked: Sequence[str], target: str, cutoff: int) -> int:
+    """1-based rank of ``target`` within the first ``cutoff`` entries of ``ranked``; 0 if absent."""
+    for position, item in enumerate(ranked[:cutoff], start=1):
+        if item == target:
+            return position
+    return 0
+
+
+def hit_rate(ranks: Sequence[int]) -> float:
+    """HR@k from the ranks of each target (0 = outside the top k): share of ranks > 0; 0.0 when
+    there are no targets."""
+    return sum(1 for r in ranks if r > 0) / len(ranks) if ranks else 0.0
+
+
+def mean_reciprocal_rank(ranks: Sequence[int]) -> float:
+    """MRR@k from the ranks of each target (0 = outside the top k, contributing 0): the mean of
+    ``1 / rank``; 0.0 when there are no targets."""
+    return sum(1.0 / r for r in ranks if r > 0) / len(ranks) if ranks else 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one method: ``hr`` and ``mrr`` at ``cutoff`` over ``targets`` predictions
+    from ``sessions`` test sessions; ``unseen_targets`` of those targets never occur in the
+    training sessions (misses for every method); ``seconds`` is the wall time of the predictions."""
+
+    method: str
+    cutoff: int
+    hr: float
+    mrr: float
+    sessions: int
+    targets: int
+    unseen_targets: int
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        """The JSON object ``backbeat evaluate recommendations --json`` prints for this method
+        (keys ``hr_at_<k>`` and ``mrr_at_<k>`` carry the cutoff, e.g. ``hr_at_20``)."""
+        k = self.cutoff
+        return {
+            "method": self.method,
+            f"hr_at_{k}": round(self.hr, 6),
+            f"mrr_at_{k}": round(self.mrr, 6),
+            "sessions": self.sessions,
+            "targets": self.targets,
+            "unseen_targets": self.unseen_targets,
+            "cutoff": k,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def protocol_sequences(sessions: Iterable[Sequence[str]]) -> list[list[str]]:
+    """The test sessions as the protocol predicts them: collapsed, and only those with >= 2 plays."""
+    out = []
+    for items in sessions:
+        collapsed = collapse_repeats(items)
+        if len(collapsed) >= 2:
+            out.append(collapsed)
+    return out
+
+
+def count_targets(sequences: Sequence[Sequence[str]]) -> int:
+    """How many predictions the protocol makes for these (collapsed) sessions."""
+    return sum(len(s) - 1 for s in sequences)
+
+
+def evaluate(
+    name: str,
+    method: Recommender,
+    sequences: Sequence[Sequence[str]],
+    known: set[str] | frozenset[str],
+    cutoff: int = CUTOFF,
+    advance: Callable[[int], None] | None = None,
+    clock: Callable[[], float] | None = None,
+    exclude_context: bool = False,
+) -> Result:
+    """Run the protocol for one method over ``sequences`` (from :func:`protocol_sequences`).
+
+    ``known`` is the set of tracks in the training sessions (to count unseen targets);
+    ``exclude_context`` drops the context's tracks from each list (asking the method for
+    ``cutoff`` + that many, so lists stay ``cutoff`` long);
+    ``advance(k)`` is called after each session with its number of predictions (progress bars);
+    ``clock`` (e.g. ``time.perf_counter``) times the predictions.
+
+    Raises:
+        ValueError: ``cutoff`` < 1.
+    """
+    if cutoff < 1:
+        raise ValueError(f"cutoff must be >= 1, got {cutoff}")
+    started = clock() if clock else 0.0
+    ranks: list[int] = []
+    unseen = 0
+    for items in sequences:
+        for context, target in prediction_cases(items):
+            if exclude_context:
+                seen = set(context)
+                ranked = [t for t in method.recommend(context, cutoff + len(seen)) if t not in seen]
+            else:
+                ranked = list(method.recommend(context, cutoff))
+            ranks.append(rank_of(ranked, target, cutoff))
+            unseen += target not in known
+        if advance:
+            advance(len(items) - 1)
+    return Result(
+        method=name,
+        cutoff=cutoff,
+        hr=hit_rate(ranks),
+        mrr=mean_reciprocal_rank(ranks),
+        sessions=len(sequences),
+        targets=len(ranks),
+        unseen_targets=unseen,
+        seconds=(clock() - started) if clock else 0.0,
+    )
+
+
+def fit_method(name: str, train: Sequence[Session]) -> Recommender:
+    """Train method ``name`` (one of :data:`METHODS`) on ``train`` (consecutive repeats collapsed;
+    session-kNN takes each session's last-play time as its recency).
+
+    Raises:
+        EvaluationError: ``name`` is not in :data:`METHODS`.
+    """
+    sequences = [collapse_repeats(s.items) for s in train]
+    if name == "item-to-item":
+        return ItemToItem(distance_weighted=True).fit(sequences)
+    if name == "item-to-item-unweighted":
+        return ItemToItem(distance_weighted=False).fit(sequences)
+    if name == "most-popular":
+        return MostPopular().fit(sequences)
+    if name == "session-knn":
+        return SessionKNN().fit(sequences, [s.end for s in train])
+    raise EvaluationError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def run_evaluation(
+    train: Sequence[Session],
+    test: Sequence[Session],
+    cutoff: int = CUTOFF,
+    methods: Sequence[str] = METHODS,
+    set_total: Callable[[int], None] | None = None,
+    advance: Callable[[int], None] | None = None,
+    clock: Callable[[], float] | None = None,
+    exclude_context: bool = False,
+) -> list[Result]:
+    """The whole protocol: train each of ``methods`` on ``train``, predict every position of the
+    ``test`` sessions, one :class:`Result` per method in the order given. ``set_total(n)`` is
+    called once with the number of predictions of all methods together, ``advance(k)`` as they
+    are made (progress bars); ``exclude_context`` as in :func:`evaluate`.
+
+    Raises:
+        EvaluationError: ``train`` is empty, no test session has 2 plays after collapsing
+            repeats, ``cutoff`` < 1, or a method is unknown.
+    """
+    if cutoff < 1:
+        raise EvaluationError(f"--cutoff must be at least 1, got {cutoff}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EvaluationError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not train:
+        raise EvaluationError("the training data has no sessions; pass a --train file with sessions")
+    sequences = protocol_sequences(s.items for s in test)
+    if not sequences:
+        raise EvaluationError(
+            f"none of the {len(test)} test sessions has 2 or more plays (after collapsing consecutive "
+            "repeats), so there is nothing to predict; pass a --test file with longer sessions"
+        )
+    known = frozenset(t for s in train for t in s.items)
+    if set_total:
+        set_total(count_targets(sequences) * len(methods))
+    return [
+        evaluate(
+            name,
+            fit_method(name, train),
+            sequences,
+            known,
+            cutoff,
+            advance=advance,
+            clock=clock,
+            exclude_context=exclude_context,
+        )
+        for name in methods
+    ]
