@@ -1,9 +1,183 @@
-"""``backbeat`` sub-commands for evaluate (registered by :mod:`infra.cli`)."""
+"""``backbeat evaluate``: offline evaluation of the session-based recommenders
+(:mod:`personalisation.evaluation`) on listening files in the 30Music layout, and the train/test
+split that makes its numbers reproducible with other tools (registered by :mod:`infra.cli`)."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
+from rich.table import Table
+
+from infra.console import console, err_console, run_with_bar
+from infra.errors import BackbeatError
+from infra.settings import REPO_ROOT
+
+if TYPE_CHECKING:
+    from personalisation.evaluation import Result
+
+#: The data set evaluated when neither --train nor --test is given (split by its split column).
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the ``backbeat`` app."""
+    """Add the ``evaluate`` command group to the ``backbeat`` app."""
+    group = typer.Typer(
+        help="Offline evaluation of the recommenders on real listening sessions.",
+        no_args_is_help=True,
+        rich_markup_mode="markdown",
+    )
+    app.add_typer(group, name="evaluate")
+    group.command("recommendations")(recommendations)
+    group.command("split")(split)
+
+
+def recommendations(
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training sessions (30Music-layout TSV). With --test; default: see --data.", dir_okay=False
+        ),
+    ] = None,
+    test: Annotated[
+        Path | None,
+        typer.Option(help="Test sessions (30Music-layout TSV), later than --train.", dir_okay=False),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Used when --train/--test are omitted: one file with a split column; its last "
+            "time window is the test set, the earlier windows the training set. "
+            "Default: ../shared/data/listens_30music_2014.tsv (30Music).",
+            dir_okay=False,
+        ),
+    ] = None,
+    cutoff: Annotated[int, typer.Option(help="List length k of HR@k and MRR@k.", min=1)] = 20,
+    exclude_context: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-context",
+            help="Variant: drop the tracks already in the context from every list (default: keep "
+            "them, a track heard earlier in the session can be the next one).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='One JSON line per method: {"method", "hr_at_20", "mrr_at_20", "sessions", '
+            '"targets", "unseen_targets", "cutoff", "seconds"} (20 = --cutoff).',
+        ),
+    ] = False,
+) -> None:
+    """Next-item evaluation of item-to-item co-occurrence, most-popular and session-kNN.
+
+    Trains each method on the training sessions and predicts the next track at every position of
+    the test sessions; reports HR@k and MRR@k (k = --cutoff, 20 by default). Without --train and
+    --test, the 30Music file (--data) is split by its split column: last window = test, earlier
+    windows = train (`backbeat evaluate split` writes those two files).
+
+    Protocol (after Ludewig & Jannach 2018): consecutive repeats of a track are collapsed to one
+    play; for every test session with 2+ plays and every position i >= 1, the plays before i are
+    the context and play i the target. Targets never seen in training count as misses; tracks of
+    the context are not excluded (see --exclude-context). HR@k: share of targets in the top k;
+    MRR@k: mean of 1/rank, 0 outside the top k."""
+    from personalisation.evaluation import run_evaluation
+    from personalisation.sessions_data import read_sessions, split_last_window
+
+    if (train is None) != (test is None):
+        raise BackbeatError("pass both --train and --test, or neither (to split --data by its split column)")
+    if train is not None and test is not None:
+        train_sessions, test_sessions = read_sessions(train), read_sessions(test)
+        used = (
+            f"train: {train} ({len(train_sessions):,} sessions); "
+            f"test: {test} ({len(test_sessions):,} sessions)"
+        )
+    else:
+        data = data or DEFAULT_DATA
+        window = split_last_window(read_sessions(data), str(data))
+        train_sessions, test_sessions = window.train, window.test
+        used = (
+            f"data: {data}; train: windows {', '.join(window.train_windows)} ({len(train_sessions):,} "
+            f"sessions); test: window {window.test_window} ({len(test_sessions):,} sessions)"
+        )
+    err_console.print(used, markup=False, highlight=False)
+
+    def work(set_total: Callable[[int], None], advance: Callable[[int], None]) -> list[Result]:
+        return run_evaluation(
+            train_sessions,
+            test_sessions,
+            cutoff,
+            set_total=set_total,
+            advance=advance,
+            clock=time.perf_counter,
+            exclude_context=exclude_context,
+        )
+
+    results = run_with_bar("evaluating", work)
+    if as_json:
+        for r in results:
+            print(json.dumps(r.as_json()), flush=True)
+        return
+    console.print(results_table(results))
+    unseen, targets = results[0].unseen_targets, results[0].targets
+    console.print(
+        f"{unseen:,} of {targets:,} targets ({unseen / targets:.1%}) never occur in training: "
+        "a miss for every method, counted in the rates above.",
+        style="dim",
+    )
+    console.print("protocol: backbeat evaluate recommendations --help", style="dim")
+
+
+def results_table(results: list[Result]) -> Table:
+    """The results as a rich table: method, HR@k and MRR@k to 4 decimals, sessions, targets,
+    seconds of prediction."""
+    k = results[0].cutoff if results else 20
+    tbl = Table(title=f"Next-item prediction, top {k}", title_justify="left", header_style="bold")
+    tbl.add_column("method")
+    for name in (f"HR@{k}", f"MRR@{k}", "sessions", "targets", "seconds"):
+        tbl.add_column(name, justify="right")
+    for r in results:
+        tbl.add_row(
+            r.method, f"{r.hr:.4f}", f"{r.mrr:.4f}", f"{r.sessions:,}", f"{r.targets:,}", f"{r.seconds:.1f}"
+        )
+    return tbl
+
+
+def split(
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A 30Music-layout TSV with a split column. Default: "
+            "../shared/data/listens_30music_2014.tsv (30Music).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for train.tsv and test.tsv.", file_okay=False)] = Path(
+        "var/evaluation"
+    ),
+) -> None:
+    """Write the train/test files `evaluate recommendations` uses by default.
+
+    FILE is split by its split column: the last time window (by its first play) goes to
+    OUT/test.tsv, all earlier windows to OUT/train.tsv, in the same 30Music layout, sessions in
+    start-time order. Then `backbeat evaluate recommendations --train OUT/train.tsv --test
+    OUT/test.tsv` gives the same numbers as the default run."""
+    from personalisation.sessions_data import read_sessions, split_last_window, write_sessions
+
+    file = file or DEFAULT_DATA
+    window = split_last_window(read_sessions(file), str(file))
+    train_rows = write_sessions(out / "train.tsv", window.train)
+    test_rows = write_sessions(out / "test.tsv", window.test)
+    console.print(
+        f"{out / 'train.tsv'}: windows {', '.join(window.train_windows)}, {len(window.train):,} sessions, "
+        f"{train_rows:,} plays"
+    )
+    console.print(
+        f"{out / 'test.tsv'}: window {window.test_window}, {len(window.test):,} sessions, {test_rows:,} plays"
+    )
