@@ -251,6 +251,7 @@ def main() -> None:
                 BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
                 BACKBEAT_INGEST_BATCH=str(args.batch),
                 BACKBEAT_INGEST_STATS_INTERVAL_S="0.25",
+                BACKBEAT_STREAMS_AGENTS="ingest",  # this benchmark measures listening ingest alone
             )
             faust_run = agent(settings, config, env, total, data_dir / "worker.log")
         finally:

@@ -74,24 +74,34 @@ def prune(affinity: dict[str, float]) -> dict[str, float]:
     return {a: v for a, v in affinity.items() if v >= AFFINITY_FLOOR}
 
 
-def session_lengths(times_ms: Sequence[int], gap_ms: int) -> np.ndarray:
+def session_lengths(times_ms: Sequence[int], gap_ms: int) -> list[int]:
     """Lengths in ms (last - first listen) of the sessions of one user's listen times: sorted,
     cut where consecutive times are more than ``gap_ms`` apart (the listening-ingest rule,
-    :mod:`streams.sessions`). Empty input → empty array (int64)."""
+    :mod:`streams.sessions`), in time order. Empty input → ``[]``. Plain Python: the inputs are
+    a window's listens of one user (tens), where a numpy call costs more than the loop."""
     if not times_ms:
-        return np.zeros(0, dtype=np.int64)
-    t = np.sort(np.asarray(times_ms, dtype=np.int64))
-    cuts = np.flatnonzero(np.diff(t) > gap_ms) + 1
-    starts = np.concatenate(([0], cuts))
-    ends = np.concatenate((cuts - 1, [len(t) - 1]))
-    return t[ends] - t[starts]
+        return []
+    t = sorted(times_ms)
+    out: list[int] = []
+    first = prev = t[0]
+    for x in t[1:]:
+        if x - prev > gap_ms:
+            out.append(prev - first)
+            first = x
+        prev = x
+    out.append(prev - first)
+    return out
 
 
-def session_stats(lengths: np.ndarray) -> tuple[int, float | None, float | None, int | None]:
+def session_stats(lengths: Sequence[int]) -> tuple[int, float | None, float | None, int | None]:
     """``(sessions, mean ms, median ms, max ms)`` of session lengths; ``None`` when empty."""
-    if lengths.size == 0:
+    n = len(lengths)
+    if n == 0:
         return 0, None, None, None
-    return int(lengths.size), float(lengths.mean()), float(np.median(lengths)), int(lengths.max())
+    ordered = sorted(lengths)
+    mid = n // 2
+    median = float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return n, sum(ordered) / n, median, ordered[-1]
 
 
 def trending_scores(plays: np.ndarray, baseline_mean: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.partitioner import murmur2
 from faust.types import TP, EventT
@@ -44,12 +44,14 @@ from events.registry_client import registry_for
 from events.schemas import get_schema
 from events.serde import AvroDecoder, AvroEncoder
 from streams import features_state
-from streams.app import BackbeatApp
 from streams.features_config import FEATURES_TABLE, TRACK_TABLE, FeaturesConfig, partials_topic
-from streams.ingest import Record, send_records
+from streams.records import Record, send_records
 from streams.sessions import validate_listen
 from streams.track_features import TrackWindowFeatures, TrackWindows
 from streams.user_features import FEATURE_SET, PartitionFeatures, UserWindowFeatures
+
+if TYPE_CHECKING:
+    from streams.app import BackbeatApp
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,12 @@ class FeatureAgents:
         if tw is None:
             c = self.config
             tw = features_state.restore_track_features(
-                q, self.track_table.data.items(), c.user_windows, self.sources, c.baseline_windows
+                q,
+                self.track_table.data.items(),
+                c.user_windows,
+                self.sources,
+                c.baseline_windows,
+                c.track_min_plays,
             )
             self.tracks[q] = tw
             log.info("track features: partition %d restored at watermark %d", q, tw.watermark)

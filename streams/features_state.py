@@ -168,6 +168,7 @@ def restore_track_features(
     specs: Sequence[HoppingWindows],
     sources: int,
     baseline_windows: int,
+    min_plays: int = 1,
 ) -> track_features.TrackWindows:
     """A :class:`~streams.track_features.TrackWindows` for partition ``q`` from table ``items``.
 
@@ -188,4 +189,4 @@ def restore_track_features(
             artist, by_source = _loads(raw)
             pane = track_features.Pane(artist, {int(s): u for s, u in by_source.items()})
             panes.append(((int(i), int(ps), track), pane))
-    return track_features.TrackWindows.restored(specs, sources, baseline_windows, marks, panes)
+    return track_features.TrackWindows.restored(specs, sources, baseline_windows, marks, panes, min_plays)

@@ -39,7 +39,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Sequence, Set
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from events.schemas import get_schema
 from events.serde import AvroDecoder, AvroEncoder
 from streams import state
 from streams.app import BackbeatApp, app, state_table
+from streams.records import Record, send_records
 from streams.sessions import ClosedSession, Sessionizer, validate_listen
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 SESSION_TYPE = "SessionEnded"
 SOURCE_URI = "/streams/listening-ingest"
 
-Record = tuple[bytes | None, bytes | None, int | None, list[tuple[str, bytes]]]
 
 
 @dataclass
@@ -254,27 +254,6 @@ def dead_letter(message: Any, reason: str, error: str) -> Record:
     ]
     ts = int(message.timestamp * 1000) if message.timestamp else None
     return (message.key, message.value, ts, headers)
-
-
-async def send_records(
-    producer: Any, topic: str, partition: int, records: Iterable[Record]
-) -> list[asyncio.Future[Any]]:
-    """Queue ``(key, value, timestamp ms | None, headers)`` records to one partition with
-    aiokafka's batch API (far cheaper per record than ``send``); returns the delivery futures."""
-    pending: list[asyncio.Future[Any]] = []
-    batch = producer.create_batch()
-    size = 0
-    for key, value, ts, headers in records:
-        if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
-            pending.append(await producer.send_batch(batch, topic, partition=partition))
-            batch = producer.create_batch()
-            size = 0
-            if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
-                raise ValueError(f"a record for {topic} is larger than the producer batch size")
-        size += 1
-    if size:
-        pending.append(await producer.send_batch(batch, topic, partition=partition))
-    return pending
 
 
 ingest = ListenIngest(app, state_table)

@@ -66,17 +66,23 @@ PaneKey = tuple[int, int, str]  # (spec index, pane start, track)
 
 
 class Pane:
-    """One track's pane: its artist and, per source partition, the plays per user."""
+    """One track's pane: its artist and, per source partition, the plays per user; ``plays``
+    is their total."""
 
-    __slots__ = ("artist", "sources")
+    __slots__ = ("artist", "plays", "sources")
 
     def __init__(self, artist: str, sources: dict[int, dict[str, int]] | None = None) -> None:
         self.artist = artist
         self.sources: dict[int, dict[str, int]] = sources if sources is not None else {}
+        self.plays = sum(n for users in self.sources.values() for n in users.values())
 
-    def plays(self) -> int:
-        """Plays over all source partitions."""
-        return sum(n for users in self.sources.values() for n in users.values())
+    def set(self, source_partition: int, users: dict[str, int]) -> bool:
+        """Set one source partition's plays per user; ``False`` when nothing changed."""
+        if self.sources.get(source_partition) == users:
+            return False
+        self.sources[source_partition] = dict(users)
+        self.plays = sum(n for u in self.sources.values() for n in u.values())
+        return True
 
 
 @dataclass
@@ -93,15 +99,21 @@ class TrackWindows:
 
     ``specs`` are the user-features agent's window specs (partials name theirs by index);
     ``sources`` the number of source partitions; ``baseline_windows`` how many earlier windows
-    the trending baseline covers.
+    the trending baseline covers; a window is emitted for a track with at least ``min_plays``
+    plays in it.
     """
 
     def __init__(
-        self, specs: Sequence[HoppingWindows], sources: int, baseline_windows: int = BASELINE_WINDOWS
+        self,
+        specs: Sequence[HoppingWindows],
+        sources: int,
+        baseline_windows: int = BASELINE_WINDOWS,
+        min_plays: int = 1,
     ) -> None:
         self.specs = tuple(specs)
         self.sources = sources
         self.baseline_windows = baseline_windows
+        self.min_plays = min_plays
         self.source_watermarks: dict[int, int] = {}
         self.track_panes: list[dict[str, dict[int, Pane]]] = [{} for _ in specs]
         self.pane_tracks: list[dict[int, set[str]]] = [{} for _ in specs]
@@ -133,8 +145,7 @@ class TrackWindows:
         if pane is None:
             pane = panes[partial.pane_start] = Pane(partial.artist_id)
             self.pane_tracks[i].setdefault(partial.pane_start, set()).add(partial.track_id)
-        if pane.sources.get(partial.source_partition) != partial.users:
-            pane.sources[partial.source_partition] = dict(partial.users)
+        if pane.set(partial.source_partition, partial.users):
             self.dirty.panes.add(key)
 
     def advance_watermark(self, source_partition: int, watermark_ms: int) -> None:
@@ -179,44 +190,47 @@ class TrackWindows:
             tracks.update(index.get(p, ()))
         if not tracks:
             return []
-        ordered = sorted(tracks)
-        plays = np.zeros(len(ordered), dtype=np.int64)
-        listeners = np.zeros(len(ordered), dtype=np.int64)
-        history = np.zeros(len(ordered), dtype=np.int64)
-        artists: list[str] = []
-        n = self.baseline_windows
-        end = start + spec.size_ms
-        since = start - n * spec.size_ms
         by_track = self.track_panes[i]
-        for k, track in enumerate(ordered):
+        end = start + spec.size_ms
+        since = start - self.baseline_windows * spec.size_ms
+        chosen: list[tuple[str, str, int, int, int]] = []  # track, artist, plays, listeners, history
+        for track in sorted(tracks):
+            panes = by_track.get(track, {})
+            plays = sum(pane.plays for p, pane in panes.items() if start <= p < end)
+            if plays < self.min_plays or plays == 0:
+                continue
             users: set[str] = set()
             artist = ""
-            for p, pane in by_track.get(track, {}).items():
+            history = 0
+            for p, pane in panes.items():
                 if start <= p < end:
                     artist = pane.artist
-                    plays[k] += pane.plays()
                     for src in pane.sources.values():
                         users.update(src)
                 elif since <= p < start:
-                    history[k] += pane.plays()
-            listeners[k] = len(users)
-            artists.append(artist)
-        baseline = np.maximum(history / n if n else history * 0.0, featuremath.BASELINE_FLOOR)
-        scores = featuremath.trending_scores(plays, baseline)
+                    history += pane.plays
+            chosen.append((track, artist, plays, len(users), history))
+        if not chosen:
+            return []
+        n = self.baseline_windows
+        history_arr = np.fromiter((c[4] for c in chosen), np.float64, len(chosen))
+        plays_arr = np.fromiter((c[2] for c in chosen), np.int64, len(chosen))
+        baseline = np.maximum(history_arr / n, featuremath.BASELINE_FLOOR)
+        scores = featuremath.trending_scores(plays_arr, baseline).tolist()
+        means = baseline.tolist()
         return [
             TrackWindowFeatures(
                 track_id=track,
-                artist_id=artists[k],
+                artist_id=artist,
                 spec=spec,
                 window_start=start,
-                plays=int(plays[k]),
-                listeners=int(listeners[k]),
-                trending_score=float(scores[k]),
-                baseline_plays_mean=float(baseline[k]),
+                plays=plays,
+                listeners=listeners,
+                trending_score=scores[k],
+                baseline_plays_mean=means[k],
                 baseline_windows=n,
             )
-            for k, track in enumerate(ordered)
-            if plays[k] > 0
+            for k, (track, artist, plays, listeners, _) in enumerate(chosen)
         ]
 
     def pane(self, key: PaneKey) -> Pane | None:
@@ -237,9 +251,10 @@ class TrackWindows:
         baseline_windows: int,
         source_watermarks: dict[int, int],
         panes: Iterable[tuple[PaneKey, Pane]],
+        min_plays: int = 1,
     ) -> TrackWindows:
         """A partition from checkpointed state (nothing dirty)."""
-        tw = cls(specs, sources, baseline_windows)
+        tw = cls(specs, sources, baseline_windows, min_plays)
         tw.source_watermarks = dict(source_watermarks)
         tw._closed_up_to = tw.watermark
         for (i, p, track), pane in panes:

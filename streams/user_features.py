@@ -112,7 +112,7 @@ class Affinity:
     """One user's affinity: ``base`` (artist → value) valid at ``base_ms`` and the accepted
     ``pending`` listens ``(t, artist)`` not folded into it yet."""
 
-    __slots__ = ("base", "base_ms", "offset", "pending")
+    __slots__ = ("base", "base_ms", "offset", "pending", "top")
 
     def __init__(
         self,
@@ -125,6 +125,7 @@ class Affinity:
         self.offset = offset
         self.base: dict[str, float] = base if base is not None else {}
         self.pending: list[tuple[int, str]] = pending if pending is not None else []
+        self.top: list[tuple[str, float]] | None = None  # top of base (at base_ms), derived
 
 
 @dataclass
@@ -363,17 +364,13 @@ class PartitionFeatures:
         top: dict[str, list[tuple[str, float]]] = {}
         skip: set[str] = set()
         for user in users:
-            aff = self.affinity.get(user) or Affinity()
-            if end <= aff.base_ms:  # emitted before a restart: not again
+            aff = self.affinity.get(user)
+            if aff is None:  # no listen of this user was taken by the first window spec
+                top[user] = []
+            elif end <= aff.base_ms:  # emitted before a restart: not again
                 skip.add(user)
-                continue
-            now = featuremath.affinity_as_of(aff.base, aff.base_ms, aff.pending, end, self.half_life_ms)
-            top[user] = featuremath.top(now, TOP_ARTISTS)
-            if user in self.affinity:
-                aff.base = featuremath.prune(now)
-                aff.base_ms = end
-                aff.pending = [(t, a) for t, a in aff.pending if t >= end]
-                self.dirty.affinities.add(user)
+            else:
+                top[user] = self._top_artists(user, aff, end)
         out: list[UserWindowFeatures] = []
         for i, start, by_user in per_window:
             spec = self.specs[i]
@@ -381,8 +378,9 @@ class PartitionFeatures:
                 if user in skip:
                     continue
                 listens = [v for pane in by_user[user] for v in pane.listens.values()]
-                lengths = featuremath.session_lengths([v[0] for v in listens], self.gap_ms)
-                sessions, mean, p50, longest = featuremath.session_stats(lengths)
+                sessions, mean, p50, longest = featuremath.session_stats(
+                    featuremath.session_lengths([v[0] for v in listens], self.gap_ms)
+                )
                 out.append(
                     UserWindowFeatures(
                         user_id=user,
@@ -399,6 +397,22 @@ class PartitionFeatures:
                     )
                 )
         return out
+
+    def _top_artists(self, user: str, aff: Affinity, end: int) -> list[tuple[str, float]]:
+        """The top artists as of ``end``. Listens pending before ``end`` are folded into the
+        base first (which then moves to ``end``); without any, the base only decays, which
+        keeps its order, so the top list is the base's scaled (no fold, nothing written)."""
+        if any(t < end for t, _ in aff.pending):
+            now = featuremath.affinity_as_of(aff.base, aff.base_ms, aff.pending, end, self.half_life_ms)
+            aff.base = featuremath.prune(now)
+            aff.base_ms = end
+            aff.pending = [(t, a) for t, a in aff.pending if t >= end]
+            aff.top = None
+            self.dirty.affinities.add(user)
+        if aff.top is None:
+            aff.top = featuremath.top(aff.base, TOP_ARTISTS)
+        factor = featuremath.weight(aff.base_ms, end, self.half_life_ms)
+        return [(a, v * factor) for a, v in aff.top]
 
     def _close_track_panes(self, before: int, after: int) -> list[TrackPanePartial]:
         out: list[TrackPanePartial] = []
