@@ -6,11 +6,11 @@ and session-kNN (SKNN), pure and vectorised with ``scipy.sparse``.
   session-based recommendation algorithms", UMUAI 2018, "POP").
 * :class:`SessionKNN` is the session-based nearest-neighbour method of Jannach & Ludewig, "When
   recurrent neural networks meet the neighborhood for session-based recommendation", RecSys 2017,
-  §2.2: the current session's tracks as a binary vector, cosine similarity to past sessions,
+  "SKNN": the current session's tracks as a binary vector, cosine similarity to past sessions,
   neighbours drawn from a sample of the ``m`` most recent past sessions that share a track with
   it, the ``k`` most similar of those kept, and a track's score the sum of the similarities of
-  the neighbours that contain it. Defaults ``k = 100``, ``m = 500`` follow the paper's setting
-  and the session-rec framework's ``ContextKNN``.
+  the neighbours that contain it. Defaults ``k = 100``, ``m = 500`` are those of the session-rec
+  framework's ``ContextKNN`` (the paper tunes both per data set; here they are not tuned).
 
 Both take sessions as sequences of track ids in play order (the evaluation protocol collapses
 consecutive repeats first) and answer ``recommend(context, n) -> list[str]``, best first, ties
@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from personalisation.cooccurrence import top_n
 
-#: SKNN defaults (Jannach & Ludewig 2017; session-rec ``ContextKNN``): neighbours kept, and the
+#: SKNN defaults (session-rec's ``ContextKNN``, after Jannach & Ludewig 2017): neighbours kept, and the
 #: size of the sample of most recent candidate sessions they are chosen from.
 SKNN_K = 100
 SKNN_SAMPLE = 500

@@ -6,7 +6,7 @@ apart (:func:`session_pairs`); each such ordered pair adds its weight to ``C[a, 
 ``C[b, a]``: 1 by default, or ``1 / d`` for a pair ``d`` positions apart when the model is
 ``distance_weighted`` (:func:`session_pair_weights`; the "div" weighting of the sequential-rules
 method in Ludewig & Jannach, "Evaluation of session-based recommendation algorithms", UMUAI
-2018, §3.1), which ranks the true next track markedly higher in the offline evaluation. Scores are
+2018, "SR"), which ranks the true next track markedly higher in the offline evaluation. Scores are
 cosine-normalised, ``C[a, b] / sqrt(n[a] * n[b])`` with ``n`` the plays of each track (Sarwar et
 al., "Item-based collaborative filtering recommendation algorithms", WWW 2001, §3.1), so that
 popular tracks do not win every list. A user's or session's list is the recency-weighted sum of

@@ -3,7 +3,7 @@ and MRR@k, pure (sessions in, numbers out; reading files is :mod:`personalisatio
 
 The protocol follows the next-item evaluation of the session-rec framework (Ludewig & Jannach,
 "Evaluation of session-based recommendation algorithms", User Modeling and User-Adapted
-Interaction 28, 2018, §4): methods are trained on the sessions of earlier time windows and asked,
+Interaction 28, 2018): methods are trained on the sessions of earlier time windows and asked,
 for every test session and every position ``i >= 1``, for a top-``k`` list given the prefix
 ``items[:i]`` (the context); the target is ``items[i]``. Choices this project made (written
 in ``docs/readme/evaluation.md``):
