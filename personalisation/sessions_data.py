@@ -105,7 +105,7 @@ def parse_sessions(lines: Iterable[str], source: str = "<input>") -> list[Sessio
         split = cols[5].strip() if width == 6 else ""
         if not (user and session and item and artist):
             raise SessionDataError(source, number, "UserId, SessionId, ItemId and ArtistId must not be empty")
-        if not time_s.isdigit():
+        if not (time_s.isascii() and time_s.isdigit()):
             raise SessionDataError(source, number, f"Time is not unix seconds: {time_s!r}")
         b = builders.get(session)
         if b is None:

@@ -51,6 +51,8 @@ def test_split_column_is_optional():
         ([], 1, "empty"),
         (rows("1\t10\t100\t500\t7\tw", "1\t10\t100\t500"), 3, "expected 6 tab-separated columns, got 4"),
         (rows("1\t10\t100\tyesterday\t7\tw"), 2, "Time is not unix seconds"),
+        (rows("1\t10\t100\t5²\t7\tw"), 2, "Time is not unix seconds"),
+        (rows("1\t10\t100\t-5\t7\tw"), 2, "Time is not unix seconds"),
         (rows("1\t10\t\t500\t7\tw"), 2, "must not be empty"),
         (rows("1\t10\t100\t500\t7\tw", "2\t10\t101\t501\t7\tw"), 3, "rows of user 1 (line 2) and of user 2"),
         (
