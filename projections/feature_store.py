@@ -76,8 +76,9 @@ def utc_timestamp_sql(param: str) -> str:
 
 @dataclass(frozen=True)
 class FeatureTable:
-    """A feature-store history table: its ``name`` and the ``entity`` column (``user_id`` /
-    ``track_id``) the values are per. Names of the companions: :attr:`latest`, :attr:`as_of`."""
+    """A feature-store history table: its ``name``, the ``entity`` column (``user_id`` /
+    ``track_id``) the values are per, and ``kind`` (``"user"``), the entity's name in messages.
+    Names of the companions: :attr:`latest`, :attr:`as_of`."""
 
     name: str
     entity: str
