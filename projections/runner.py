@@ -21,6 +21,12 @@ How it runs:
    (``until_caught_up=True``), or on :meth:`ProjectionRunner.stop` / SIGTERM / SIGINT, after the
    batch in flight is committed.
 
+Stateful read models (:data:`STATEFUL`, e.g. :mod:`projections.recommendations`) bring their
+own batch step (``write=``, in place of ``apply_batch``) and read a topic another projection reads
+too, so :func:`run_projections` gives each one a runner of its own and runs all runners at once
+(:func:`run_together`, a thread each; one DuckDB instance per process serves their connections,
+and their transactions write different rows).
+
 ``python -m projections.runner [--until-caught-up] [--projection NAME]...`` runs it from a shell.
 """
 
@@ -34,12 +40,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import duckdb
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from events.offsets import high_watermarks
@@ -50,6 +58,7 @@ from projections import lake
 from projections.apply import Applied, apply_batch
 from projections.decoding import BatchPreparer, Prepared
 from projections.readmodels import PROJECTIONS, Projection, get_projection
+from projections.recommendations import RECOMMENDATIONS, RecommendationsWriter
 from projections.store import WriterSession, writer
 from projections.tracking import (
     LogIdentity,
@@ -140,6 +149,22 @@ class Progress:
 
 ProgressHook = Callable[[Progress], None]
 
+#: One batch transaction: ``(connection, lake dir, {topic: projection}, prepared batch, log
+#: identity) -> Applied``; it must write the batch's offsets (``save_offsets``) in the same
+#: transaction. :func:`projections.apply.apply_batch` is the default.
+BatchWriter = Callable[
+    [duckdb.DuckDBPyConnection, Path, Mapping[str, Projection], Prepared, LogIdentity], Applied
+]
+
+#: Read models with their own batch step, by name: the projection and a factory of its writer.
+STATEFUL: dict[str, tuple[Projection, Callable[[Settings], BatchWriter]]] = {
+    RECOMMENDATIONS.name: (RECOMMENDATIONS, RecommendationsWriter),
+}
+
+#: Runners in one process create tables one at a time (concurrent CREATEs of the same bookkeeping
+#: table would conflict in DuckDB).
+_START_LOCK = threading.Lock()
+
 
 class ProjectionRunner:
     """Runs ``projections`` (default: all) against ``settings``' broker, registry and DuckDB.
@@ -147,6 +172,9 @@ class ProjectionRunner:
     ``batch_size``: most records per transaction; ``linger_s``: longest wait to fill a batch
     (seconds); ``progress``: called with a :class:`Progress` after each committed batch;
     ``lookup``: schema id → parsed schema (default: the registry at ``settings.registry_url``).
+
+    ``write``: the batch step (default :func:`~projections.apply.apply_batch`; a stateful read
+    model passes its own, see :data:`STATEFUL`).
 
     Raises:
         ConfigError: two projections read the same topic (one consumer feeds one projection
@@ -163,6 +191,7 @@ class ProjectionRunner:
         progress: ProgressHook | None = None,
         lookup: Callable[[int], dict[str, Any]] | None = None,
         db_timeout_s: float = 120.0,
+        write: BatchWriter | None = None,
     ) -> None:
         self.settings = settings
         self.projections = list(PROJECTIONS.values() if projections is None else projections)
@@ -178,6 +207,7 @@ class ProjectionRunner:
         self._lookup = lookup or registry_for(settings.registry_url).parsed_schema_by_id
         self._stop = threading.Event()
         self._recheck = False
+        self._apply: BatchWriter = write or apply_batch
 
     # -- control --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -189,7 +219,7 @@ class ProjectionRunner:
         """Identity, high watermarks and stored offsets (``None`` = never read) after checks."""
         topics = sorted(self.by_topic)
         identity = log_identity(self.settings, topics)
-        with writer(self.settings.duckdb_path, self.db_timeout_s) as conn:
+        with _START_LOCK, writer(self.settings.duckdb_path, self.db_timeout_s) as conn:
             conn.begin()
             for proj in self.projections:
                 ensure_tables(conn, proj)
@@ -344,22 +374,119 @@ class ProjectionRunner:
     def _write(self, session: WriterSession, prepared: Prepared, identity: LogIdentity) -> Applied:
         """One batch transaction (runs on the writer thread)."""
         with session.connection() as conn:
-            return apply_batch(conn, self.settings.lake_dir, self.by_topic, prepared, identity)
+            return self._apply(conn, self.settings.lake_dir, self.by_topic, prepared, identity)
 
     def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
+        return _on_signals(self.stop)
 
-        def handler(_signum: int, _frame: FrameType | None) -> None:
-            self.stop()
 
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+def _on_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Call ``stop`` on SIGTERM/SIGINT (from the main thread only); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
 
-        def restore() -> None:
-            for sig, previous in old.items():
-                signal.signal(sig, previous)
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop()
 
-        return restore
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+    return restore
+
+
+def combine_stats(parts: Iterable[RunStats]) -> RunStats:
+    """The sum of several runs' stats (``elapsed_s``: the longest)."""
+    out = RunStats()
+    for s in parts:
+        for name in (
+            "records",
+            "applied",
+            "duplicates",
+            "redelivered",
+            "rejects",
+            "controls",
+            "batches",
+            "lake_files",
+        ):
+            setattr(out, name, getattr(out, name) + getattr(s, name))
+        out.elapsed_s = max(out.elapsed_s, s.elapsed_s)
+        for proj, n in s.per_projection.items():
+            out.per_projection[proj] = out.per_projection.get(proj, 0) + n
+    return out
+
+
+def _merge_progress(parts: Mapping[int, Progress]) -> Progress:
+    """One :class:`Progress` of several runners (runner ``i``'s keys become ``("<topic>#<i>", p)``,
+    since two runners may read the same topic)."""
+
+    def keyed(i: int, values: Mapping[TopicPart, int]) -> dict[TopicPart, int]:
+        return {(f"{t}#{i}", p): v for (t, p), v in values.items()}
+
+    targets: dict[TopicPart, int] | None = {}
+    for i, part in parts.items():
+        if part.targets is None or targets is None:
+            targets = None
+        else:
+            targets.update(keyed(i, part.targets))
+    return Progress(
+        combine_stats(p.stats for p in parts.values()),
+        {k: v for i, p in parts.items() for k, v in keyed(i, p.starts).items()},
+        {k: v for i, p in parts.items() for k, v in keyed(i, p.positions).items()},
+        targets,
+    )
+
+
+def run_together(
+    runners: Sequence[ProjectionRunner],
+    *,
+    until_caught_up: bool = False,
+    progress: ProgressHook | None = None,
+) -> RunStats:
+    """Run ``runners`` at once, a thread each, until all are done (caught up, or stopped by
+    SIGTERM / SIGINT, which stop them all); ``progress`` gets their merged progress. Returns the
+    combined :class:`RunStats`.
+
+    Raises:
+        The first error of a runner (in ``runners`` order), after the others stopped at the end of
+        their batch in flight: as :meth:`ProjectionRunner.run`.
+    """
+    if len(runners) == 1:
+        runners[0].progress = progress
+        return runners[0].run(until_caught_up)
+    latest: dict[int, Progress] = {}
+    lock = threading.Lock()
+
+    def hook(i: int) -> ProgressHook:
+        def report(p: Progress) -> None:
+            with lock:
+                latest[i] = p
+                merged = _merge_progress(latest)
+            if progress is not None:
+                progress(merged)
+
+        return report
+
+    def stop_all() -> None:
+        for r in runners:
+            r.stop()
+
+    for i, r in enumerate(runners):
+        r.progress = hook(i)
+    restore = _on_signals(stop_all)
+    try:
+        with ThreadPoolExecutor(len(runners), thread_name_prefix="bb-runner") as pool:
+            futures = [pool.submit(r.run, until_caught_up) for r in runners]
+            pending: set[Future[RunStats]] = set(futures)
+            while pending:  # short waits, so that the main thread keeps handling signals
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                if any(f.exception() is not None for f in done):
+                    stop_all()
+    finally:
+        restore()
+    return combine_stats(f.result() for f in futures)
 
 
 def run_projections(
@@ -371,18 +498,35 @@ def run_projections(
     progress: ProgressHook | None = None,
     batch_size: int = 50_000,
 ) -> RunStats:
-    """Run the projections ``names`` (default: all) — the function ``backbeat project`` calls.
-    ``topics`` overrides source topics (``{projection: topic}``).
+    """Run the projections ``names`` (default: all, :data:`STATEFUL` ones included) — the function
+    ``backbeat project`` calls. ``topics`` overrides source topics (``{projection: topic}``).
+    Plain projections share one runner; each stateful one gets its own (:func:`run_together`).
 
     Raises:
         ConfigError: an unknown projection name.
         OffsetMismatchError, InfraError, DatabaseBusyError: as :meth:`ProjectionRunner.run`.
     """
-    chosen = [get_projection(n) for n in (names or list(PROJECTIONS))]
+    wanted = list(dict.fromkeys(names or [*PROJECTIONS, *STATEFUL]))
+    unknown = [n for n in wanted if n not in PROJECTIONS and n not in STATEFUL]
+    if unknown:
+        known = ", ".join(sorted([*PROJECTIONS, *STATEFUL]))
+        raise ConfigError(f"there is no projection {unknown[0]!r}; known projections: {known}")
     overrides = topics or {}
-    chosen = [p.on_topic(overrides[p.name]) if p.name in overrides else p for p in chosen]
-    runner = ProjectionRunner(settings, chosen, progress=progress, batch_size=batch_size)
-    return runner.run(until_caught_up=until_caught_up)
+
+    def on_topic(p: Projection) -> Projection:
+        return p.on_topic(overrides[p.name]) if p.name in overrides else p
+
+    plain = [on_topic(get_projection(n)) for n in wanted if n not in STATEFUL]
+    runners = [ProjectionRunner(settings, plain, batch_size=batch_size)] if plain else []
+    for name in wanted:
+        if name in STATEFUL:
+            proj, make_writer = STATEFUL[name]
+            runners.append(
+                ProjectionRunner(
+                    settings, [on_topic(proj)], batch_size=batch_size, write=make_writer(settings)
+                )
+            )
+    return run_together(runners, until_caught_up=until_caught_up, progress=progress)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -395,7 +539,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help=f"projection to run (repeatable; default all: {', '.join(PROJECTIONS)})",
+        help=f"projection to run (repeatable; default all: {', '.join([*PROJECTIONS, *STATEFUL])})",
     )
     parser.add_argument(
         "--topic",
@@ -432,7 +576,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Progress", "ProgressHook", "ProjectionRunner", "RunStats", "main", "run_projections"]
+__all__ = [
+    "STATEFUL",
+    "BatchWriter",
+    "Progress",
+    "ProgressHook",
+    "ProjectionRunner",
+    "RunStats",
+    "combine_stats",
+    "main",
+    "run_projections",
+    "run_together",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,420 @@
+"""Integration tests of the ``recommendations`` read model over the real broker and registry,
+on a slice of the real 30Music file: counts equal an offline computation, a restart mid-way gives
+the same tables, lists follow the experiment, events are emitted once per user / list.
+
+One module-scoped run feeds most tests (two read models of the same topic: ``a`` stopped after a
+few batches and restarted, ``b`` in one go); each test checks one property of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from events.catalog import TopicSpec, topic
+from events.console_io import consume
+from events.importers.base import dedupe_and_order
+from events.importers.listens import parse_30music
+from events.importers.run import import_catalog, import_listens
+from events.producer import EventProducer
+from infra.provision import apply_topics
+from infra.settings import Settings
+from personalisation.cooccurrence import HISTORY, CooccurrenceModel
+from personalisation.experiments import MADE_FOR_YOU, assign, assignment_event_id
+from personalisation.streaming import assemble, most_played
+from projections.readmodels import TRACKS
+from projections.recommendations import (
+    ASSIGNMENTS_TABLE,
+    CONTEXT_TABLE,
+    EXPERIMENTS_TOPIC,
+    PAIRS_TABLE,
+    PLAYS_TABLE,
+    RECOMMENDATIONS,
+    RECOMMENDATIONS_TOPIC,
+    SEEN_TABLE,
+    VARIANT_COMPARISON_SQL,
+    VARIANT_PER_USER_SQL,
+    RecommendationsWriter,
+)
+from projections.runner import ProjectionRunner, RunStats, run_projections
+from projections.sql import query
+from projections.tracking import reset
+from tests.conftest import CATALOG, LISTENS_30MUSIC
+
+pytestmark = pytest.mark.integration
+
+#: Data rows of the real file in the slice (first rows of the file, any user).
+SLICE_ROWS = 6000
+GAP_MS = 30 * 60 * 1000
+STATE = (PAIRS_TABLE, PLAYS_TABLE, CONTEXT_TABLE, ASSIGNMENTS_TABLE, SEEN_TABLE)
+LIST_COLUMNS = (
+    'user_id, "rank", track_id, score, source, model, experiment_id, experiment_version, variant, '
+    "generated_at, list_id"
+)
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def rows(settings: Settings, sql: str) -> list[tuple]:
+    return query(settings, sql, max_rows=None).rows
+
+
+def dump(settings: Settings, table: str) -> list[tuple]:
+    return rows(settings, f"SELECT * FROM {table} ORDER BY ALL")
+
+
+@dataclass
+class Store:
+    """One read model: its settings (data dir) and the topics its events go to."""
+
+    settings: Settings
+    experiments: str
+    lists: str
+
+    def writer(self) -> RecommendationsWriter:
+        return RecommendationsWriter(
+            self.settings, experiments_topic=self.experiments, recommendations_topic=self.lists
+        )
+
+    def runner(self, topic: str, **kwargs: object) -> ProjectionRunner:
+        return ProjectionRunner(
+            self.settings, [RECOMMENDATIONS.on_topic(topic)], write=self.writer(), **kwargs
+        )
+
+
+@dataclass
+class World:
+    topic: str
+    records: list[dict]  # the slice as produced (import order)
+    tail: list[dict]  # one more listen per user, a day after the slice
+    a: Store
+    b: Store
+    a_runs: list[RunStats]
+    b_runs: list[RunStats]
+
+    @property
+    def listens(self) -> list[tuple[str, str, int]]:
+        return [(r["user_id"], r["track_id"], r["occurred_at"]) for r in self.records + self.tail]
+
+
+def store(stack: Settings, data_dir: Path) -> Store:
+    s = Store(dataclasses.replace(stack, data_dir=data_dir), name("rec.exp"), name("rec.lists"))
+    apply_topics(stack, [TopicSpec(s.experiments, 3), TopicSpec(s.lists, 3)])
+    return s
+
+
+@pytest.fixture(scope="module")
+def world(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("recs")
+    with LISTENS_30MUSIC.open("rb") as f:
+        lines = [line for _, line in zip(range(SLICE_ROWS + 1), f, strict=False)]
+    (tmp / "slice.tsv").write_bytes(b"".join(lines))
+    records, _ = dedupe_and_order(parse_30music(lines).records, "occurred_at")
+    records = [{k: v for k, v in r.items() if k != "_line"} for r in records]
+    topic = name("rec.listens")
+    apply_topics(stack, [TopicSpec(topic, 3)])
+    # the importer also sends a watermark control record to every partition: it must be skipped
+    assert import_listens(stack, tmp / "slice.tsv", "30music", topic=topic).produced == len(records)
+
+    a, b = store(stack, tmp / "a"), store(stack, tmp / "b")
+    runner = a.runner(topic, batch_size=700)
+    runner.progress = lambda p: runner.stop() if p.stats.batches >= 3 else None
+    a_runs = [runner.run(until_caught_up=True)]  # stopped mid-way
+    a_runs.append(a.runner(topic, batch_size=700).run(until_caught_up=True))  # restarted
+    b_runs = [b.runner(topic, batch_size=5000).run(until_caught_up=True)]
+
+    # a tail: one more listen per user, a day later, read by both in one batch, so that every list
+    # is recomputed from the same final counts (lists depend on where batches end)
+    end = max(r["occurred_at"] for r in records)
+    users = sorted({r["user_id"] for r in records})
+    first = {}
+    for r in records:
+        first.setdefault(r["user_id"], r)
+    tail = [
+        dict(first[u], event_id=f"tail-{u}", occurred_at=end + 86_400_000 + i, session_hint=None)
+        for i, u in enumerate(users)
+    ]
+    producer = EventProducer(stack)
+    producer.send_many(
+        topic, "ListenRecorded", tail, key_field="user_id", time_field="occurred_at", source="/t"
+    )
+    producer.flush()
+    a_runs.append(a.runner(topic, batch_size=50_000, linger_s=2).run(until_caught_up=True))
+    b_runs.append(b.runner(topic, batch_size=50_000, linger_s=2).run(until_caught_up=True))
+    yield World(topic, records, tail, a, b, a_runs, b_runs)
+
+
+def offline(listens: list[tuple[str, str, int]]) -> tuple[CooccurrenceModel, dict[str, list[str]]]:
+    """The batch-free reference: whole sessions per user by the 30-minute rule (written out here,
+    independently of personalisation.streaming), fed to CooccurrenceModel.add_sessions."""
+    per_user: dict[str, list[tuple[str, int]]] = {}
+    for user, track, t in listens:
+        per_user.setdefault(user, []).append((track, t))
+    sessions: list[list[str]] = []
+    for plays in per_user.values():
+        current = [plays[0][0]]
+        for (_, before), (track, t) in zip(plays, plays[1:], strict=False):
+            if t - before > GAP_MS:
+                sessions.append(current)
+                current = []
+            current.append(track)
+        sessions.append(current)
+    model = CooccurrenceModel()
+    model.add_sessions(sessions)
+    return model, {u: [t for t, _ in p] for u, p in per_user.items()}
+
+
+def test_every_listen_applied_once_and_the_restart_happened(world: World):
+    first, second, tail = world.a_runs
+    assert 3 <= first.batches and first.applied < len(world.records)  # really stopped mid-way
+    assert first.applied + second.applied == len(world.records)
+    assert tail.batches == 1 and tail.applied == len(world.tail)
+    assert world.b_runs[0].applied == len(world.records) and world.b_runs[0].controls == 3
+    assert sum(r.duplicates + r.redelivered + r.rejects for r in world.a_runs + world.b_runs) == 0
+
+
+def test_pair_counts_and_plays_equal_offline_add_sessions(world: World):
+    model, _ = offline(world.listens)
+    coo = model.counts.tocoo()
+    expected = {
+        (model.items[i], model.items[j]): int(v)
+        for i, j, v in zip(coo.row, coo.col, coo.data, strict=True)
+        if model.items[i] < model.items[j]
+    }
+    got = {
+        (x, y): n
+        for x, y, n in rows(world.a.settings, f'SELECT track_a, track_b, "count" FROM {PAIRS_TABLE}')
+    }
+    assert len(expected) > 5000
+    assert got == expected
+    plays = dict(rows(world.a.settings, f"SELECT track_id, plays FROM {PLAYS_TABLE}"))
+    assert plays == {t: int(model.plays[i]) for i, t in enumerate(model.items)}
+
+
+def test_restart_mid_way_gives_the_same_tables(world: World):
+    for table in STATE:
+        assert dump(world.a.settings, table) == dump(world.b.settings, table), table
+    sql = f"SELECT {LIST_COLUMNS} FROM recommendations ORDER BY user_id, rank"
+    assert rows(world.a.settings, sql) == rows(world.b.settings, sql)
+
+
+def test_user_contexts_resume_exactly(world: World):
+    _, history = offline(world.listens)
+    got = rows(world.a.settings, f"SELECT user_id, recent_tracks, listens, sessions FROM {CONTEXT_TABLE}")
+    assert {u: (recent, n) for u, recent, n, _ in got} == {
+        u: (tracks[-HISTORY:], len(tracks)) for u, tracks in history.items()
+    }
+    assert all(sessions >= 2 for *_, sessions in got)  # the tail opened a new session for everyone
+
+
+def test_lists_follow_the_assignment_and_the_offline_model(world: World):
+    model, history = offline(world.listens)
+    popular = most_played(model.items, model.plays, 20 + HISTORY)
+    got: dict[str, list[tuple]] = {}
+    for user, rank, track, score, source, variant, exp in rows(
+        world.a.settings,
+        'SELECT user_id, "rank", track_id, score, source, variant, experiment_id FROM recommendations '
+        'ORDER BY user_id, "rank"',
+    ):
+        assert exp == "made-for-you-v1"
+        got.setdefault(user, []).append((rank, track, score, source, variant))
+    assert set(got) == set(history)
+    variants = Counter()
+    for user, recent in history.items():
+        variant = assign(user, MADE_FOR_YOU).variant
+        variants[variant] += 1
+        recent = recent[-HISTORY:]
+        primary = model.recommend(recent, 20, exclude=recent) if variant == "item2item" else []
+        expected = assemble(primary, popular, 20, exclude=recent)
+        assert [(r, t, src, v) for r, t, _, src, v in got[user]] == [
+            (k, i.track_id, i.source, variant) for k, i in enumerate(expected, start=1)
+        ], user
+        assert [s for _, _, s, _, _ in got[user]] == pytest.approx([i.score for i in expected], rel=1e-9)
+    assert min(variants.values()) > 0.3 * len(history)  # both arms are served
+    sources = Counter(src for lst in got.values() for _, _, _, src, _ in lst)
+    assert sources["cooccurrence"] > 0 and sources["popular"] > 0
+
+
+def test_experiment_assigned_once_per_user_with_the_documented_variant(world: World):
+    events = [r["value"] for r in consume(world.a.settings, world.a.experiments)]
+    users = {r["user_id"] for r in world.records}
+    assert len(events) == len({e["event_id"] for e in events}) == len(users)  # clean stops: no repeats
+    for e in events:
+        a = assign(e["user_id"], MADE_FOR_YOU)
+        assert (e["variant"], e["bucket"], e["experiment_version"]) == (a.variant, a.bucket, 1)
+        assert e["event_id"] == assignment_event_id(e["user_id"], MADE_FOR_YOU)
+    stored = dict(rows(world.a.settings, f"SELECT user_id, variant FROM {ASSIGNMENTS_TABLE}"))
+    assert stored == {e["user_id"]: e["variant"] for e in events}
+
+
+def test_recommendations_generated_events_match_the_history(world: World):
+    events = [r["value"] for r in consume(world.a.settings, world.a.lists)]
+    history = rows(
+        world.a.settings,
+        "SELECT list_id, user_id, variant, model, epoch_ms(generated_at), list(track_id ORDER BY rank) "
+        "FROM recommendation_history GROUP BY ALL",
+    )
+    assert len(events) == len({e["event_id"] for e in events}) == len(history) > len(world.tail)
+    by_id = {e["event_id"]: e for e in events}
+    for lid, user, variant, model, generated_ms, tracks in history:
+        e = by_id[lid]
+        assert (e["user_id"], e["variant"], e["model"], e["occurred_at"]) == (
+            user,
+            variant,
+            model,
+            generated_ms,
+        )
+        assert [i["track_id"] for i in e["items"]] == tracks
+        assert [i["rank"] for i in e["items"]] == list(range(1, len(tracks) + 1))
+    current = set(rows(world.a.settings, "SELECT DISTINCT list_id FROM recommendations"))
+    assert {(lid,) for lid, *_ in history} >= current
+
+
+def test_reset_rebuilds_the_same_tables(world: World):
+    before = {t: dump(world.b.settings, t) for t in (*STATE, "recommendations")}
+    reset(world.b.settings, ["recommendations"])
+    assert rows(world.b.settings, f"SELECT count(*) FROM {PAIRS_TABLE}")[0][0] > 0  # still there
+    world.b.runner(world.topic, batch_size=50_000, linger_s=2).run(until_caught_up=True)
+    for table in STATE:
+        assert dump(world.b.settings, table) == before[table], table
+    sql = f"SELECT {LIST_COLUMNS} FROM recommendations ORDER BY ALL"
+    strip = [r[:-1] for r in before["recommendations"]]  # drop computed_at (wall clock)
+    assert rows(world.b.settings, sql) == strip
+
+
+def test_reimport_changes_nothing(world: World, tmp_path: Path):
+    # the same events again at new offsets (a re-import): recognised by event id, nothing changes
+    before = {t: dump(world.a.settings, t) for t in STATE}
+    producer = EventProducer(world.a.settings)
+    producer.send_many(
+        world.topic,
+        "ListenRecorded",
+        world.records[:500],
+        key_field="user_id",
+        time_field="occurred_at",
+        source="/t",
+    )
+    producer.flush()
+    stats = world.a.runner(world.topic).run(until_caught_up=True)
+    assert (stats.applied, stats.duplicates) == (0, 500)
+    for table in STATE:
+        assert dump(world.a.settings, table) == before[table], table
+
+
+def catalog_name(artist_id: str, track_id: str, catalog: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """The documented md5 mapping, written out in Python (projections.names does it in SQL)."""
+    artists = sorted({a for _, _, a in catalog})
+    artist = artists[int(hashlib.md5(artist_id.encode()).hexdigest()[:12], 16) % len(artists)]
+    tracks = sorted((tid, n) for tid, n, a in catalog if a == artist)
+    return tracks[int(hashlib.md5(track_id.encode()).hexdigest()[:12], 16) % len(tracks)][1], artist
+
+
+def test_backbeat_project_runs_it_beside_listens_and_variants_compare_in_sql(world: World, stack, tmp_path):
+    settings = dataclasses.replace(stack, data_dir=tmp_path)
+    apply_topics(stack, [topic(EXPERIMENTS_TOPIC), topic(RECOMMENDATIONS_TOPIC)])
+    stats = run_projections(
+        settings,
+        ["listens", "recommendations"],
+        topics={"listens": world.topic, "recommendations": world.topic},
+        until_caught_up=True,
+        batch_size=1500,
+    )
+    n = len(world.records) + len(world.tail)
+    assert stats.per_projection == {"listens": n, "recommendations": n}
+    got = {r[1]: r for r in rows(settings, VARIANT_COMPARISON_SQL)}
+    assert set(got) == {"control", "item2item"}
+    # the same numbers computed here from the two tables
+    listens = rows(settings, "SELECT user_id, track_id, occurred_at FROM listens")
+    played_at: dict[tuple[str, str], list] = {}
+    for user, track, at in listens:
+        played_at.setdefault((user, track), []).append(at)
+    week = timedelta(days=7)
+    expected: dict[str, list[int]] = {}
+    for variant, user, track, at in rows(
+        settings, "SELECT variant, user_id, track_id, generated_at FROM recommendation_history"
+    ):
+        e = expected.setdefault(variant, [0, 0])
+        e[0] += 1
+        e[1] += any(at < t <= at + week for t in played_at.get((user, track), []))
+    for variant, (recommended, played) in expected.items():
+        assert got[variant][4:6] == (recommended, played), variant
+    assert sum(p for _, p in expected.values()) > 0  # some recommendations were played later
+    per_user = {r[0]: r for r in rows(settings, VARIANT_PER_USER_SQL)}
+    assert set(per_user) == {"control", "item2item"} and all(0 <= r[2] <= 1 for r in per_user.values())
+
+
+def _backbeat(args: list[str], settings: Settings) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_recommend_cli_prints_names_scores_and_variant(world: World, stack):
+    settings = world.a.settings
+    catalog_topic = name("rec.catalog")
+    apply_topics(stack, [TopicSpec(catalog_topic, 1)])
+    import_catalog(stack, CATALOG, topic=catalog_topic)
+    ProjectionRunner(settings, [TRACKS.on_topic(catalog_topic)]).run(until_caught_up=True)
+    catalog = rows(settings, "SELECT track_id, name, artist FROM tracks")
+    artists = dict(rows(settings, f"SELECT track_id, artist_id FROM {PLAYS_TABLE}"))
+    users = sorted({r["user_id"] for r in world.records})
+    user = next(u for u in users if assign(u, MADE_FOR_YOU).variant == "item2item")
+
+    result = _backbeat(["recommend", user, "--json", "--n", "7"], settings)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["user_id"], doc["experiment_id"], doc["variant"], doc["model"]) == (
+        user, "made-for-you-v1", "item2item", "item2item-cooc-v1",
+    )  # fmt: skip
+    table = rows(
+        settings, f"SELECT track_id, score FROM recommendations WHERE user_id = '{user}' ORDER BY rank"
+    )
+    assert [(i["track_id"], i["score"]) for i in doc["items"]] == table[:7]
+    for item in doc["items"]:
+        assert (item["track"], item["artist"]) == catalog_name(
+            artists[item["track_id"]], item["track_id"], catalog
+        )
+
+    human = _backbeat(["recommend", user, "--n", "3"], settings)
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    assert f"user {user}: made-for-you-v1 / item2item" in human.stdout
+    first = doc["items"][0]
+    row = next(line for line in lines if line.startswith("│") and first["track_id"] in line)
+    assert first["track"] in row and first["artist"] in row and "item2item" in row
+    assert f"{first['score']:.4g}" in row
+    assert sum(line.startswith("│") for line in lines) == 3
+
+    unknown = _backbeat(["recommend", "no-such-user"], settings)
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "unknown user 'no-such-user'" in unknown.stderr and users[0] in unknown.stderr
+
+
+def test_recommend_cli_before_the_read_model_says_what_to_run(stack, tmp_path):
+    empty = dataclasses.replace(stack, data_dir=tmp_path / "none")
+    result = _backbeat(["recommend", "42"], empty)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "backbeat project" in result.stderr
+    other = dataclasses.replace(stack, data_dir=tmp_path / "other")
+    other.data_dir.mkdir()
+    duckdb.connect(str(other.duckdb_path)).close()  # read models exist, but not this one
+    result = _backbeat(["recommend", "42"], other)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no recommendations read model" in result.stderr
+    assert "backbeat import listens" in result.stderr and "backbeat project" in result.stderr
