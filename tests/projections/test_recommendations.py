@@ -35,7 +35,8 @@ from infra.settings import Settings
 from personalisation.cooccurrence import HISTORY, CooccurrenceModel
 from personalisation.experiments import MADE_FOR_YOU, assign, assignment_event_id
 from personalisation.streaming import assemble, most_played
-from projections.readmodels import TRACKS
+from projections.decoding import Prepared
+from projections.readmodels import TRACKS, to_table
 from projections.recommendations import (
     ASSIGNMENTS_TABLE,
     CONTEXT_TABLE,
@@ -51,7 +52,7 @@ from projections.recommendations import (
 )
 from projections.runner import ProjectionRunner, RunStats, run_projections
 from projections.sql import query
-from projections.tracking import reset
+from projections.tracking import LogIdentity, ensure_tables, reset
 from tests.conftest import CATALOG, LISTENS_30MUSIC
 
 pytestmark = pytest.mark.integration
@@ -418,3 +419,65 @@ def test_recommend_cli_before_the_read_model_says_what_to_run(stack, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no recommendations read model" in result.stderr
     assert "backbeat import listens" in result.stderr and "backbeat project" in result.stderr
+
+
+def batch(records: list[dict], first_offset: int, topic_name: str) -> Prepared:
+    """A prepared batch of ``records`` on partition 0 from ``first_offset`` (what the runner
+    hands to a writer), built without Kafka: the writer only sees Arrow rows and offsets."""
+    offsets = list(range(first_offset, first_offset + len(records)))
+    table = to_table(RECOMMENDATIONS, records, [0] * len(records), offsets)
+    return Prepared(
+        tables={RECOMMENDATIONS.name: table}, ends={(topic_name, 0): offsets[-1] + 1}, records=len(records)
+    )
+
+
+def test_writer_redelivered_batch_applies_once_and_failed_batch_leaves_nothing(world: World, stack, tmp_path):
+    proj = RECOMMENDATIONS.on_topic("rec.unit")
+    identity = LogIdentity("cluster-x", {"rec.unit": "topic-x"})
+    first, second = batch(world.records[:600], 0, proj.topic), batch(world.records[600:1200], 600, proj.topic)
+    tables = (*STATE, "recommendation_history")
+
+    def open_store(path: Path) -> tuple[Store, duckdb.DuckDBPyConnection]:
+        s = store(stack, path)
+        conn = duckdb.connect(str(s.settings.duckdb_path))
+        ensure_tables(conn, proj)
+        for statement in proj.extra_ddl:
+            conn.execute(statement)
+        return s, conn
+
+    def snapshot(conn: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+        out = {t: conn.execute(f"SELECT * EXCLUDE (computed_at) FROM {t} ORDER BY ALL").fetchall()
+               for t in ("recommendations", "recommendation_history")}  # fmt: skip
+        out |= {t: conn.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in STATE}
+        return out
+
+    (tmp_path / "x").mkdir()
+    s, conn = open_store(tmp_path / "x")
+    w = s.writer()
+    done = w(conn, tmp_path, {proj.topic: proj}, first, identity)
+    assert done.applied == {"recommendations": 600}
+    after_first = snapshot(conn)
+    again = w(conn, tmp_path, {proj.topic: proj}, first, identity)  # redelivered: below the offsets
+    assert (again.applied, again.redelivered) == ({}, 600)
+    assert snapshot(conn) == after_first
+
+    conn.execute(
+        "ALTER TABLE recommendation_history ADD COLUMN broken INTEGER"
+    )  # the batch's last write fails
+    with pytest.raises(duckdb.Error):
+        w(conn, tmp_path, {proj.topic: proj}, second, identity)
+    conn.execute("ALTER TABLE recommendation_history DROP COLUMN broken")
+    assert snapshot(conn) == after_first  # rolled back, offsets included
+    assert w(conn, tmp_path, {proj.topic: proj}, second, identity).applied == {"recommendations": 600}
+    retried = snapshot(conn)
+    conn.close()
+
+    (tmp_path / "y").mkdir()
+    s2, clean = open_store(tmp_path / "y")
+    w2 = s2.writer()
+    for b in (first, second):
+        w2(clean, tmp_path, {proj.topic: proj}, b, identity)
+    # the failed attempt left no trace in the tables nor in the in-memory model (lists, scores)
+    assert snapshot(clean) == retried and len(retried["recommendations"]) > 0
+    assert all(retried[t] for t in tables)
+    clean.close()
