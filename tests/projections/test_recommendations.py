@@ -31,7 +31,7 @@ from events.importers.listens import parse_30music
 from events.importers.run import import_catalog, import_listens
 from events.producer import EventProducer
 from infra.provision import apply_topics
-from infra.settings import Settings
+from infra.settings import REPO_ROOT, Settings
 from personalisation.cooccurrence import HISTORY, CooccurrenceModel
 from personalisation.experiments import MADE_FOR_YOU, assign, assignment_event_id
 from personalisation.streaming import assemble, most_played
@@ -481,3 +481,8 @@ def test_writer_redelivered_batch_applies_once_and_failed_batch_leaves_nothing(w
     assert snapshot(clean) == retried and len(retried["recommendations"]) > 0
     assert all(retried[t] for t in tables)
     clean.close()
+
+
+def test_readme_section_shows_the_variant_sql_verbatim():
+    doc = (REPO_ROOT / "docs" / "readme" / "recommendations.md").read_text()
+    assert VARIANT_COMPARISON_SQL in doc and VARIANT_PER_USER_SQL in doc
