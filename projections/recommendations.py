@@ -26,15 +26,17 @@ Per batch, in ONE DuckDB transaction together with the consumed offsets
 
 Failure semantics: a crash before the commit leaves nothing in DuckDB (the in-memory model is
 dropped and rebuilt from the tables), and the batch is read again; events already flushed are
-then sent again with the same ids (at-least-once delivery with deterministic ids: consumers
-de-duplicate by ``event_id``). A crash after the commit loses nothing. So the tables are
-exactly-once, the events at-least-once. A list is generated from the model as it stands at the
-end of the batch, so lists (unlike the counts and contexts) depend on where batches ended;
-``generated_at`` is event time: the user's latest listen the list accounts for.
+then sent again (at-least-once delivery with deterministic ids: consumers de-duplicate by
+``event_id``). ``ExperimentAssigned`` comes back with the same id; a list comes back with the same
+id when the retried batch ends where the first one did, else it is another list (the first one's
+event then has no ``recommendation_history`` row). A crash after the commit loses nothing. So the
+tables are exactly-once, the events at-least-once. A list is generated from the model as it
+stands at the end of the batch, so lists (unlike the counts and contexts) depend on where batches
+ended; ``generated_at`` is event time: the user's latest listen the list accounts for.
 
-``backbeat projections reset recommendations`` drops the ``recommendations`` table and its
-offsets; the next run finds no offsets and clears the other tables here too, so the whole model
-is rebuilt from offset 0.
+:func:`projections.tracking.reset` with ``["recommendations"]`` drops the ``recommendations``
+table and its offsets; the next run finds no offsets and empties the other tables here too, so
+the whole model is rebuilt from offset 0.
 """
 
 from __future__ import annotations

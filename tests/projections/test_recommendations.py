@@ -30,10 +30,11 @@ from events.importers.base import dedupe_and_order
 from events.importers.listens import parse_30music
 from events.importers.run import import_catalog, import_listens
 from events.producer import EventProducer
+from infra.errors import ConfigError
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
 from personalisation.cooccurrence import HISTORY, CooccurrenceModel
-from personalisation.experiments import MADE_FOR_YOU, assign, assignment_event_id
+from personalisation.experiments import MADE_FOR_YOU, Experiment, Variant, assign, assignment_event_id
 from personalisation.streaming import assemble, most_played
 from projections.decoding import Prepared
 from projections.readmodels import TRACKS, to_table
@@ -486,3 +487,9 @@ def test_writer_redelivered_batch_applies_once_and_failed_batch_leaves_nothing(w
 def test_readme_section_shows_the_variant_sql_verbatim():
     doc = (REPO_ROOT / "docs" / "readme" / "recommendations.md").read_text()
     assert VARIANT_COMPARISON_SQL in doc and VARIANT_PER_USER_SQL in doc
+
+
+def test_writer_refuses_a_variant_it_cannot_serve(stack):
+    odd = Experiment("odd", 1, (Variant("a", 10_000, "two-tower-v3"),))
+    with pytest.raises(ConfigError, match="names model 'two-tower-v3'"):
+        RecommendationsWriter(stack, experiment=odd)
