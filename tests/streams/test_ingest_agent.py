@@ -3,25 +3,23 @@ registry; exact SessionEnded events, dead letters with reasons, counters, and a 
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from events.control import watermark_headers
 from events.producer import EventProducer
 from events.registry_client import registry_for
 from infra.provision import apply_topics
-from infra.settings import REPO_ROOT, Settings
+from infra.settings import Settings
 from streams.config import IngestConfig
 from streams.sessions import session_event_id
 from tests.conftest import env_for, wait_for
+from tests.streams.workers import TopicReader, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -43,65 +41,6 @@ def listen(user: str, t: int, eid: str, artist: str = "a1", **extra) -> dict:
     return record
 
 
-class Worker:
-    """A `faust -A streams.app worker` subprocess with its log in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info"],
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        out.close()
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-
-    def check(self) -> None:
-        """Fail at once when the worker died."""
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
-
-    def last_stats(self) -> dict | None:
-        self.check()
-        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if "ingest stats " in ln]
-        return json.loads(lines[-1].split("ingest stats ", 1)[1]) if lines else None
-
-
-class TopicReader:
-    """Reads every record of a topic from the beginning, incrementally."""
-
-    def __init__(self, settings: Settings, topic: str, partitions: int) -> None:
-        self.consumer = Consumer(settings.consumer_conf(f"reader-{topic}"))
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        self.records: list = []
-
-    def poll(self, worker: Worker | None = None) -> list:
-        if worker is not None:
-            worker.check()
-        for msg in self.consumer.consume(1000, timeout=0.2):
-            if msg.error() is None:
-                self.records.append(msg)
-        return self.records
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
 @pytest.fixture
 def ingest_env(stack: Settings, unique: Callable[[str], str], tmp_path: Path) -> Iterator[dict]:
     name = unique("ingest")
@@ -120,6 +59,7 @@ def ingest_env(stack: Settings, unique: Callable[[str], str], tmp_path: Path) ->
         BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
         BACKBEAT_INGEST_STATS_INTERVAL_S="0.5",
         BACKBEAT_INGEST_BATCH_WITHIN_S="0.05",
+        BACKBEAT_STREAMS_AGENTS="ingest",
     )
     worker = Worker(env, tmp_path / "worker.log")
     readers: list[TopicReader] = []
