@@ -182,6 +182,10 @@ class BatchStream(faust.Stream):
                         event = await asyncio.wait_for(queue.get(), timeout=remaining)
                     except TimeoutError:
                         break
+                    except StopAsyncIteration:
+                        # Faust stops a stream by throwing this into the queue's getter; its own
+                        # iterator ends there, so does this one (events not yielded stay unacked)
+                        return
                 else:
                     event = get_nowait()
                 message = event.message

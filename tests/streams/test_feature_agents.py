@@ -6,6 +6,7 @@ emits exactly the values of an uninterrupted run."""
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,6 +242,12 @@ def test_windowed_counts_equal_a_group_by_with_late_listens(
     truth_tracks = ref.track_windows(con, spec, setup.features.baseline_windows)
     got_tracks = {(e["track_id"], e["window_start"]): (e["plays"], e["listeners"]) for e in tracks.values()}
     assert got_tracks == {k: (p, n) for k, (p, n, _) in truth_tracks.items()}
+
+    proc = setup.worker.proc
+    assert proc is not None
+    setup.worker.kill(signal.SIGTERM)  # a clean stop: every agent ends its stream, exit 0
+    assert proc.returncode == 0
+    assert "Crashed" not in setup.worker.log.read_text(errors="replace")
 
 
 def thirty_music_slice(n: int) -> list[dict[str, Any]]:
