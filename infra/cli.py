@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from infra.console import console, err_console, progress_bar, run_with_bar, table
-from infra.errors import BackbeatError
+from infra.errors import BackbeatError, ConfigError
 from infra.runtime import tune_gc
 from infra.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from projections.readmodels import Projection
 
 app = typer.Typer(
     name="backbeat",
@@ -327,7 +330,8 @@ def project(
         bool, typer.Option(help="Stop when every partition reached the end of the log taken at start.")
     ] = False,
 ) -> None:
-    """Materialise read models (listens, sessions, tracks) into DuckDB and the Parquet lake.
+    """Materialise read models into DuckDB and the Parquet lake: listens, sessions, tracks, the
+    feature store (user_features, track_features) and recommendations.
 
     Batches are decoded to Arrow and written in one DuckDB transaction together with the
     consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
@@ -347,15 +351,22 @@ def project(
     )
 
 
+def _all_projections() -> dict[str, Projection]:
+    """Every read model by name: the plain ones and the stateful ones (recommendations)."""
+    from projections.readmodels import PROJECTIONS
+    from projections.runner import STATEFUL
+
+    return {**PROJECTIONS, **{name: proj for name, (proj, _) in STATEFUL.items()}}
+
+
 @projections_app.command("list")
 def projections_list() -> None:
     """List the read models with version, source topic, rows, stored offsets and rejects."""
-    from projections.readmodels import PROJECTIONS
     from projections.sql import query as run_query
 
     settings = _settings()
     rows = []
-    for proj in PROJECTIONS.values():
+    for proj in _all_projections().values():
         try:
             count = run_query(settings, f'SELECT count(*) FROM "{proj.name}"').rows[0][0]
             offsets = run_query(
@@ -376,18 +387,26 @@ def projections_list() -> None:
 
 @projections_app.command("reset")
 def projections_reset(
-    names: Annotated[list[str], typer.Argument(help="Projection(s) to reset: listens, sessions, tracks.")],
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            help="Projection(s) to reset: listens, sessions, tracks, user_features, track_features, "
+            "recommendations."
+        ),
+    ],
 ) -> None:
     """Drop read models (tables, stored offsets, rejects, lake files) so the next run rebuilds
     them from the start of their topics.
 
     Use it when the runner reports that its stored offsets belong to another log (the embedded
     broker restarted empty, or a topic was recreated)."""
-    from projections.readmodels import get_projection
     from projections.tracking import reset
 
-    for name in names:
-        get_projection(name)  # unknown names fail before anything is dropped
+    known = _all_projections()
+    unknown = [n for n in names if n not in known]
+    if unknown:  # unknown names fail before anything is dropped
+        names_known = ", ".join(sorted(known))
+        raise ConfigError(f"no projection {', '.join(unknown)}; known projections: {names_known}")
     done = reset(_settings(), names)
     console.print(f"reset {', '.join(done)}; run 'backbeat project' to rebuild")
 
@@ -401,7 +420,9 @@ def sql(
     """Run SQL over the read models (the DuckDB file under BACKBEAT_DATA_DIR).
 
     Works while the projection runner is writing: the query waits for the batch in flight.
-    Tables: listens, sessions, tracks (and projection_offsets, projection_rejects). The Parquet
+    Tables: listens, sessions, tracks, user_features, track_features (views *_latest, table
+    macros *_as_of(ts) for point-in-time reads), recommendations, recommendation_history,
+    experiment_assignments (and projection_offsets, projection_rejects). The Parquet
     lake under BACKBEAT_DATA_DIR/lake can be read with read_parquet('…/**/*.parquet')."""
     from projections.sql import query as run_query
 

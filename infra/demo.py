@@ -241,7 +241,7 @@ def run_demo(
     from infra.processes import pid_file
     from infra.provision import apply_topics
     from projections.readmodels import PROJECTIONS
-    from projections.runner import run_projections
+    from projections.runner import STATEFUL, run_projections
     from projections.tracking import reset
     from streams.config import IngestConfig
 
@@ -257,7 +257,7 @@ def run_demo(
         created = [r.name for r in reports if r.action == "created"]
         console.print(f"topics: {len(created)} created, {len(reports) - len(created)} already there")
         if broker_is_new and settings.duckdb_path.exists():
-            reset(settings, list(PROJECTIONS))
+            reset(settings, [*PROJECTIONS, *STATEFUL])
             console.print("the broker started empty: read models of an earlier run were reset")
         worker = start_worker(settings)
         console.print(f"worker started (pid {worker.pid}, log {worker.log})")

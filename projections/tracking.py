@@ -286,9 +286,28 @@ def check_offsets(
             )
 
 
+def _drop_companions(conn: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Drop the views and table macros named ``<name>_…`` (a projection's ``extra_ddl``,
+    recreated by the runner with the table)."""
+    prefix = name.replace("_", "\\_") + "\\_%"
+    views = conn.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND view_name LIKE ? ESCAPE '\\'", [prefix]
+    ).fetchall()
+    for (view,) in views:
+        conn.execute(f'DROP VIEW IF EXISTS "{view}"')
+    macros = conn.execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type = 'table_macro' "
+        "AND NOT internal AND function_name LIKE ? ESCAPE '\\'",
+        [prefix],
+    ).fetchall()
+    for (macro,) in macros:
+        conn.execute(f'DROP MACRO TABLE IF EXISTS "{macro}"')
+
+
 def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
-    """Drop the read models ``names``: their tables, stored offsets, versions, rejects, lake
-    file records and lake directories, so the next run rebuilds them from offset 0.
+    """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
+    macros), stored offsets, versions, rejects, lake file records and lake directories, so the
+    next run rebuilds them from offset 0.
     Returns the names reset. Other projections are untouched.
 
     Raises:
@@ -301,6 +320,7 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
         for ddl in (*BOOKKEEPING_DDL, LAKE_FILES_DDL):
             conn.execute(ddl)
         for name in wanted:
+            _drop_companions(conn, name)
             conn.execute(f'DROP TABLE IF EXISTS "{name}"')
             for table in (OFFSETS_TABLE, VERSIONS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
                 conn.execute(f"DELETE FROM {table} WHERE projection = ?", [name])
