@@ -1,8 +1,9 @@
 """``backbeat demo`` (= ``make demo``): the walking skeleton end to end on real data.
 
-up → topics → import the Spotify catalog and a real listening log → the listening-ingest agent
-(a Faust worker) sessionises the listens → the projection runner materialises ``listens``,
-``sessions`` and ``tracks`` into DuckDB (+ the Parquet lake) → a report → stop what it started.
+up → topics → import the Spotify catalog and a real listening log → the Faust worker's agents
+sessionise the listens and compute windowed user and track features → the projection runner
+materialises ``listens``, ``sessions``, ``tracks``, the feature store and the recommendations
+into DuckDB (+ the Parquet lake) → a report → stop what it started.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from events.offsets import high_watermarks
 from infra.errors import InfraError
 from infra.processes import Running, spawn, stop, tail
 from infra.settings import REPO_ROOT, Settings
-from projections.names import NAMES_CTE
+from projections.names import NAMES_CTE, name_ctes
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_LISTENS = DATA_DIR / "listens_30music_2014.tsv"
@@ -170,6 +171,35 @@ SELECT (SELECT count(*) FROM listens) AS listens,
        (SELECT count(*) FROM tracks) AS catalog_tracks
 """
 
+FEATURE_TOTALS = """
+SELECT 'user' AS entity,
+       format('{}/{}', window_size_ms // 60000, window_step_ms // 60000) AS "window/step (min)",
+       count(*) AS "values", count(DISTINCT user_id) AS entities, round(avg(plays), 2) AS avg_plays
+FROM user_features GROUP BY ALL
+UNION ALL
+SELECT 'track', format('{}/{}', window_size_ms // 60000, window_step_ms // 60000), count(*),
+       count(DISTINCT track_id), round(avg(plays), 2)
+FROM track_features GROUP BY ALL
+ORDER BY 1 DESC, 2
+"""
+
+TRENDING = "WITH " + name_ctes(
+    "(SELECT track_id, artist_id, NULL::VARCHAR AS track_name, NULL::VARCHAR AS artist_name, window_start, "
+    "plays, listeners, trending_score, baseline_plays_mean FROM track_features)",
+    "f",
+) + """
+SELECT track_id, track_shown AS track, artist_shown AS artist, window_start, plays, listeners,
+       round(baseline_plays_mean, 2) AS baseline, round(trending_score, 1) AS trending
+FROM named WHERE listeners >= 3
+QUALIFY row_number() OVER (PARTITION BY track_id ORDER BY trending_score DESC, window_start) = 1
+ORDER BY trending_score DESC, plays DESC, track_id LIMIT 10
+"""
+
+MOST_ACTIVE_USER = """
+SELECT user_id FROM listens JOIN experiment_assignments USING (user_id)
+WHERE variant = 'item2item' GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1
+"""
+
 EXPLORE = [
     "backbeat sql \"SELECT user_id, count(*) AS listens FROM listens GROUP BY 1 ORDER BY 2 DESC LIMIT 10\"",
     "backbeat sql \"SELECT date_trunc('day', session_start) AS day, count(*), avg(listens) "
@@ -179,6 +209,9 @@ EXPLORE = [
     "backbeat sql \"SELECT listens, count(*) AS sessions FROM sessions GROUP BY 1 ORDER BY 1 LIMIT 20\"",
     "backbeat sql \"SELECT count(*) FROM read_parquet('{lake}/listens/**/*.parquet', "
     "hive_partitioning = true)\"",
+    "backbeat features {user}          # the feature store: latest values, --as-of for a point in time",
+    "backbeat recommend {user}         # Made for You: the user's list, its A/B variant",
+    "backbeat evaluate recommendations # HR@20/MRR@20 of the model against baselines",
 ]
 
 
@@ -204,6 +237,8 @@ def _print_hours(settings: Settings) -> None:
 def report(settings: Settings) -> None:
     """Print the demo's report from the read models."""
     from infra.console import console
+    from projections.recommendations import VARIANT_COMPARISON_SQL
+    from projections.sql import query
 
     _print_query("Totals", settings, TOTALS)
     console.print(
@@ -216,9 +251,27 @@ def report(settings: Settings) -> None:
     _print_query("Top tracks", settings, TOP_TRACKS)
     _print_query("Listening sessions (30-minute inactivity gap)", settings, SESSION_STATS)
     _print_hours(settings)
+    _print_query("Feature store: final window values", settings, FEATURE_TOTALS)
+    _print_query(
+        "Trending: tracks (3+ listeners) most above their own last day, best 1 h window", settings, TRENDING
+    )
+    user = str(query(settings, MOST_ACTIVE_USER).rows[0][0])
+    _print_recommendations(settings, user)
+    title = "Made for You, per A/B variant (tracks played within 7 days)"
+    _print_query(title, settings, VARIANT_COMPARISON_SQL)
     console.print("\n[bold]Explore further[/] (DuckDB file: " + str(settings.duckdb_path) + ")")
     for line in EXPLORE:
-        console.print("  " + line.format(lake=settings.lake_dir), soft_wrap=True)
+        console.print("  " + line.format(lake=settings.lake_dir, user=user), soft_wrap=True)
+
+
+def _print_recommendations(settings: Settings, user: str) -> None:
+    from infra.console import console, table
+    from projections.recommendations import read_recommendations
+
+    recs = read_recommendations(settings, user, n=10)
+    rows = [(i.rank, i.track_id, i.track, i.artist, round(i.score, 4)) for i in recs.items]
+    title = f"Made for You: user {user} (most listens in variant {recs.variant} of {recs.experiment_id})"
+    console.print(table(["rank", "track_id", "track", "artist", "score"], rows, title=title))
 
 
 def run_demo(
@@ -244,6 +297,7 @@ def run_demo(
     from projections.runner import STATEFUL, run_projections
     from projections.tracking import reset
     from streams.config import IngestConfig
+    from streams.features_config import partials_topic
 
     began = time.monotonic()
     console.rule("[bold]backbeat demo")
@@ -282,14 +336,19 @@ def run_demo(
             console.print(f"  rejected line {reject.line}: {reject.reason}", style="yellow")
 
         group = IngestConfig.from_env().app_id
-        with progress_bar() as bar:
-            task = bar.add_task("agent: sessionise", total=None)
-            wait_until(
-                lambda: group_progress(settings, group, "playback.listens"),
-                on_progress=lambda p: bar.update(task, completed=p.committed, total=p.end),
-                worker=worker,
-                timeout_s=agent_timeout_s,
-            )
+        stages = [
+            ("agents: sessions, user features", "playback.listens"),
+            ("agent: track features", partials_topic(group)),
+        ]
+        for title, topic in stages:
+            with progress_bar() as bar:
+                task = bar.add_task(title, total=None)
+                wait_until(
+                    lambda topic=topic: group_progress(settings, group, topic),
+                    on_progress=lambda p, b=bar, t=task: b.update(t, completed=p.committed, total=p.end),
+                    worker=worker,
+                    timeout_s=agent_timeout_s,
+                )
         with progress_bar() as bar:
             task = bar.add_task("project into DuckDB", total=None)
             stats = run_projections(
