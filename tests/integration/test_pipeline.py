@@ -19,6 +19,7 @@ from infra.provision import apply_topics
 from infra.settings import Settings
 from projections.runner import run_projections
 from projections.sql import query
+from streams.features_config import partials_topic
 from tests.conftest import CATALOG, LISTENS_30MUSIC, LISTENS_LASTFM1K, env_for, settings_for, wait_for
 
 GROUND_TRUTH = """
@@ -64,11 +65,12 @@ def _run_pipeline(settings: Settings):
         catalog = import_catalog(settings, CATALOG)
         first = import_listens(settings, LISTENS_30MUSIC, "30music")
         second = import_listens(settings, LISTENS_30MUSIC, "30music")  # a re-import: no effect
-        wait_for(
-            lambda: group_progress(settings, "pipeline-test", "playback.listens").done
-            or worker.poll() is not None,
-            timeout_s=240, what="the agent to process every listen",
-        )  # fmt: skip
+        for topic in ("playback.listens", partials_topic("pipeline-test")):  # both agent stages
+            wait_for(
+                lambda topic=topic: group_progress(settings, "pipeline-test", topic).done
+                or worker.poll() is not None,
+                timeout_s=240, what=f"the agents to process every record of {topic}",
+            )  # fmt: skip
         assert worker.poll() is None, (settings.data_dir / "worker.log").read_text()[-3000:]
         stats = run_projections(settings, until_caught_up=True)
         yield settings, catalog, first, second, stats
@@ -131,6 +133,50 @@ def test_parquet_lake_holds_every_listen_once(pipeline):
     assert got == (86_468, 86_468)
 
 
+WINDOW_TRUTH = """
+SELECT user_id, {size} AS window_size_ms, w AS window_start, count(*) AS plays,
+       count(DISTINCT artist_id) AS distinct_artists
+FROM (SELECT user_id, artist_id,
+             epoch_ms(occurred_at) - epoch_ms(occurred_at) % {step} - k * {step} AS w
+      FROM listens, range(0, {size} // {step}) r(k))
+GROUP BY ALL
+"""
+
+TRACK_TRUTH = """
+SELECT track_id, w AS window_start, count(*) AS plays, count(DISTINCT user_id) AS listeners
+FROM (SELECT track_id, user_id, epoch_ms(occurred_at) - epoch_ms(occurred_at) % 300000 - k * 300000 AS w
+      FROM listens, range(0, 12) r(k))
+GROUP BY ALL HAVING count(*) >= 2
+"""
+
+
+def test_feature_store_equals_a_group_by_over_the_listens(pipeline):
+    """Every user window (1 h/5 min, 1 day/1 h) and every track window with 2+ plays, with their
+    counts, and nothing else; the re-import's listens came after the closing watermark (late)."""
+    settings = pipeline[0]
+    mine = """SELECT user_id, window_size_ms, epoch_ms(window_start) AS window_start, plays, distinct_artists
+              FROM user_features"""
+    truth = " UNION ALL ".join(
+        WINDOW_TRUTH.format(size=size, step=step) for size, step in ((3_600_000, 300_000), (86_400_000, 3_600_000))
+    )
+    counts = query(
+        settings,
+        f"""SELECT (SELECT count(*) FROM user_features),
+                   (SELECT count(*) FROM (({mine}) EXCEPT ({truth}))),
+                   (SELECT count(*) FROM (({truth}) EXCEPT ({mine})))""",
+    ).rows[0]
+    assert counts == (174_424 + 127_138, 0, 0)
+    mine_tracks = "SELECT track_id, epoch_ms(window_start), plays, listeners FROM track_features"
+    counts = query(
+        settings,
+        f"""SELECT (SELECT count(*) FROM track_features),
+                   (SELECT count(*) FROM (({mine_tracks}) EXCEPT ({TRACK_TRUTH}))),
+                   (SELECT count(*) FROM (({TRACK_TRUTH}) EXCEPT ({mine_tracks})))""",
+    ).rows[0]
+    assert counts == (33_870, 0, 0)
+    assert query(settings, "SELECT count(DISTINCT user_id) FROM recommendations").rows[0][0] == 3_297
+
+
 def test_demo_command_on_lastfm1k(tmp_path: Path):
     """`backbeat demo --listens … --format lastfm1k` end to end, as a user types it."""
     env = dict(os.environ)
@@ -147,6 +193,7 @@ def test_demo_command_on_lastfm1k(tmp_path: Path):
     (tmp_path / "demo.out").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, [ln for ln in result.stderr.splitlines() if not ln.startswith("[")][-30:]
     assert "Top artists" in result.stdout and "Listens per hour" in result.stdout
+    assert "Feature store" in result.stdout and "Made for You" in result.stdout
     settings = Settings.from_env(env)
     assert query(settings, "SELECT count(*) FROM listens").rows[0][0] == 5000
     assert query(settings, "SELECT sum(listens) FROM sessions").rows[0][0] == 5000
