@@ -192,11 +192,12 @@ def synthetic_listens(seed: int, n: int, t0: int) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdict://"])
 def test_windowed_counts_equal_a_group_by_with_late_listens(
-    stack: Settings, unique: Callable[[str], str], tmp_path: Path, setups: list[Setup]
+    stack: Settings, unique: Callable[[str], str], tmp_path: Path, setups: list[Setup], store: str
 ) -> None:
     name = unique("feat")
-    setup = Setup(stack, name, f"{name}.listens", tmp_path / "worker.log")
+    setup = Setup(stack, name, f"{name}.listens", tmp_path / "worker.log", BACKBEAT_STREAMS_STORE=store)
     setups.append(setup)
     listens = synthetic_listens(7, 1200, 1_700_000_000_000)
     listens += listens[100:130]  # re-sent duplicates (same ids and times)
@@ -242,6 +243,9 @@ def test_windowed_counts_equal_a_group_by_with_late_listens(
     truth_tracks = ref.track_windows(con, spec, setup.features.baseline_windows)
     got_tracks = {(e["track_id"], e["window_start"]): (e["plays"], e["listeners"]) for e in tracks.values()}
     assert got_tracks == {k: (p, n) for k, (p, n, _) in truth_tracks.items()}
+
+    if store == "rocksdict://":  # the tables lived in RocksDB files under the data dir
+        assert list((stack.data_dir / "faust" / name).glob("v*/tables/features-*.db"))
 
     proc = setup.worker.proc
     assert proc is not None
