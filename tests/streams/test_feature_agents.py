@@ -130,13 +130,9 @@ def read_source(settings: Settings, topic: str) -> list[ref.Row]:
     decoder = registry_for(settings.registry_url).decoder()
     reader = TopicReader(settings, topic, 6)
     try:
-        records = reader.poll()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            before = len(records)
-            records = reader.poll()
-            if len(records) == before and before:
-                break
+        end = sum(high_watermarks(settings, topic).values())
+        wait_for(lambda: len(reader.poll()) >= end, 30, f"all of {topic}")
+        records = reader.records
         rows = []
         for msg in records:
             headers = msg.headers() or []
@@ -201,14 +197,11 @@ def test_windowed_counts_equal_a_group_by_with_late_listens(
     setups.append(setup)
     listens = synthetic_listens(7, 1200, 1_700_000_000_000)
     listens += listens[100:130]  # re-sent duplicates (same ids and times)
-    EventProducer(stack).send_many(
-        setup.source,
-        "ListenRecorded",
-        listens,
-        key_field="user_id",
-        time_field="occurred_at",
-        source="/tests",
+    producer = EventProducer(stack)
+    producer.send_many(
+        setup.source, "ListenRecorded", listens, key_field="user_id", time_field="occurred_at", source="/tests"
     )
+    producer.flush()  # the listens before the watermarks
     mark = max(r["occurred_at"] for r in listens) + END_OF_INPUT_MS
     send_marks(stack, setup.source, mark)
     setup.worker.start()
