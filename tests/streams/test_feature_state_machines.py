@@ -237,6 +237,16 @@ def test_affinity_is_the_decayed_sum_of_earlier_listens() -> None:
     assert checked > 100
 
 
+def test_counters_reconcile_per_window_spec() -> None:
+    rows = make_rows(9)
+    pipe = run(rows, 9)
+    listens = sum(not r.control for r in rows)
+    for i, spec in enumerate(SPECS):
+        counters = [pf.counters[i] for pf in pipe.parts.values()]
+        assert sum(c.listens for c in counters) == listens, spec.name
+        assert sum(c.late for c in counters) > 0 and sum(c.duplicates for c in counters) > 0
+
+
 @pytest.mark.parametrize("seed", [5, 6, 7, 8])
 def test_crashes_and_replays_change_nothing(seed: int) -> None:
     rows = make_rows(seed)
