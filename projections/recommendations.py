@@ -9,11 +9,12 @@ Per batch, in ONE DuckDB transaction together with the consumed offsets
    applied before (``recommendation_seen``; a re-import or a retried producer), keeping the first
    by (partition, offset);
 2. fold the listens, per user in offset order, into each user's open-session context
-   (``recommendation_context``: latest event time, the last tracks of the open session, the last
-   10 tracks) with :func:`personalisation.streaming.advance` (the 30-minute gap rule,
-   ``Settings.session_gap_ms``), and add the pair and play deltas to ``item_pairs`` and
+   (``recommendation_context``: latest event time, the last plays of the open session, the last
+   10 plays) with :func:`personalisation.streaming.advance` (the 30-minute gap rule,
+   ``Settings.session_gap_ms``; a replay of the previous track of the session is collapsed into
+   it), and add the pair-weight and play deltas to ``item_pairs`` (summed ``1 / distance``) and
    ``item_plays`` and to the in-memory :class:`~personalisation.cooccurrence.CooccurrenceModel`
-   (built from those tables with ``from_counts`` at the first batch of a run);
+   (built from those tables by :func:`served_model` at the first batch of a run);
 3. assign the users of the batch to the experiment (a new user gets a row in
    ``experiment_assignments`` and an ``ExperimentAssigned`` event, id deterministic per user,
    experiment and version);
@@ -31,12 +32,23 @@ then sent again (at-least-once delivery with deterministic ids: consumers de-dup
 id when the retried batch ends where the first one did, else it is another list (the first one's
 event then has no ``recommendation_history`` row). A crash after the commit loses nothing. So the
 tables are exactly-once, the events at-least-once. A list is generated from the model as it
-stands at the end of the batch, so lists (unlike the counts and contexts) depend on where batches
-ended; ``generated_at`` is event time: the user's latest listen the list accounts for.
+stands at the end of the batch, so lists (unlike the pair weights, plays and contexts) depend on
+where batches ended; ``generated_at`` is event time: the user's latest listen the list accounts
+for.
+
+The model served is the offline evaluation's ``item-to-item``
+(:func:`personalisation.evaluation.fit_method`; ``docs/readme/evaluation.md``): window 5, pairs
+weighted ``1 / distance``, consecutive repeats collapsed, history of 10 with decay 0.5, trained on
+the sessions cut here. Weight sums are kept on the exact ``1 / 60`` grid
+(:func:`personalisation.streaming.snap_weights`), in ``item_pairs`` and in memory alike, so the
+tables and lists do not depend on where batches ended or whether the run restarted.
 
 :func:`projections.tracking.reset` with ``["recommendations"]`` drops the ``recommendations``
 table and its offsets; the next run finds no offsets and empties the other tables here too, so
-the whole model is rebuilt from offset 0.
+the whole model is rebuilt from offset 0 (its state tables are dropped and created again, so a
+file written by an older version of this read model gets the current layout). A file from
+version 1 (integer pair counts, replays not collapsed) is refused at start with the reset command
+to run (:func:`projections.tracking.ensure_tables`).
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ import pyarrow as pa
 from events.producer import EventProducer
 from infra.errors import BackbeatError, ConfigError
 from infra.settings import Settings
-from personalisation.cooccurrence import HISTORY, CooccurrenceModel
+from personalisation.cooccurrence import HISTORY, WINDOW, CooccurrenceModel
 from personalisation.experiments import (
     ITEM2ITEM_MODEL,
     MADE_FOR_YOU,
@@ -65,7 +77,15 @@ from personalisation.experiments import (
     assign,
     assignment_event_id,
 )
-from personalisation.streaming import ListItem, UserContext, advance, assemble, most_played
+from personalisation.streaming import (
+    ListItem,
+    UserContext,
+    advance,
+    assemble,
+    most_played,
+    snap_weights,
+    weight_unit,
+)
 from projections.apply import Applied
 from projections.decoding import Prepared, Reject
 from projections.names import name_ctes
@@ -109,7 +129,7 @@ RECOMMENDATIONS_DDL = f"""CREATE TABLE IF NOT EXISTS {NAME} (
 #: The state tables (created at every start after the ``recommendations`` table).
 STATE_DDL = (
     f"""CREATE TABLE IF NOT EXISTS {PAIRS_TABLE} (
-  track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, "count" BIGINT NOT NULL,
+  track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, distance_weight DOUBLE NOT NULL,
   PRIMARY KEY (track_a, track_b))""",
     f"""CREATE TABLE IF NOT EXISTS {PLAYS_TABLE} (
   track_id VARCHAR PRIMARY KEY, artist_id VARCHAR NOT NULL, track_name VARCHAR, artist_name VARCHAR,
@@ -143,9 +163,11 @@ class StatefulProjection(Projection):
 
 _S, _T = pa.string(), pa.timestamp("ms")
 
+#: Version 2: ``item_pairs.distance_weight`` (summed 1/distance, DOUBLE) replaced version 1's
+#: integer ``count``, and replays are collapsed; a version-1 file must be reset and rebuilt.
 RECOMMENDATIONS = StatefulProjection(
     name=NAME,
-    version=1,
+    version=2,
     topic="playback.listens",
     event_type="backbeat.playback.ListenRecorded",
     columns=(
@@ -252,6 +274,13 @@ class RecommendationsWriter:
         self._producer = producer
         self._model: CooccurrenceModel | None = None
 
+    @property
+    def model(self) -> CooccurrenceModel | None:
+        """The in-memory model the lists are made from, as of the last committed batch (equal, bit
+        for bit, to :func:`served_model` of ``item_pairs``/``item_plays``); ``None`` before the
+        first batch of a run and after a failed one. Do not modify it."""
+        return self._model
+
     # -- the batch transaction -------------------------------------------------------------------
     def __call__(
         self,
@@ -328,12 +357,14 @@ class RecommendationsWriter:
             window=model.window,
             history=HISTORY,
         )
-        a, b, counts = delta.pair_arrays()
+        a, b, weights = delta.pair_arrays()
         played, plays = delta.play_arrays()
-        _upsert_pairs(conn, a, b, counts)
-        _upsert_plays(conn, new)
+        _upsert_pairs(conn, a, b, weights, model.window)
+        _upsert_plays(conn, new, played, plays)
         _save_contexts(conn, delta.contexts)
-        model.add_counts(a, b, counts, played, plays)
+        model.add_counts(a, b, weights, played, plays)
+        # the in-memory sums on the same exact grid as item_pairs (so a restart changes nothing)
+        model.counts.data = snap_weights(model.counts.data, model.window)
         assignments = self._assign(conn, delta.contexts)
         self._generate(conn, delta.contexts, assignments)
         return delta.listens
@@ -483,18 +514,34 @@ def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None
         conn.unregister("bb_rec_rows")
 
 
+def served_model(
+    a: Sequence[str], b: Sequence[str], weights: np.ndarray, tracks: Sequence[str], plays: np.ndarray
+) -> CooccurrenceModel:
+    """The model the ``item2item`` variant serves, from stored sums: ``weights[k]`` (float64,
+    shape (n,)) the summed ``1 / distance`` of the unordered pair ``(a[k], b[k])``, ``plays[k]``
+    the plays of ``tracks[k]``. Window 5, ``distance_weighted``: the configuration of the offline
+    evaluation's ``item-to-item`` row (``docs/readme/evaluation.md``), which it equals when given
+    the same sessions (tested)."""
+    return CooccurrenceModel.from_counts(a, b, weights, tracks, plays, window=WINDOW, distance_weighted=True)
+
+
 def _load_model(conn: duckdb.DuckDBPyConnection, *, fresh: bool) -> CooccurrenceModel:
     """The model from ``item_pairs``/``item_plays``; with ``fresh`` (no stored offsets: a first run
-    or a reset) every table of this read model is emptied first, to be rebuilt from offset 0."""
+    or a reset) the state tables are dropped and created again (in the current layout) and the
+    ``recommendations`` table emptied, to be rebuilt from offset 0."""
     if fresh:
         for table in STATE_TABLES:
-            conn.execute(f"DELETE FROM {table}")
-    pairs = conn.sql(f'SELECT track_a, track_b, "count" FROM {PAIRS_TABLE}').to_arrow_table()
+            if table != NAME:  # NAME is the projection's own table (ensure_tables made it)
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for ddl in STATE_DDL:
+            conn.execute(ddl)
+        conn.execute(f"DELETE FROM {NAME}")
+    pairs = conn.sql(f"SELECT track_a, track_b, distance_weight FROM {PAIRS_TABLE}").to_arrow_table()
     plays = conn.sql(f"SELECT track_id, plays FROM {PLAYS_TABLE}").to_arrow_table()
-    return CooccurrenceModel.from_counts(
+    return served_model(
         pairs["track_a"].to_pylist(),
         pairs["track_b"].to_pylist(),
-        pairs["count"].to_numpy().astype(np.float64),
+        pairs["distance_weight"].to_numpy().astype(np.float64),
         plays["track_id"].to_pylist(),
         plays["plays"].to_numpy().astype(np.float64),
     )
@@ -559,38 +606,53 @@ def _save_contexts(conn: duckdb.DuckDBPyConnection, contexts: Mapping[str, UserC
         conn.unregister("bb_rec_ctx")
 
 
-def _upsert_pairs(conn: duckdb.DuckDBPyConnection, a: list[str], b: list[str], counts: np.ndarray) -> None:
+def _upsert_pairs(
+    conn: duckdb.DuckDBPyConnection, a: list[str], b: list[str], weights: np.ndarray, window: int
+) -> None:
+    """Add the batch's pair weights; each new sum is rounded to the exact ``1 / weight_unit``
+    grid, as :func:`personalisation.streaming.snap_weights` (same bits as the in-memory model)."""
     if not a:
         return
     rows = pa.table(
         {
             "track_a": pa.array(a, pa.string()),
             "track_b": pa.array(b, pa.string()),
-            "count": pa.array(counts.astype(np.int64)),
+            "distance_weight": pa.array(weights, pa.float64()),
         }
     )
+    unit = weight_unit(window)
     conn.register("bb_rec_pairs", rows)
     try:
         conn.execute(
             f"INSERT INTO {PAIRS_TABLE} SELECT * FROM bb_rec_pairs ON CONFLICT (track_a, track_b) "
-            f'DO UPDATE SET "count" = {PAIRS_TABLE}."count" + excluded."count"'
+            f"DO UPDATE SET distance_weight = round(({PAIRS_TABLE}.distance_weight + "
+            f"excluded.distance_weight) * {unit}.0) / {unit}.0"
         )
     finally:
         conn.unregister("bb_rec_pairs")
 
 
-def _upsert_plays(conn: duckdb.DuckDBPyConnection, new: pa.Table) -> None:
-    """Add the batch's plays per track; keep the first artist id and names seen."""
+def _upsert_plays(
+    conn: duckdb.DuckDBPyConnection, new: pa.Table, played: list[str], plays: np.ndarray
+) -> None:
+    """Add the batch's plays per track (``plays[k]`` of ``played[k]``: replays collapsed, so a
+    track of ``new`` may add 0); keep the first artist id and names seen."""
     conn.register("bb_rec_new", new)
+    conn.register(
+        "bb_rec_played",
+        pa.table({"track_id": pa.array(played, pa.string()), "plays": pa.array(plays.astype(np.int64))}),
+    )
     try:
         conn.execute(
-            f"INSERT INTO {PLAYS_TABLE} SELECT track_id, min(artist_id), min(track_name), "
-            "min(artist_name), count(*) FROM bb_rec_new GROUP BY track_id "
+            f"INSERT INTO {PLAYS_TABLE} SELECT n.track_id, min(n.artist_id), min(n.track_name), "
+            "min(n.artist_name), coalesce(any_value(p.plays), 0) FROM bb_rec_new n "
+            "LEFT JOIN bb_rec_played p USING (track_id) GROUP BY n.track_id "
             f"ON CONFLICT (track_id) DO UPDATE SET plays = {PLAYS_TABLE}.plays + excluded.plays, "
             f"track_name = coalesce({PLAYS_TABLE}.track_name, excluded.track_name), "
             f"artist_name = coalesce({PLAYS_TABLE}.artist_name, excluded.artist_name)"
         )
     finally:
+        conn.unregister("bb_rec_played")
         conn.unregister("bb_rec_new")
 
 
@@ -778,4 +840,5 @@ __all__ = [
     "UserRecommendations",
     "list_id",
     "read_recommendations",
+    "served_model",
 ]

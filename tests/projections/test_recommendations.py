@@ -1,6 +1,7 @@
 """Integration tests of the ``recommendations`` read model over the real broker and registry,
-on a slice of the real 30Music file: counts equal an offline computation, a restart mid-way gives
-the same tables, lists follow the experiment, events are emitted once per user / list.
+on a slice of the real 30Music file: pair weights, plays and lists equal the offline evaluation's
+``item-to-item`` model trained on the same sessions, a restart mid-way gives the same tables, lists
+follow the experiment, events are emitted once per user / list, a version-1 file is refused.
 
 One module-scoped run feeds most tests (two read models of the same topic: ``a`` stopped after a
 few batches and restarted, ``b`` in one go); each test checks one property of it.
@@ -22,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 from events.catalog import TopicSpec, topic
@@ -30,12 +32,14 @@ from events.importers.base import dedupe_and_order
 from events.importers.listens import parse_30music
 from events.importers.run import import_catalog, import_listens
 from events.producer import EventProducer
-from infra.errors import ConfigError
+from infra.errors import ConfigError, OffsetMismatchError
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
 from personalisation.cooccurrence import HISTORY, CooccurrenceModel
+from personalisation.evaluation import ItemToItem, collapse_repeats, fit_method
 from personalisation.experiments import MADE_FOR_YOU, Experiment, Variant, assign, assignment_event_id
-from personalisation.streaming import assemble, most_played
+from personalisation.sessions_data import Session
+from personalisation.streaming import assemble, most_played, snap_weights
 from projections.decoding import Prepared
 from projections.readmodels import TRACKS, to_table
 from projections.recommendations import (
@@ -50,6 +54,7 @@ from projections.recommendations import (
     VARIANT_COMPARISON_SQL,
     VARIANT_PER_USER_SQL,
     RecommendationsWriter,
+    served_model,
 )
 from projections.runner import ProjectionRunner, RunStats, run_projections
 from projections.sql import query
@@ -161,24 +166,40 @@ def world(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield World(topic, records, tail, a, b, a_runs, b_runs)
 
 
-def offline(listens: list[tuple[str, str, int]]) -> tuple[CooccurrenceModel, dict[str, list[str]]]:
-    """The batch-free reference: whole sessions per user by the 30-minute rule (written out here,
-    independently of personalisation.streaming), fed to CooccurrenceModel.add_sessions."""
+@dataclass
+class Offline:
+    """The batch-free reference: ``model`` is what the offline evaluation trains as
+    ``item-to-item``; ``history`` each user's plays over all sessions (replays collapsed, as the
+    evaluation trains); ``listens`` each user's listens."""
+
+    model: CooccurrenceModel
+    history: dict[str, list[str]]
+    listens: dict[str, int]
+
+
+def offline(listens: list[tuple[str, str, int]]) -> Offline:
+    """Whole sessions per user by the 30-minute rule (written out here, independently of
+    personalisation.streaming), given to personalisation.evaluation.fit_method("item-to-item")."""
     per_user: dict[str, list[tuple[str, int]]] = {}
     for user, track, t in listens:
         per_user.setdefault(user, []).append((track, t))
-    sessions: list[list[str]] = []
-    for plays in per_user.values():
-        current = [plays[0][0]]
+    sessions: list[Session] = []
+    history: dict[str, list[str]] = {}
+    for user, plays in per_user.items():
+        cut: list[list[tuple[str, int]]] = [[plays[0]]]
         for (_, before), (track, t) in zip(plays, plays[1:], strict=False):
             if t - before > GAP_MS:
-                sessions.append(current)
-                current = []
-            current.append(track)
-        sessions.append(current)
-    model = CooccurrenceModel()
-    model.add_sessions(sessions)
-    return model, {u: [t for t, _ in p] for u, p in per_user.items()}
+                cut.append([])
+            cut[-1].append((track, t))
+        for s in cut:
+            items = tuple(track for track, _ in s)
+            sessions.append(
+                Session(user, str(len(sessions)), "w", items, tuple(t for _, t in s), ("x",) * len(s))
+            )
+            history.setdefault(user, []).extend(collapse_repeats(items))
+    fitted = fit_method("item-to-item", sessions)
+    assert isinstance(fitted, ItemToItem)
+    return Offline(fitted.model, history, {u: len(p) for u, p in per_user.items()})
 
 
 def test_every_listen_applied_once_and_the_restart_happened(world: World):
@@ -190,22 +211,32 @@ def test_every_listen_applied_once_and_the_restart_happened(world: World):
     assert sum(r.duplicates + r.redelivered + r.rejects for r in world.a_runs + world.b_runs) == 0
 
 
-def test_pair_counts_and_plays_equal_offline_add_sessions(world: World):
-    model, _ = offline(world.listens)
+def test_pair_weights_and_plays_equal_the_evaluations_item_to_item(world: World):
+    model = offline(world.listens).model
+    assert (model.window, model.distance_weighted) == (5, True)
     coo = model.counts.tocoo()
     expected = {
-        (model.items[i], model.items[j]): int(v)
+        (model.items[i], model.items[j]): float(v)
         for i, j, v in zip(coo.row, coo.col, coo.data, strict=True)
         if model.items[i] < model.items[j]
     }
-    got = {
-        (x, y): n
-        for x, y, n in rows(world.a.settings, f'SELECT track_a, track_b, "count" FROM {PAIRS_TABLE}')
-    }
-    assert len(expected) > 5000
-    assert got == expected
+    types = dict(rows(world.a.settings, f"SELECT column_name, data_type FROM duckdb_columns() "
+                                        f"WHERE table_name = '{PAIRS_TABLE}'"))  # fmt: skip
+    assert types == {"track_a": "VARCHAR", "track_b": "VARCHAR", "distance_weight": "DOUBLE"}
+    got = dict(
+        ((x, y), w)
+        for x, y, w in rows(world.a.settings, f"SELECT track_a, track_b, distance_weight FROM {PAIRS_TABLE}")
+    )
+    assert len(expected) > 5000 and set(got) == set(expected)
+    # summed 1/distance: equal to add_sessions' float sums to 1e-12, and bit for bit once those are
+    # rounded to the exact 1/60 grid the read model keeps
+    assert got == pytest.approx(expected, rel=1e-12)
+    keys = sorted(expected)
+    assert [got[k] for k in keys] == snap_weights(np.array([expected[k] for k in keys]), 5).tolist()
+    assert sum(w != round(w) for w in got.values()) > 1000  # really weights, not counts
     plays = dict(rows(world.a.settings, f"SELECT track_id, plays FROM {PLAYS_TABLE}"))
     assert plays == {t: int(model.plays[i]) for i, t in enumerate(model.items)}
+    assert sum(plays.values()) < len(world.listens)  # replays were collapsed
 
 
 def test_restart_mid_way_gives_the_same_tables(world: World):
@@ -216,16 +247,17 @@ def test_restart_mid_way_gives_the_same_tables(world: World):
 
 
 def test_user_contexts_resume_exactly(world: World):
-    _, history = offline(world.listens)
+    ref = offline(world.listens)
     got = rows(world.a.settings, f"SELECT user_id, recent_tracks, listens, sessions FROM {CONTEXT_TABLE}")
     assert {u: (recent, n) for u, recent, n, _ in got} == {
-        u: (tracks[-HISTORY:], len(tracks)) for u, tracks in history.items()
+        u: (tracks[-HISTORY:], ref.listens[u]) for u, tracks in ref.history.items()
     }
     assert all(sessions >= 2 for *_, sessions in got)  # the tail opened a new session for everyone
 
 
-def test_lists_follow_the_assignment_and_the_offline_model(world: World):
-    model, history = offline(world.listens)
+def test_lists_follow_the_assignment_and_the_evaluations_item_to_item(world: World):
+    ref = offline(world.listens)
+    model, history = ref.model, ref.history
     popular = most_played(model.items, model.plays, 20 + HISTORY)
     got: dict[str, list[tuple]] = {}
     for user, rank, track, score, source, variant, exp in rows(
@@ -297,6 +329,29 @@ def test_reset_rebuilds_the_same_tables(world: World):
     sql = f"SELECT {LIST_COLUMNS} FROM recommendations ORDER BY ALL"
     strip = [r[:-1] for r in before["recommendations"]]  # drop computed_at (wall clock)
     assert rows(world.b.settings, sql) == strip
+
+
+def test_a_version_1_file_is_refused_and_reset_rebuilds_the_new_layout(world: World, stack, tmp_path):
+    # a file written by version 1 of this read model: integer pair counts in item_pairs."count"
+    s = store(stack, tmp_path / "old")
+    s.settings.duckdb_path.parent.mkdir(parents=True)
+    with duckdb.connect(str(s.settings.duckdb_path)) as conn:
+        ensure_tables(conn, dataclasses.replace(RECOMMENDATIONS.on_topic(world.topic), version=1))
+        conn.execute(
+            f'CREATE TABLE {PAIRS_TABLE} (track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, "count" BIGINT '
+            "NOT NULL, PRIMARY KEY (track_a, track_b))"
+        )
+        conn.execute(f"INSERT INTO {PAIRS_TABLE} VALUES ('x', 'y', 7)")
+    assert RECOMMENDATIONS.version == 2
+    with pytest.raises(OffsetMismatchError, match="built by version 1") as refused:
+        s.runner(world.topic).run(until_caught_up=True)
+    assert "backbeat projections reset recommendations" in str(refused.value)
+    reset(s.settings, ["recommendations"])
+    s.runner(world.topic, batch_size=50_000, linger_s=2).run(until_caught_up=True)
+    columns = rows(s.settings, f"SELECT column_name FROM duckdb_columns() WHERE table_name = '{PAIRS_TABLE}'")
+    assert [c for (c,) in columns] == ["track_a", "track_b", "distance_weight"]
+    for table in STATE:  # the same data as the other read models, nothing of the old file left
+        assert dump(s.settings, table) == dump(world.a.settings, table), table
 
 
 def test_reimport_changes_nothing(world: World, tmp_path: Path):
@@ -482,6 +537,36 @@ def test_writer_redelivered_batch_applies_once_and_failed_batch_leaves_nothing(w
     assert snapshot(clean) == retried and len(retried["recommendations"]) > 0
     assert all(retried[t] for t in tables)
     clean.close()
+
+
+def test_in_memory_model_equals_the_tables_bit_for_bit_after_many_small_batches(
+    world: World, stack, tmp_path
+):
+    # many small batches add to the same pairs again and again (1/3 + 1/5 + ...): the in-memory
+    # sums must stay on the same exact grid as item_pairs, or a restart would change the lists
+    proj = RECOMMENDATIONS.on_topic("rec.small")
+    identity = LogIdentity("cluster-x", {"rec.small": "topic-x"})
+    s = store(stack, tmp_path)
+    conn = duckdb.connect(str(s.settings.duckdb_path))
+    ensure_tables(conn, proj)
+    for statement in proj.extra_ddl:
+        conn.execute(statement)
+    w = s.writer()
+    records = world.records[:2000]
+    for start in range(0, len(records), 10):
+        w(conn, tmp_path, {proj.topic: proj}, batch(records[start : start + 10], start, proj.topic), identity)
+    pairs = conn.execute(f"SELECT track_a, track_b, distance_weight FROM {PAIRS_TABLE}").fetchall()
+    plays = conn.execute(f"SELECT track_id, plays FROM {PLAYS_TABLE}").fetchall()
+    conn.close()
+    a, b, weights = zip(*pairs, strict=True)
+    tracks, counts = zip(*plays, strict=True)
+    stored = served_model(a, b, np.array(weights), tracks, np.array(counts, float))
+    memory = w.model
+    assert memory is not None and sorted(memory.items) == sorted(stored.items)
+    perm = np.array([memory.index[t] for t in stored.items])
+    assert (memory.counts[perm][:, perm] != stored.counts).nnz == 0
+    assert memory.plays[perm].tolist() == stored.plays.tolist()
+    assert sum(x != round(x) for x in weights) > 500
 
 
 def test_readme_section_shows_the_variant_sql_verbatim():
