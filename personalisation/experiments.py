@@ -136,7 +136,7 @@ def shares(assignments: Mapping[str, Assignment]) -> dict[str, float]:
 
 #: Model names of the variants' lists (stored with each list).
 POPULAR_MODEL = "most-popular-v1"
-ITEM2ITEM_MODEL = "item2item-cooc-v1"
+ITEM2ITEM_MODEL = "item2item-cooc-v2"
 
 #: "Made for You": most-popular (control) against item-to-item co-occurrence, 50/50.
 MADE_FOR_YOU = Experiment(

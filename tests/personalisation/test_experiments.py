@@ -99,6 +99,6 @@ def test_invalid_experiments_are_refused(variants, message):
 def test_made_for_you_declaration():
     assert MADE_FOR_YOU.weights == {"control": 5000, "item2item": 5000}
     assert MADE_FOR_YOU.variant("control").model == "most-popular-v1"
-    assert MADE_FOR_YOU.variant("item2item").model == "item2item-cooc-v1"
+    assert MADE_FOR_YOU.variant("item2item").model == "item2item-cooc-v2"
     with pytest.raises(ConfigError, match="no variant 'x'"):
         MADE_FOR_YOU.variant("x")

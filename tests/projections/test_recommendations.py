@@ -437,7 +437,7 @@ def test_recommend_cli_prints_names_scores_and_variant(world: World, stack):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert (doc["user_id"], doc["experiment_id"], doc["variant"], doc["model"]) == (
-        user, "made-for-you-v1", "item2item", "item2item-cooc-v1",
+        user, "made-for-you-v1", "item2item", "item2item-cooc-v2",
     )  # fmt: skip
     table = rows(
         settings, f"SELECT track_id, score FROM recommendations WHERE user_id = '{user}' ORDER BY rank"
