@@ -4,9 +4,11 @@ listens replayed N times (user ids suffixed by copy number), peak RSS."""
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,26 @@ def peak_rss_mib(children: bool = False) -> float:
     """Peak resident set size in MiB of this process (or of its waited-for children)."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 1024
+
+
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def log_time(line: str) -> float:
+    """The time (s since the epoch, local clock) at the start of a Faust worker log line.
+
+    Raises:
+        ValueError: the line has no ``[YYYY-mm-dd HH:MM:SS,mmm]`` prefix.
+    """
+    match = _LOG_TIME.match(line)
+    if not match:
+        raise ValueError(f"no timestamp in {line!r}")
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (``VmHWM``) of a running process in MB, or -1 when unknown."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return -1.0

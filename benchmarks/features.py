@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from benchmarks.common import LISTENS_30MUSIC, private_stack, replayed_listens
+from benchmarks.common import LISTENS_30MUSIC, log_time, private_stack, process_peak_rss_mb, replayed_listens
 from events.control import END_OF_INPUT_MS, watermark_headers
 from events.offsets import partitions_of
 from events.producer import EventProducer
@@ -37,21 +35,8 @@ from streams.features_config import FeaturesConfig
 
 APP_ID = "bench-features"
 SOURCE = "bench.listens"
-_TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
-def _log_time(line: str) -> float:
-    match = _TS.match(line)
-    if not match:
-        raise ValueError(f"no timestamp in {line!r}")
-    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return -1.0
 
 
 def produce(settings: Settings, records: list[dict[str, Any]]) -> int:
@@ -127,13 +112,13 @@ def run_worker(settings: Settings, total: int, mark: int, log: Path) -> dict[str
                     done = (seen[0][0], stats)
             else:
                 seen[:] = [(lines[-1], stats)]
-        rss = _peak_rss_mb(proc.pid)
+        rss = process_peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     lines = log.read_text(errors="replace").splitlines()
     first = next(ln for ln in lines if "restored at watermark" in ln)
-    elapsed = _log_time(done[0]) - _log_time(first)
+    elapsed = log_time(done[0]) - log_time(first)
     return {"elapsed_s": round(elapsed, 2), "peak_rss_mb": rss, "stats": done[1]}
 
 

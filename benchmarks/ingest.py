@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
+from benchmarks.common import log_time, process_peak_rss_mb  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.cloudevents import ce_headers  # noqa: E402
 from events.control import is_control, watermark_headers, watermark_of  # noqa: E402
@@ -150,21 +149,8 @@ def baseline(settings: Settings, source: str, sink: str, total: int) -> dict:
     return {"elapsed_s": round(elapsed, 3), "rate": round(total / elapsed), "sessions": sessions, **counters}
 
 
-_TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
-def _log_time(line: str) -> float:
-    match = _TS.match(line)
-    if not match:
-        raise ValueError(f"no timestamp in {line!r}")
-    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return -1.0
 
 
 def agent(settings: Settings, config: IngestConfig, env: dict[str, str], total: int, log: Path) -> dict:
@@ -187,13 +173,13 @@ def agent(settings: Settings, config: IngestConfig, env: dict[str, str], total: 
                     if stats["listens_in"] >= total and stats["control_records"] >= PARTITIONS:
                         done = (line, stats)
                         break
-        rss = peak_rss_mb(proc.pid)
+        rss = process_peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     lines = log.read_text(errors="replace").splitlines()
     first = next(ln for ln in lines if "restored" in ln and "partition" in ln)
-    elapsed = _log_time(done[0]) - _log_time(first)
+    elapsed = log_time(done[0]) - log_time(first)
     stats = done[1]
     return {
         "elapsed_s": round(elapsed, 3),
