@@ -16,7 +16,8 @@ Garbage collection: on first start the worker applies :func:`infra.runtime.tune_
 the 10-copy ingest ratio went from 0.44 to 0.61 with it; the reasons are in that module).
 
 Importing this module registers the agents chosen by ``BACKBEAT_STREAMS_AGENTS`` (default: all):
-listening ingest (:mod:`streams.ingest`) and the feature agents (:mod:`streams.features`).
+listening ingest (:mod:`streams.ingest`), the feature agents (:mod:`streams.features`) and ad
+reporting (:mod:`streams.ads`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class BackbeatApp(faust.App):
         specs = self.ingest_config.topic_specs()
         if "features" in self.ingest_config.agents:
             specs += self.features_config.topic_specs(self.conf.id, self.conf.topic_partitions)
+        if "ads" in self.ingest_config.agents:
+            from streams.ads import AdsConfig
+
+            specs += AdsConfig.from_env().topic_specs(self.conf.id)
         reports = await asyncio.to_thread(apply_topics, self.backbeat_settings, specs)
         for report in reports:
             if report.action == "drift":
@@ -167,3 +172,8 @@ if "features" in app.ingest_config.agents:
     from streams import features as _features  # noqa: E402
 
     feature_agents = _features.register(app, ingest.source_topic, app.features_config)
+
+if "ads" in app.ingest_config.agents:
+    from streams import ads as _ads  # noqa: E402
+
+    ad_agent = _ads.register(app, _ads.AdsConfig.from_env())

@@ -13,7 +13,7 @@ variable                               meaning (default)
 ``BACKBEAT_INGEST_STATS_INTERVAL_S``   seconds between ``ingest stats`` log lines (``10``)
 ``BACKBEAT_INGEST_FETCH_WAIT_MS``      consumer fetch max wait, ms (``100``; Faust: 1500)
 ``BACKBEAT_STREAMS_AGENTS``            which agents the worker runs: ``ingest``,
-                                       ``features`` or both, comma-separated (both)
+                                       ``features``, ``ads``, comma-separated (all)
 =====================================  ===================================================
 
 Topics that are overridden keep the partition count and configs of the catalogue entry they
@@ -34,7 +34,7 @@ SESSIONS = "listening.sessions"
 DLQ = "playback.listens.dlq"
 TABLE = "sessions"
 #: The agent groups a worker can run (``BACKBEAT_STREAMS_AGENTS``).
-AGENT_GROUPS = ("ingest", "features")
+AGENT_GROUPS = ("ingest", "features", "ads")
 
 
 def _num(env: dict[str, str], name: str, default: str, kind: type[int] | type[float]) -> float:
