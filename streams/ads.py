@@ -46,8 +46,7 @@ from events.serde import AvroDecoder, AvroEncoder
 from streams import ad_state
 from streams.ad_reporting import AdPartition, Exhausted, Report, exhausted_event_id
 from streams.features import partition_of
-from streams.ingest import dead_letter
-from streams.records import Record, send_records
+from streams.records import Record, dead_letter, send_records
 from streams.windows import parse_duration_ms
 
 if TYPE_CHECKING:

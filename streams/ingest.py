@@ -52,7 +52,7 @@ from events.schemas import get_schema
 from events.serde import AvroDecoder, AvroEncoder
 from streams import state
 from streams.app import BackbeatApp, app, state_table
-from streams.records import Record, send_records
+from streams.records import Record, dead_letter, send_records
 from streams.sessions import ClosedSession, Sessionizer, validate_listen
 
 log = logging.getLogger(__name__)
@@ -239,21 +239,6 @@ class ListenIngest:
             pending += await send_records(producer, self.config.sessions_topic, partition, records)
         self.stats.sessions_emitted += len(sessions)
         return pending
-
-
-def dead_letter(message: Any, reason: str, error: str) -> Record:
-    """The dead-letter record of a source ``message``: original key, value and headers plus the
-    ``dlq_*`` headers; record time = the original's."""
-    headers = list(message.headers or ())
-    headers += [
-        ("dlq_reason", reason.encode()),
-        ("dlq_error", error[:1000].encode()),
-        ("dlq_topic", message.topic.encode()),
-        ("dlq_partition", str(message.partition).encode()),
-        ("dlq_offset", str(message.offset).encode()),
-    ]
-    ts = int(message.timestamp * 1000) if message.timestamp else None
-    return (message.key, message.value, ts, headers)
 
 
 ingest = ListenIngest(app, state_table)

@@ -1,5 +1,5 @@
-"""Writing records to one partition with aiokafka's batch API, shared by the agents (their
-outputs, dead letters and changelog checkpoints)."""
+"""Writing records to one partition with aiokafka's batch API, and the dead-letter form of a
+source record, shared by the agents (their outputs, dead letters and changelog checkpoints)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ async def send_records(
     if size:
         pending.append(await producer.send_batch(batch, topic, partition=partition))
     return pending
+
+
+def dead_letter(message: Any, reason: str, error: str) -> Record:
+    """The dead-letter record of a source ``message``: original key, value and headers plus the
+    ``dlq_*`` headers; record time = the original's."""
+    headers = list(message.headers or ())
+    headers += [
+        ("dlq_reason", reason.encode()),
+        ("dlq_error", error[:1000].encode()),
+        ("dlq_topic", message.topic.encode()),
+        ("dlq_partition", str(message.partition).encode()),
+        ("dlq_offset", str(message.offset).encode()),
+    ]
+    ts = int(message.timestamp * 1000) if message.timestamp else None
+    return (message.key, message.value, ts, headers)

@@ -40,8 +40,11 @@ def make_rows(seed: int, n: int = 2500) -> list[ref.AdRow]:
         c = rng.randrange(4)
         item = 2 * c + rng.randrange(2)
         t = clock
-        if rng.random() < 0.04:
-            t -= rng.randrange(MIN, 3 * MIN)  # late: some within the 2 min grace, some beyond
+        roll = rng.random()
+        if roll < 0.02:
+            t -= rng.randrange(MIN, 3 * MIN)  # out of order, mostly within the 2 min grace
+        elif roll < 0.04:
+            t -= rng.randrange(6 * MIN, 15 * MIN)  # late beyond the grace period
         imp = ref.AdRow(c % 2, 0, "imp", t, f"i{k}", f"i{k}", f"c{c}", str(item), 1 + rng.randrange(3))
         events.append((clock, imp))
         if rng.random() < 0.02:
