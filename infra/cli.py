@@ -379,7 +379,8 @@ def project(
     ] = False,
 ) -> None:
     """Materialise read models into DuckDB and the Parquet lake: listens, sessions, tracks, the
-    feature store (user_features, track_features) and recommendations.
+    feature store (user_features, track_features), recommendations, and the ad reports
+    (ad_reports, ad_reports_item, campaign_pauses).
 
     Batches are decoded to Arrow and written in one DuckDB transaction together with the
     consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
@@ -439,7 +440,7 @@ def projections_reset(
         list[str],
         typer.Argument(
             help="Projection(s) to reset: listens, sessions, tracks, user_features, track_features, "
-            "recommendations."
+            "recommendations, ad_reports, ad_reports_item, campaign_pauses."
         ),
     ],
 ) -> None:
@@ -470,7 +471,8 @@ def sql(
     Works while the projection runner is writing: the query waits for the batch in flight.
     Tables: listens, sessions, tracks, user_features, track_features (views *_latest, table
     macros *_as_of(ts) for point-in-time reads), recommendations, recommendation_history,
-    experiment_assignments (and projection_offsets, projection_rejects). The Parquet
+    experiment_assignments, ad_reports, ad_reports_item, campaign_pauses (and
+    projection_offsets, projection_rejects). The Parquet
     lake under BACKBEAT_DATA_DIR/lake can be read with read_parquet('…/**/*.parquet')."""
     from projections.sql import query as run_query
 

@@ -4,8 +4,10 @@ and the offsets the batch covers.
 Control records (``bb_control`` header, :mod:`events.control`) are counted and skipped: they are
 not events. A record whose value is missing, not Confluent-framed Avro of a known schema, of
 another event type than the projection reads, or not mappable to a row becomes a
-:class:`Reject` with its reason (never dropped silently). Every record, skipped or not, moves
-its partition's offset on.
+:class:`Reject` with its reason (never dropped silently). An event that the projection's row
+filter (:attr:`Projection.where`) does not accept is counted in ``filtered`` and skipped: it
+belongs to another read model of the same topic. Every record, skipped or not, moves its
+partition's offset on.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ class Reject:
 class Prepared:
     """One consumed batch, ready to write: ``tables`` (projection name → rows), ``rejects``,
     ``ends`` (``(topic, partition)`` → the offset after the batch's last record there),
-    ``records`` (all records seen) and ``controls`` (control records skipped)."""
+    ``records`` (all records seen), ``controls`` (control records skipped) and ``filtered``
+    (events the projection's row filter left to another read model)."""
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)
     ends: dict[tuple[str, int], int] = field(default_factory=dict)
     records: int = 0
     controls: int = 0
+    filtered: int = 0
 
 
 class BatchPreparer:
@@ -180,6 +184,9 @@ class BatchPreparer:
                 event = slow(out, proj, msg, value)
                 if event is None:
                     continue
+            if proj.where is not None and not proj.where.accepts(event):
+                out.filtered += 1
+                continue
             events.append(event)
             parts.append(part)
             offs.append(off)

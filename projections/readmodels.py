@@ -9,13 +9,19 @@ epoch (``timestamp-millis``, decoded as ints by :mod:`events.serde`) and are sto
 Column types are flat (string, int, double, ms timestamp) or nested: a list of structs (see
 :func:`struct_list`) becomes a DuckDB ``STRUCT(...)[]`` column, e.g. the feature store's
 ``top_artists``. A projection may also carry companion DDL (views and table macros over its table,
-:attr:`Projection.extra_ddl`), created by the runner right after the table.
+:attr:`Projection.extra_ddl`), created by the runner right after the table, and a row filter
+(:class:`RowFilter`, :attr:`Projection.where`) when two read models take the events of one type
+apart (``ad_reports`` and ``ad_reports_item`` split ``AdReportPublished`` on ``ad_id``). A column
+may read an event field of another type and cast it (:attr:`Column.read_as`, e.g. the ad id
+string as the integer ``item_id``).
 
 Policies on a repeated key (DESIGN.md §3 "Exactly-once effects"): ``first`` — the first event
 with a key wins and a later duplicate changes nothing (``listens``, ``sessions``, and the feature
 store's history tables ``user_features`` and ``track_features``, keyed by ``event_id``);
 ``last`` — the last event per key (highest offset) wins (``tracks``, keyed by ``track_id``, the
-compacted-topic semantics).
+compacted-topic semantics). The ad read models (``ad_reports``, ``ad_reports_item``,
+``campaign_pauses``) are ``first`` by ``event_id``: the agent's reports and budget events are
+final and their ids deterministic, so a redelivered copy changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.errors import ConfigError
 from projections.feature_store import TRACK_TABLE, USER_TABLE
@@ -95,12 +102,15 @@ def _forbidden_nulls(arr: pa.Array, nullable: bool) -> int:
 @dataclass(frozen=True)
 class Column:
     """One column: ``name`` in the table, its Arrow ``type``, the event ``field`` it comes from
-    (default: same name), and whether it may be NULL."""
+    (default: same name), whether it may be NULL, and ``read_as``: the Arrow type of the event
+    field when it differs from the column's (the value is cast with Arrow's safe cast, e.g.
+    ``"14"`` → 14; a value that does not cast makes the event a reject)."""
 
     name: str
     type: pa.DataType
     field: str = ""
     nullable: bool = False
+    read_as: pa.DataType | None = None
 
     @property
     def source(self) -> str:
@@ -108,9 +118,31 @@ class Column:
         return self.field or self.name
 
     @property
+    def source_type(self) -> pa.DataType:
+        """The Arrow type of the event field (``read_as``, else the column's type)."""
+        return self.read_as or self.type
+
+    @property
     def sql_type(self) -> str:
         """The DuckDB type (:func:`sql_type`)."""
         return sql_type(self.type)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which events of a projection's type become rows: those whose ``field`` is NULL (or
+    missing) when ``is_null``, else those where it is not. The others are skipped: neither rows
+    nor rejects, and their offsets move on like any record's."""
+
+    field: str
+    is_null: bool
+
+    def accepts(self, event: Mapping[str, Any]) -> bool:
+        """True when ``event`` (a decoded event dict) passes the filter."""
+        return (event.get(self.field) is None) == self.is_null
+
+    def __str__(self) -> str:
+        return f"{self.field} IS {'' if self.is_null else 'NOT '}NULL"
 
 
 @dataclass(frozen=True)
@@ -121,7 +153,10 @@ class Projection:
     what a repeated key does (module docstring); ``lake`` whether applied rows are also written
     to the Parquet lake, partitioned by the date (UTC) of ``lake_time``; ``extra_ddl`` the
     idempotent statements (``CREATE OR REPLACE VIEW`` / ``MACRO``) over the table that the runner
-    runs after :attr:`ddl` at every start, so they follow the code.
+    runs after :attr:`ddl` at every start, so they follow the code; ``where`` the events that
+    become rows (``None``: all of its type; :class:`RowFilter`). One runner feeds one projection
+    per topic, so projections that share a topic run in separate runners
+    (:func:`projections.runner.run_projections` arranges that).
     """
 
     name: str
@@ -134,6 +169,7 @@ class Projection:
     lake: bool = False
     lake_time: str = ""
     extra_ddl: tuple[str, ...] = ()
+    where: RowFilter | None = None
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -145,8 +181,9 @@ class Projection:
 
     @property
     def event_struct(self) -> pa.StructType:
-        """The Arrow struct type of the event fields the columns read (by event field name)."""
-        return pa.struct([pa.field(c.source, c.type) for c in self.columns])
+        """The Arrow struct type of the event fields the columns read (by event field name, with
+        their :attr:`Column.source_type`)."""
+        return pa.struct([pa.field(c.source, c.source_type) for c in self.columns])
 
     @property
     def ddl(self) -> str:
@@ -173,15 +210,19 @@ def to_table(
     input order.
 
     Raises:
-        pyarrow.ArrowException, TypeError, ValueError: a value has the wrong type, or is NULL
-            or missing where the column (or a field or item nested in it) is not nullable.
+        pyarrow.ArrowException, TypeError, ValueError: a value has the wrong type (or does not
+            cast to the column's type, :attr:`Column.read_as`), or is NULL or missing where the
+            column (or a field or item nested in it) is not nullable.
     """
     # one C++ pass over the dicts (a struct array), about 2x faster than a Python list per column;
     # a missing key becomes NULL, so non-nullable columns are checked below
     struct = pa.array(events, type=projection.event_struct)
     arrays: list[pa.Array] = (
-        struct.flatten() if len(events) else [pa.array([], c.type) for c in projection.columns]
+        struct.flatten() if len(events) else [pa.array([], c.source_type) for c in projection.columns]
     )
+    for i, col in enumerate(projection.columns):
+        if col.read_as is not None:
+            arrays[i] = pc.cast(arrays[i], col.type)  # safe cast: raises ArrowInvalid on loss
     for col, arr in zip(projection.columns, arrays, strict=True):
         bad = _forbidden_nulls(arr, col.nullable)
         if bad:
@@ -373,10 +414,108 @@ TRACK_FEATURES = Projection(
     extra_ddl=TRACK_TABLE.companion_ddl(hidden=(PARTITION_COL, OFFSET_COL)),
 )
 
+#: The ad-reporting agent's campaign reports (schemas/ads/AdReportPublished.avsc, ``ad_id``
+#: NULL): 1-minute tumbling windows (``window_size_ms = window_step_ms = 60000``) and hourly
+#: windows advancing by 5 minutes (3600000/300000); spend exact in micros (and floored to minor
+#: units), over-delivery apart, clicks without a known impression or beyond the attribution
+#: window counted by click time. Each report is final; its ``event_id`` is deterministic, so a
+#: redelivered copy collapses (``first``). Also in the Parquet lake by the window's start date.
+AD_REPORTS = Projection(
+    name="ad_reports",
+    version=1,
+    topic="ads.reports",
+    event_type="backbeat.ads.AdReportPublished",
+    columns=(
+        Column("event_id", _S),
+        Column("campaign_id", _S),
+        Column("window_start", _T),
+        Column("window_end", _T),
+        Column("window_size_ms", _L),
+        Column("window_step_ms", _L),
+        Column("impressions", _L),
+        Column("clicks", _L),
+        Column("click_through_rate", _D),
+        Column("spend_micros", _L),
+        Column("spend_minor", _L),
+        Column("currency", _S),
+        Column("overdelivery_impressions", _L),
+        Column("overdelivery_clicks", _L),
+        Column("overdelivery_spend_micros", _L),
+        Column("clicks_unknown_impression", _L),
+        Column("clicks_outside_attribution", _L),
+        Column("occurred_at", _T),
+    ),
+    key="event_id",
+    policy="first",
+    lake=True,
+    lake_time="window_start",
+    where=RowFilter("ad_id", is_null=True),
+)
+
+#: The per-ad reports (``ad_id`` set): one row per (item, position) and 1-minute tumbling window,
+#: clicks attributed to the window of the impression they refer to. ``item_id`` is the Open
+#: Bandit item (the report's ``ad_id`` as an integer). Lake as :data:`AD_REPORTS`.
+AD_REPORTS_ITEM = Projection(
+    name="ad_reports_item",
+    version=1,
+    topic="ads.reports",
+    event_type="backbeat.ads.AdReportPublished",
+    columns=(
+        Column("event_id", _S),
+        Column("campaign_id", _S),
+        Column("item_id", _I, field="ad_id", read_as=_S),
+        Column("position", _I),
+        Column("window_start", _T),
+        Column("window_end", _T),
+        Column("window_size_ms", _L),
+        Column("impressions", _L),
+        Column("clicks", _L),
+        Column("click_through_rate", _D),
+        Column("spend_micros", _L),
+        Column("spend_minor", _L),
+        Column("currency", _S),
+        Column("overdelivery_impressions", _L),
+        Column("overdelivery_clicks", _L),
+        Column("overdelivery_spend_micros", _L),
+        Column("occurred_at", _T),
+    ),
+    key="event_id",
+    policy="first",
+    lake=True,
+    lake_time="window_start",
+    where=RowFilter("ad_id", is_null=False),
+)
+
+#: The ads orchestrator's record of paused campaigns (schemas/ads/CampaignBudgetExhausted.avsc):
+#: a campaign is paused from ``paused_at`` (the event time its budget ran out) to the end of the
+#: budget period starting at ``period_start``. The log is history: a pause never drops or alters
+#: imported events; the agent reports later impressions of the period as over-delivery.
+CAMPAIGN_PAUSES = Projection(
+    name="campaign_pauses",
+    version=1,
+    topic="ads.campaigns",
+    event_type="backbeat.ads.CampaignBudgetExhausted",
+    columns=(
+        Column("event_id", _S),
+        Column("campaign_id", _S),
+        Column("budget_period", _S),
+        Column("period_start", _T),
+        Column("paused_at", _T, field="occurred_at"),
+        Column("budget_minor", _L),
+        Column("spent_minor", _L),
+        Column("currency", _S),
+    ),
+    key="event_id",
+    policy="first",
+)
+
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
-    p.name: p for p in (LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES)
-}
+    p.name: p
+    for p in (
+        LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM, CAMPAIGN_PAUSES
+    )
+}  # fmt: skip
 
 
 def get_projection(name: str) -> Projection:
@@ -393,7 +532,10 @@ def get_projection(name: str) -> Projection:
 
 
 __all__ = [
+    "AD_REPORTS",
+    "AD_REPORTS_ITEM",
     "ARTIST_AFFINITIES",
+    "CAMPAIGN_PAUSES",
     "LISTENS",
     "OFFSET_COL",
     "PARTITION_COL",
@@ -404,6 +546,7 @@ __all__ = [
     "USER_FEATURES",
     "Column",
     "Projection",
+    "RowFilter",
     "get_projection",
     "sql_type",
     "struct_list",

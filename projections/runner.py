@@ -167,7 +167,9 @@ _START_LOCK = threading.Lock()
 
 
 class ProjectionRunner:
-    """Runs ``projections`` (default: all) against ``settings``' broker, registry and DuckDB.
+    """Runs ``projections`` against ``settings``' broker, registry and DuckDB (default: every
+    projection of :data:`~projections.readmodels.PROJECTIONS` that one runner can feed, the first
+    group of :func:`share_runners`; :func:`run_projections` runs them all).
 
     ``batch_size``: most records per transaction; ``linger_s``: longest wait to fill a batch
     (seconds); ``progress``: called with a :class:`Progress` after each committed batch;
@@ -194,12 +196,17 @@ class ProjectionRunner:
         write: BatchWriter | None = None,
     ) -> None:
         self.settings = settings
-        self.projections = list(PROJECTIONS.values() if projections is None else projections)
+        self.projections = (
+            share_runners(list(PROJECTIONS.values()))[0] if projections is None else list(projections)
+        )
         self.by_topic: dict[str, Projection] = {}
         for proj in self.projections:
             other = self.by_topic.setdefault(proj.topic, proj)
             if other is not proj:
-                raise ConfigError(f"projections {other.name} and {proj.name} both read {proj.topic}")
+                raise ConfigError(
+                    f"projections {other.name} and {proj.name} both read {proj.topic}, and one runner "
+                    "feeds one projection per topic: give them a runner each (run_projections does)"
+                )
         self.batch_size = max(1, batch_size)
         self.linger_s = linger_s
         self.progress = progress
@@ -489,6 +496,21 @@ def run_together(
     return combine_stats(f.result() for f in futures)
 
 
+def share_runners(projections: Sequence[Projection]) -> list[list[Projection]]:
+    """Group ``projections`` into as few runners as possible, none reading a topic twice (a
+    runner feeds one projection per topic; e.g. ``ad_reports`` and ``ad_reports_item`` both
+    read ``ads.reports``, each taking its rows by :attr:`Projection.where`). Order is kept: each
+    projection joins the first group that does not read its topic yet."""
+    groups: list[list[Projection]] = []
+    for proj in projections:
+        group = next((g for g in groups if all(p.topic != proj.topic for p in g)), None)
+        if group is None:
+            groups.append([proj])
+        else:
+            group.append(proj)
+    return groups
+
+
 def run_projections(
     settings: Settings,
     names: Sequence[str] | None = None,
@@ -500,7 +522,8 @@ def run_projections(
 ) -> RunStats:
     """Run the projections ``names`` (default: all, :data:`STATEFUL` ones included) — the function
     ``backbeat project`` calls. ``topics`` overrides source topics (``{projection: topic}``).
-    Plain projections share one runner; each stateful one gets its own (:func:`run_together`).
+    Plain projections share one runner (a second one when two read the same topic,
+    :func:`share_runners`); each stateful one gets its own (:func:`run_together`).
 
     Raises:
         ConfigError: an unknown projection name.
@@ -517,7 +540,7 @@ def run_projections(
         return p.on_topic(overrides[p.name]) if p.name in overrides else p
 
     plain = [on_topic(get_projection(n)) for n in wanted if n not in STATEFUL]
-    runners = [ProjectionRunner(settings, plain, batch_size=batch_size)] if plain else []
+    runners = [ProjectionRunner(settings, group, batch_size=batch_size) for group in share_runners(plain)]
     for name in wanted:
         if name in STATEFUL:
             proj, make_writer = STATEFUL[name]
@@ -587,6 +610,7 @@ __all__ = [
     "main",
     "run_projections",
     "run_together",
+    "share_runners",
 ]
 
 if __name__ == "__main__":
