@@ -494,8 +494,13 @@ def sql(
         err_console.print(f"(first {max_rows} rows shown; use --max-rows or LIMIT)")
 
 
-@app.command()
+demo_app = typer.Typer(rich_markup_mode="markdown")  # help: the callback's docstring
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.callback(invoke_without_command=True)
 def demo(
+    ctx: typer.Context,
     listens: Annotated[
         Path | None, typer.Option(help="Listening log to use (default: the real 30Music file).", exists=True)
     ] = None,
@@ -513,7 +518,11 @@ def demo(
     imports the Spotify catalog and a listening log, runs the listening-ingest agent and the
     projection runner until every event is processed, prints top artists and tracks, session
     statistics and listens per hour of day, and stops what it started. Results stay in
-    BACKBEAT_DATA_DIR (DuckDB file and Parquet lake) for 'backbeat sql'."""
+    BACKBEAT_DATA_DIR (DuckDB file and Parquet lake) for 'backbeat sql'.
+
+    'backbeat demo ads' runs the ad-reporting pipeline instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     from infra.demo import DEFAULT_CATALOG, DEFAULT_LISTENS, run_demo
 
     run_demo(
@@ -521,6 +530,42 @@ def demo(
         listens=listens or DEFAULT_LISTENS,
         fmt=fmt,
         catalog=catalog or DEFAULT_CATALOG,
+        keep_running=keep_running,
+    )
+
+
+@demo_app.command("ads")
+def demo_ads(
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Open Bandit CSV (default: the real random/all/all.csv).", exists=True, dir_okay=False
+        ),
+    ] = None,
+    campaigns: Annotated[
+        Path | None,
+        typer.Option(
+            help="Campaigns file: items, prices, budgets (default: infra/campaigns.toml).", exists=True
+        ),
+    ] = None,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the broker and registry running afterwards.")
+    ] = False,
+) -> None:
+    """Ad reporting end to end: up → topics → ad agent → import ads → read models → report → stop.
+
+    Imports an Open Bandit log as impressions and clicks, runs the ad-reporting agent (final
+    1-minute and hourly campaign reports, per-ad reports, budget pacing) until it has read
+    everything, materialises ad_reports, ad_reports_item and campaign_pauses, and prints CTR by
+    position, spend per campaign and hour, over-delivery and paused campaigns. Results stay in
+    BACKBEAT_DATA_DIR for 'backbeat sql'."""
+    from events.campaigns import CAMPAIGNS_FILE
+    from infra.demo_ads import DEFAULT_ADS, run_ads_demo
+
+    run_ads_demo(
+        _settings(),
+        file=file or DEFAULT_ADS,
+        campaigns=campaigns or CAMPAIGNS_FILE,
         keep_running=keep_running,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +68,12 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
-def start_worker(settings: Settings, ready: Callable[[], bool] | None = None) -> Running:
+def start_worker(
+    settings: Settings, ready: Callable[[], bool] | None = None, env: Mapping[str, str] | None = None
+) -> Running:
     """Start the Faust worker (``faust -A streams.app worker``) in the background, logging to
-    ``<data_dir>/run/worker.log``.
+    ``<data_dir>/run/worker.log``; ``env`` adds variables to :func:`worker_env` (e.g.
+    ``BACKBEAT_STREAMS_AGENTS=ads`` to run one agent group).
 
     Raises:
         InfraError: it exits while starting.
@@ -83,7 +86,7 @@ def start_worker(settings: Settings, ready: Callable[[], bool] | None = None) ->
         address="-",
         ready=ready or (lambda: True),
         timeout_s=60,
-        env=worker_env(settings),
+        env={**worker_env(settings), **(env or {})},
     )
 
 
@@ -125,6 +128,7 @@ def stop_worker(worker: Running) -> None:
 
 __all__ = [
     "AgentProgress",
+    "DATA_DIR",
     "DEFAULT_CATALOG",
     "DEFAULT_LISTENS",
     "group_progress",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -35,7 +37,7 @@ from events.importers.run import import_ads
 from infra.errors import ConfigError
 from infra.provision import apply_topics
 from infra.settings import Settings
-from tests.conftest import DATA
+from tests.conftest import DATA, env_for
 
 ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
 ADS_MEN = DATA / "ads_open_bandit" / "random" / "men" / "men.csv"
@@ -269,3 +271,43 @@ def test_import_produces_the_events_in_order_keyed_by_campaign_then_watermarks(
         kinds = Counter(r["headers"]["ce_type"] for r in recs[:half])
         assert set(kinds) <= {"backbeat.ads.AdImpressionServed", "backbeat.ads.AdClicked"}
     assert len(partition_of) == 10
+
+
+@pytest.mark.integration
+def test_cli_import_ads_reports_counts_rejects_and_produces(stack: Settings, tmp_path: Path):
+    env = env_for(stack) | {"COLUMNS": "200"}
+
+    def backbeat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    assert backbeat("topics", "apply").returncode == 0
+    csv_file = tmp_path / "ads.csv"
+    # a tag of our own in the user features keeps these ids apart from other tests' events
+    tag = f"cli-{tmp_path.name}"
+    body = [
+        row(0, s=1, user=tag),
+        row(1, s=1, user=tag),
+        row(2, s=3, click=1, user=tag),
+        row(3, pos=7, user=tag),
+    ]
+    csv_file.write_text("\n".join([HEADER, *body]) + "\n")
+    result = backbeat("import", "ads", str(csv_file))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "4 rows read, 2 impressions and 1 clicks produced, 1 duplicate rows collapsed (same content), "
+        "1 rejected" in result.stdout
+    )
+    assert "line 5: position 7 is outside 1-3" in result.stderr
+    want = {e["event_id"] for e in ad_events(csv_file)}
+    assert len(want) == 3
+    found = {r["value"]["event_id"] for r in consume(stack, "ads.delivery") if r.get("value")}
+    assert want <= found
+
+    missing = backbeat("import", "ads", str(tmp_path / "nope.csv"))
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    bad_campaigns = tmp_path / "campaigns.toml"
+    bad_campaigns.write_text("[[campaign]]\ncampaign_id = 'x'\n")
+    failed = backbeat("import", "ads", str(csv_file), "--campaigns", str(bad_campaigns))
+    assert failed.returncode == 1 and "missing or has a bad field" in failed.stderr
