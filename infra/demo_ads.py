@@ -31,7 +31,7 @@ SELECT sum(impressions) AS impressions,
        sum(overdelivery_clicks) AS "clicks (over-delivered)",
        sum(clicks_outside_attribution) AS "clicks > 30 min",
        sum(clicks_unknown_impression) AS "clicks, unknown impression",
-       round(sum(spend_micros) / 1e6 / 100, 2) AS "spend (EUR)",
+       printf('%.2f', sum(spend_micros) / 1e8) AS "spend (EUR)",
        (SELECT count(*) FROM ad_reports) AS "campaign reports",
        (SELECT count(*) FROM ad_reports_item) AS "per-ad reports"
 FROM ad_reports WHERE window_size_ms = 60000
@@ -53,7 +53,7 @@ WITH hourly AS (
     FROM ad_reports WHERE window_size_ms = 60000 GROUP BY ALL
 )
 SELECT campaign_id, count(*) FILTER (WHERE spend_micros > 0) AS "hours with spend",
-       round(sum(spend_micros) / 1e6 / 100, 2) AS "spend (EUR)",
+       printf('%.2f', sum(spend_micros) / 1e8) AS "spend (EUR)",
        round(avg(spend_micros) FILTER (WHERE spend_micros > 0) / 1e6, 2) AS "mean/hour (cents)",
        round(max(spend_micros) / 1e6, 2) AS "max/hour (cents)",
        arg_max(hour, spend_micros) AS "max hour (UTC)"
@@ -63,14 +63,14 @@ FROM hourly GROUP BY campaign_id ORDER BY campaign_id
 OVERDELIVERY = """
 SELECT campaign_id, sum(impressions) AS "within budget", sum(overdelivery_impressions) AS overdelivered,
        sum(overdelivery_clicks) AS "their clicks",
-       round(sum(overdelivery_spend_micros) / 1e6 / 100, 2) AS "not billed (EUR)",
+       printf('%.2f', sum(overdelivery_spend_micros) / 1e8) AS "not billed (EUR)",
        round(100 * sum(overdelivery_impressions) / sum(impressions + overdelivery_impressions), 1)
          AS "over-delivered %"
 FROM ad_reports WHERE window_size_ms = 60000 GROUP BY campaign_id ORDER BY campaign_id
 """
 
 PAUSES = """
-SELECT campaign_id, count(*) AS "days paused", min(paused_at) AS "first pause",
+SELECT campaign_id, count(*) AS "days paused", strftime(min(paused_at), '%Y-%m-%d %H:%M:%S') AS "first pause",
        round(avg(epoch(paused_at - period_start)) / 3600, 1) AS "mean hour of pause (UTC)",
        any_value(budget_minor) AS "daily budget (cents)", round(avg(spent_minor), 1) AS "mean spent (cents)"
 FROM campaign_pauses GROUP BY campaign_id ORDER BY campaign_id

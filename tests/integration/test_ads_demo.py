@@ -6,6 +6,7 @@ times are the importer's documented click-delay rule)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from events.campaigns import load_campaigns
 from events.importers.ads import ad_events, events_table
 from infra.processes import free_port
+from infra.settings import REPO_ROOT
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.integration
@@ -220,3 +222,36 @@ def test_reports_are_in_the_lake_too(db, demo):
         files = sorted(str(f) for f in (data_dir / "lake" / table).rglob("*.parquet"))
         in_lake = db.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone()[0]
         assert in_lake == db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] > 0
+
+
+def test_the_documented_queries_run_and_give_the_documented_figures(db):
+    doc = (REPO_ROOT / "docs" / "readme" / "ads.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", doc, re.S)
+    assert len(blocks) == 5
+    results = [db.execute(sql).fetchall() for sql in blocks]
+    assert all(results)
+    ctr, spend, over, pauses, _best = results
+    assert ctr == [(1, 3322, 12, 0.361), (2, 3412, 13, 0.381), (3, 3266, 9, 0.276)]
+    assert spend[0][0] == "c-00" and len(spend) == 5
+    assert [(c, o) for c, _, o, *_ in over] == [
+        ("c-04", 101),
+        ("c-01", 50),
+        ("c-00", 30),
+        ("c-08", 20),
+        ("c-07", 15),
+        ("c-06", 4),
+    ]
+    assert len(pauses) == 12 and ("c-04", "14:59:41", 150, 150, 37) in [
+        (r[0], r[2], r[3], r[4], r[5]) for r in pauses
+    ]
+    totals = db.execute(
+        "SELECT sum(impressions), sum(overdelivery_impressions), sum(clicks), sum(overdelivery_clicks), "
+        "sum(clicks_outside_attribution), sum(spend_micros) FROM ad_reports WHERE window_size_ms = 60000"
+    ).fetchone()
+    assert totals == (9_780, 220, 33, 1, 4, 24_307_300_000)
+    counts = db.execute(
+        "SELECT (SELECT count(*) FILTER (WHERE window_size_ms = 60000) FROM ad_reports), "
+        "(SELECT count(*) FILTER (WHERE window_size_ms = 3600000) FROM ad_reports), "
+        "(SELECT count(*) FROM ad_reports_item)"
+    ).fetchone()
+    assert counts == (9_237, 19_380, 9_786)
