@@ -27,7 +27,7 @@ from projections.readmodels import (
     to_table,
     to_table_checked,
 )
-from projections.runner import ProjectionRunner
+from projections.runner import ProjectionRunner, share_runners
 from tests.conftest import settings_for
 from tests.projections.test_readmodels import FakeMsg, _lookup
 
@@ -167,8 +167,9 @@ def test_avro_records_decode_to_the_same_rows():
 
 def test_feature_projections_run_by_default(tmp_path):
     assert {"user_features", "track_features"} <= set(PROJECTIONS)
-    runner = ProjectionRunner(settings_for(tmp_path, 1, 2))  # what 'backbeat project' runs
-    assert {p.name for p in runner.projections} == set(PROJECTIONS)
+    groups = share_runners(list(PROJECTIONS.values()))  # what 'backbeat project' runs
+    assert {p.name for group in groups for p in group} == set(PROJECTIONS)
+    runner = ProjectionRunner(settings_for(tmp_path, 1, 2), groups[0])
     assert runner.by_topic["personalisation.features.users"] is USER_FEATURES
 
 
