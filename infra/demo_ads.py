@@ -33,7 +33,7 @@ SELECT sum(impressions) AS impressions,
        sum(clicks_unknown_impression) AS "clicks, unknown impression",
        printf('%.2f', sum(spend_micros) / 1e8) AS "spend (EUR)",
        (SELECT count(*) FROM ad_reports) AS "campaign reports",
-       (SELECT count(*) FROM ad_reports_item) AS "per-ad reports"
+       (SELECT count(*) FROM ad_reports_item) AS "per-ad reports (1 min + hourly)"
 FROM ad_reports WHERE window_size_ms = 60000
 """
 
@@ -42,7 +42,7 @@ SELECT position, sum(impressions + overdelivery_impressions) AS impressions,
        sum(clicks + overdelivery_clicks) AS clicks,
        round(100 * sum(clicks + overdelivery_clicks) / sum(impressions + overdelivery_impressions), 3)
          AS "CTR %"
-FROM ad_reports_item GROUP BY position ORDER BY position
+FROM ad_reports_item WHERE window_size_ms = 60000 GROUP BY position ORDER BY position
 """
 
 #: Spend per campaign and UTC hour from the 1-minute windows, summarised per campaign (the full
@@ -87,7 +87,7 @@ SECTIONS = (
 
 EXPLORE = [
     'backbeat sql "SELECT position, sum(clicks) / sum(impressions) AS ctr FROM ad_reports_item '
-    'GROUP BY 1 ORDER BY 1"',
+    'WHERE window_size_ms = 60000 GROUP BY 1 ORDER BY 1"',
     "backbeat sql \"SELECT campaign_id, date_trunc('hour', window_start) AS hour, "
     "sum(spend_micros) / 1e6 AS spend_cents FROM ad_reports WHERE window_size_ms = 60000 "
     'GROUP BY ALL ORDER BY 1, 2"',

@@ -14,8 +14,8 @@ watermark). All windows are made of 1-minute panes (:mod:`streams.windows`):
   ``clicks_outside_attribution``, one to an impression the agent does not know is
   ``clicks_unknown_impression``; both are counted in the campaign pane of the click's own time.
   Impressions are remembered for twice the attribution window;
-* **windows**: campaign windows of 1 minute (tumbling) and 1 hour advancing by 5 minutes, ad
-  windows ``(ad, position)`` of 1 minute. A window is final, and emitted once, when
+* **windows**: per campaign and per ``(ad, position)``, 1 minute (tumbling) and 1 hour advancing
+  by 5 minutes. A window is final, and emitted once, when
   ``W >= window end + attribution + grace`` (every click that can count has come);
 * **budget pacing**: per campaign and UTC day, spend (impressions at CPM, attributed clicks at
   CPC, in micros) adds up in log order; the event that makes it reach the daily budget emits
@@ -42,9 +42,10 @@ from streams.windows import HoppingWindows
 
 MINUTE = 60_000
 DAY = 86_400_000
-#: Campaign report windows, and the per-ad window (all made of 1-minute panes).
+#: Report windows, for campaigns and for (ad, position) alike (all made of 1-minute panes):
+#: 1-minute tumbling and 1 hour advancing by 5 minutes.
 CAMPAIGN_WINDOWS = (HoppingWindows(MINUTE, MINUTE, 0), HoppingWindows(60 * MINUTE, 5 * MINUTE, 0))
-AD_WINDOW = HoppingWindows(MINUTE, MINUTE, 0)
+AD_WINDOWS = CAMPAIGN_WINDOWS
 
 # pane counters, in this order in checkpoints:
 FIELDS = (
@@ -377,6 +378,17 @@ class AdPartition:
     def _final_at(self, spec: HoppingWindows, start: int) -> int:
         return start + spec.size_ms + self.attribution + self.grace
 
+    def _closing(self, spec: HoppingWindows, panes: list[int], before: int, after: int) -> list[int]:
+        """Starts of the windows of ``spec`` holding one of ``panes`` that became final when the
+        watermark moved from ``before`` to ``after``, oldest first."""
+        starts: set[int] = set()
+        for pane in panes:
+            first = pane - pane % spec.step_ms  # the latest window start holding the pane
+            for start in range(first - spec.size_ms + spec.step_ms, first + 1, spec.step_ms):
+                if before < self._final_at(spec, start) <= after:
+                    starts.add(start)
+        return sorted(starts)
+
     def advance(self) -> list[Report]:
         """The reports of the windows the watermark has made final since the last call (by
         final time, then campaign, ad, position), and drop what no window needs."""
@@ -390,13 +402,7 @@ class AdPartition:
             by_campaign.setdefault(campaign, []).append(pane)
         for campaign, panes in by_campaign.items():
             for spec in CAMPAIGN_WINDOWS:
-                starts: set[int] = set()
-                for pane in panes:
-                    first = pane - pane % spec.step_ms  # the latest window start holding the pane
-                    for start in range(first - spec.size_ms + spec.step_ms, first + 1, spec.step_ms):
-                        if before < self._final_at(spec, start) <= after:
-                            starts.add(start)
-                for start in sorted(starts):
+                for start in self._closing(spec, panes, before, after):
                     total = [0] * len(FIELDS)
                     for m in range(start, start + spec.size_ms, MINUTE):
                         pane_entry = self.campaign_panes.get((campaign, m))
@@ -409,10 +415,24 @@ class AdPartition:
                                 campaign, None, None, spec.size_ms, spec.step_ms, start, tuple(total), final
                             )
                         )
-        for (campaign, ad, position, pane), entry in self.ad_panes.items():
-            final = self._final_at(AD_WINDOW, pane)
-            if before < final <= after and any(entry.counts):
-                out.append(Report(campaign, ad, position, MINUTE, MINUTE, pane, tuple(entry.counts), final))
+        by_ad: dict[tuple[str, str, int], list[int]] = {}
+        for campaign, ad, position, pane in self.ad_panes:
+            by_ad.setdefault((campaign, ad, position), []).append(pane)
+        for (campaign, ad, position), panes in by_ad.items():
+            for spec in AD_WINDOWS:
+                for start in self._closing(spec, panes, before, after):
+                    total = [0] * len(FIELDS)
+                    for m in range(start, start + spec.size_ms, MINUTE):
+                        entry = self.ad_panes.get((campaign, ad, position, m))
+                        if entry is not None:
+                            total = [a + b for a, b in zip(total, entry.counts, strict=True)]
+                    if any(total):
+                        final = self._final_at(spec, start)
+                        out.append(
+                            Report(
+                                campaign, ad, position, spec.size_ms, spec.step_ms, start, tuple(total), final
+                            )
+                        )
         out.sort(key=lambda r: (r.final_at, r.campaign_id, r.ad_id or "", r.position or 0, r.size_ms))
         self._retire(after)
         return out
@@ -426,7 +446,7 @@ class AdPartition:
             del self.campaign_panes[key]
             d.campaign_panes.discard(key)
             d.dropped_campaign_panes.add(key)
-        for akey in [k for k in self.ad_panes if watermark >= self._final_at(AD_WINDOW, k[3])]:
+        for akey in [k for k in self.ad_panes if watermark >= k[3] + longest + self.attribution + self.grace]:
             del self.ad_panes[akey]
             d.ad_panes.discard(akey)
             d.dropped_ad_panes.add(akey)

@@ -55,7 +55,7 @@ SELECT item_id, position, ws, sum(n)::BIGINT AS impressions, sum(k)::BIGINT AS c
 GOT_ITEM = """
 SELECT item_id, position, epoch_ms(window_start) AS ws, impressions + overdelivery_impressions,
        clicks + overdelivery_clicks
-FROM ad_reports_item
+FROM ad_reports_item WHERE window_size_ms = 60000
 """
 
 #: Per campaign window of size/step (1-minute tumbling, hourly every 5 minutes): impressions,
@@ -151,14 +151,18 @@ def test_per_ad_windows_equal_the_group_by(db):
     truth_rows, got_rows, missing, extra = differ(db, TRUTH_ITEM, GOT_ITEM)
     assert (missing, extra) == (0, 0) and got_rows == truth_rows > 9_000
     assert db.execute(
-        "SELECT sum(impressions + overdelivery_impressions) FROM ad_reports_item"
+        "SELECT sum(impressions + overdelivery_impressions) FROM ad_reports_item WHERE window_size_ms = 60000"
     ).fetchone() == (10_000,)
     # attributed clicks land in the window of their impression (34 of the 38; 4 came after 30 min)
-    assert db.execute("SELECT sum(clicks + overdelivery_clicks) FROM ad_reports_item").fetchone() == (34,)
+    one_minute = "FROM ad_reports_item WHERE window_size_ms = 60000"
+    assert db.execute(f"SELECT sum(clicks + overdelivery_clicks) {one_minute}").fetchone() == (34,)
     assert db.execute(
         "SELECT count(*), count(DISTINCT (item_id, position, window_start)), min(window_size_ms), "
-        "max(window_size_ms) FROM ad_reports_item"
+        f"max(window_size_ms) {one_minute}"
     ).fetchone()[1:] == (got_rows, MINUTE, MINUTE)
+    assert db.execute(  # hourly per-ad windows too; each impression is in 12 of them
+        "SELECT sum(impressions + overdelivery_impressions) FROM ad_reports_item WHERE window_size_ms = 3600000"
+    ).fetchone() == (120_000,)
 
 
 @pytest.mark.parametrize(("size", "step"), [(MINUTE, MINUTE), (HOUR, STEP)])
@@ -252,6 +256,7 @@ def test_the_documented_queries_run_and_give_the_documented_figures(db):
     counts = db.execute(
         "SELECT (SELECT count(*) FILTER (WHERE window_size_ms = 60000) FROM ad_reports), "
         "(SELECT count(*) FILTER (WHERE window_size_ms = 3600000) FROM ad_reports), "
-        "(SELECT count(*) FROM ad_reports_item)"
+        "(SELECT count(*) FILTER (WHERE window_size_ms = 60000) FROM ad_reports_item), "
+        "(SELECT count(*) FILTER (WHERE window_size_ms = 3600000) FROM ad_reports_item)"
     ).fetchone()
-    assert counts == (9_237, 19_380, 9_786)
+    assert counts == (9_237, 19_380, 9_786, 101_424)

@@ -100,9 +100,13 @@ def reports(rows: Sequence[AdRow], campaigns: Campaigns, grace_ms: int, attribut
                   GROUP BY ALL"""
         for campaign, start, *values in con.execute(sql).fetchall():
             out[(campaign, None, None, size, start)] = tuple(int(v) for v in values)
-    sql = f"SELECT campaign, ad, position, pane, {counters} FROM facts WHERE ad IS NOT NULL GROUP BY ALL"
-    for campaign, ad, position, pane, *values in con.execute(sql).fetchall():
-        out[(campaign, ad, position, 60_000, pane)] = tuple(int(v) for v in values)
+    for size, step in ((60_000, 60_000), (3_600_000, 300_000)):
+        sql = f"""SELECT campaign, ad, position, start, {counters} FROM (
+                    SELECT f.*, f.pane - f.pane % {step} - k * {step} AS start
+                    FROM facts f, range(0, {size // step}) r(k) WHERE ad IS NOT NULL)
+                  GROUP BY ALL"""
+        for campaign, ad, position, start, *values in con.execute(sql).fetchall():
+            out[(campaign, ad, position, size, start)] = tuple(int(v) for v in values)
     out = {k: v for k, v in out.items() if any(v)}
     assert len(FIELDS) == 8
     exhausted = {(c, d): (at, spent) for c, d, _, at, spent in con.execute("SELECT * FROM ex").fetchall()}
