@@ -9,7 +9,8 @@ Keys (UTF-8; ids come last so they may hold ``:``), values compact JSON:
 * ``c:<p>:<pane_start>:<campaign>`` → ``[offset, [counters…]]`` (``ad_reporting.FIELDS`` order);
 * ``a:<p>:<pane_start>:<position>:<ad>:<campaign>`` → ``[offset, [counters…]]`` (campaign ids
   hold no ``:``);
-* ``w:<p>`` → ``[watermark_ms, source_offset]``; then tombstones of dropped entries.
+* ``w:<p>`` → ``[watermark_ms, source_offset, {"topic:partition": next output offset}]``; then
+  tombstones of dropped entries.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def records(ap: AdPartition, offset: int) -> list[Record]:
     dropped = d.dropped_impressions or d.dropped_campaign_panes or d.dropped_ad_panes or d.dropped_budgets
     if out or d.watermark or dropped:
         ap.offset = max(ap.offset, offset)
-        out.append((f"w:{p}".encode(), _dumps([ap.watermark, ap.offset]).encode()))
+        out.append((f"w:{p}".encode(), _dumps([ap.watermark, ap.offset, ap.output_offsets]).encode()))
     out += [(f"m:{p}:{iid}".encode(), None) for iid in d.dropped_impressions]
     out += [(f"b:{p}:{day}:{c}".encode(), None) for c, day in d.dropped_budgets]
     out += [(f"c:{p}:{pane}:{c}".encode(), None) for c, pane in d.dropped_campaign_panes]
@@ -71,6 +72,7 @@ def restore(
         ValueError: a value of this partition cannot be decoded.
     """
     watermark, offset = -1, -1
+    outputs: dict[str, int] = {}
     cpanes: dict[tuple[str, int], Pane] = {}
     apanes: dict[tuple[str, str, int, int], Pane] = {}
     imps: dict[str, Impression] = {}
@@ -81,7 +83,8 @@ def restore(
         if raw is None:
             continue
         if raw_key == wkey:
-            watermark, offset = _loads(raw)
+            watermark, offset, *rest_w = _loads(raw)
+            outputs = rest_w[0] if rest_w else {}
             continue
         key = raw_key.decode()
         kind, rest = key[:1], key[1:]
@@ -104,5 +107,15 @@ def restore(
             off, counts = _loads(raw)
             apanes[(campaign, ad, int(position), int(pane))] = Pane(off, counts)
     return AdPartition.restored(
-        partition, campaigns, grace_ms, attribution_ms, watermark, offset, cpanes, apanes, imps, budgets
+        partition,
+        campaigns,
+        grace_ms,
+        attribution_ms,
+        watermark,
+        offset,
+        cpanes,
+        apanes,
+        imps,
+        budgets,
+        outputs,
     )

@@ -16,7 +16,12 @@ Configuration (environment):
 Per batch and partition: decode, apply in offset order, close what the watermark made final,
 write the outputs and wait for the broker, then the checkpoints (:mod:`streams.ad_state`) to the
 ``ads`` table's changelog partition equal to the source partition — the guarantees of
-:mod:`streams.features`: after a crash the same reports with the same ids (some maybe twice).
+:mod:`streams.features`: after a crash the same reports with the same ids. **No report or budget
+event is published twice**: each checkpoint also records where the report and campaign topics
+stood after the batch's outputs were on the broker; a partition restored after a crash reads
+those topics from there to their end and does not publish again an event id it finds (what was
+published between its last checkpoint and the crash). Late events and dead letters may repeat
+(their ``late_*``/``dlq_*`` headers name the source record).
 Counters reconcile: ``events_in = impressions + clicks + late + duplicates + replayed +
 dead_lettered``.
 """
@@ -34,19 +39,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP, EventT
 
 from events.campaigns import CAMPAIGNS_FILE, MICROS, Campaigns, load_campaigns
 from events.catalog import TopicSpec, topic
 from events.cloudevents import ce_headers
 from events.control import is_control, watermark_of
+from events.offsets import high_watermarks
 from events.registry_client import registry_for
 from events.schemas import get_schema
 from events.serde import AvroDecoder, AvroEncoder
+from infra.errors import InfraError
+from infra.settings import Settings
 from streams import ad_state
 from streams.ad_reporting import AdPartition, Exhausted, Report, exhausted_event_id
 from streams.features import partition_of
-from streams.records import Record, dead_letter, send_records
+from streams.records import Record, dead_letter, send_records, send_tracked
 from streams.windows import parse_duration_ms
 
 if TYPE_CHECKING:
@@ -127,6 +136,7 @@ class AdStats:
     control_records: int = 0
     reports: int = 0
     exhausted: int = 0
+    suppressed: int = 0
     batches: int = 0
     busy_s: float = 0.0
 
@@ -153,6 +163,7 @@ class AdReporting:
         self._report_encoder: AvroEncoder | None = None
         self._exhausted_encoder: AvroEncoder | None = None
         self._reports_partitions = topic("ads.reports").partitions
+        self._published: set[str] = set()  # event ids found after restored checkpoints
         self._campaigns_partitions = topic("ads.campaigns").partitions
 
     async def start(self) -> None:
@@ -174,7 +185,7 @@ class AdReporting:
             if tp.topic == self.config.source_topic:
                 self.partitions.pop(tp.partition, None)
 
-    def _partition(self, partition: int) -> AdPartition:
+    async def _partition(self, partition: int) -> AdPartition:
         ap = self.partitions.get(partition)
         if ap is None:
             c = self.config
@@ -182,7 +193,12 @@ class AdReporting:
                 partition, self.table.data.items(), self.campaigns, c.grace_ms, c.attribution_ms
             )
             self.partitions[partition] = ap
-            log.info("ad reporting: partition %d restored at watermark %d", partition, ap.watermark)
+            found = await asyncio.to_thread(published_ids, self.settings, ap.output_offsets)
+            self._published |= found
+            log.info(
+                "ad reporting: partition %d restored at watermark %d; %d events published after it",
+                partition, ap.watermark, len(found),
+            )  # fmt: skip
         return ap
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -203,25 +219,31 @@ class AdReporting:
         dead: list[Record] = []
         checkpoints: list[tuple[int, AdPartition, int]] = []
         for partition, msgs in by_partition.items():
-            ap = self._partition(partition)
+            ap = await self._partition(partition)
             self._feed(ap, msgs, exhausted, late, dead)
             reports += ap.advance()
             checkpoints.append((partition, ap, msgs[-1].offset))
         self.stats.batches += 1
         producer = self.app.producer._ensure_producer()
-        pending: list[asyncio.Future[Any]] = []
+        tracked: list[tuple[str, asyncio.Future[int]]] = []
         if reports:
-            pending += await self._send_reports(producer, reports)
+            tracked += await self._send_reports(producer, reports)
         if exhausted:
-            pending += await self._send_exhausted(producer, exhausted)
+            tracked += await self._send_exhausted(producer, exhausted)
+        pending: list[asyncio.Future[Any]] = []
         if late:
             pending += await send_records(producer, self.config.late_topic, 0, late)
         if dead:
             pending += await send_records(producer, self.config.dlq_topic, 0, dead)
+        ends = await asyncio.gather(*(f for _, f in tracked))
         if pending:
             await asyncio.gather(*pending)  # outputs are on the broker before the checkpoints
+        positions: dict[str, int] = {}
+        for (where, _), end in zip(tracked, ends, strict=True):
+            positions[where] = max(positions.get(where, 0), end)
         changelog = self.table.changelog_topic.get_topic_name()
         for partition, ap, offset in checkpoints:
+            ap.output_offsets = {**ap.output_offsets, **positions}
             records = ad_state.records(ap, offset)
             if records:
                 await send_records(producer, changelog, partition, [(k, v, None, []) for k, v in records])
@@ -299,9 +321,20 @@ class AdReporting:
         ts = int(message.timestamp * 1000) if message.timestamp else None
         return (message.key, message.value, ts, headers)
 
-    async def _send_reports(self, producer: Any, reports: list[Report]) -> list[asyncio.Future[Any]]:
+    def _fresh(self, event_id: str) -> bool:
+        """False for an event published before a crash (found after a restored checkpoint)."""
+        if event_id in self._published:
+            self._published.discard(event_id)
+            self.stats.suppressed += 1
+            return False
+        return True
+
+    async def _send_reports(
+        self, producer: Any, reports: list[Report]
+    ) -> list[tuple[str, asyncio.Future[int]]]:
         encoder = self._report_encoder
         assert encoder is not None, "start() first"
+        reports = [r for r in reports if self._fresh(r.event_id)]
         full_name = get_schema("AdReportPublished").full_name
         values = encoder.encode_many(self._report_record(r) for r in reports)
         by_partition: dict[int, list[Record]] = {}
@@ -312,9 +345,12 @@ class AdReporting:
             )
             target = partition_of(key, self._reports_partitions)
             by_partition.setdefault(target, []).append((key, value, r.final_at, headers))
-        pending: list[asyncio.Future[Any]] = []
+        pending: list[tuple[str, asyncio.Future[int]]] = []
         for target, records in by_partition.items():
-            pending += await send_records(producer, self.config.reports_topic, target, records)
+            where = f"{self.config.reports_topic}:{target}"
+            pending += [
+                (where, f) for f in await send_tracked(producer, self.config.reports_topic, target, records)
+            ]
         self.stats.reports += len(reports)
         return pending
 
@@ -344,9 +380,12 @@ class AdReporting:
             "clicks_outside_attribution": r.get("clicks_outside_attribution"),
         }
 
-    async def _send_exhausted(self, producer: Any, items: list[Exhausted]) -> list[asyncio.Future[Any]]:
+    async def _send_exhausted(
+        self, producer: Any, items: list[Exhausted]
+    ) -> list[tuple[str, asyncio.Future[int]]]:
         encoder = self._exhausted_encoder
         assert encoder is not None, "start() first"
+        items = [e for e in items if self._fresh(exhausted_event_id(e.campaign_id, e.day_start))]
         full_name = get_schema("CampaignBudgetExhausted").full_name
         values = encoder.encode_many(
             {
@@ -368,9 +407,12 @@ class AdReporting:
             headers = ce_headers(event_id=eid, event_type=full_name, source=SOURCE_URI, time_ms=e.at_ms)
             target = partition_of(key, self._campaigns_partitions)
             by_partition.setdefault(target, []).append((key, value, e.at_ms, headers))
-        pending: list[asyncio.Future[Any]] = []
+        pending: list[tuple[str, asyncio.Future[int]]] = []
         for target, records in by_partition.items():
-            pending += await send_records(producer, self.config.campaigns_topic, target, records)
+            where = f"{self.config.campaigns_topic}:{target}"
+            pending += [
+                (where, f) for f in await send_tracked(producer, self.config.campaigns_topic, target, records)
+            ]
         self.stats.exhausted += len(items)
         return pending
 
@@ -381,6 +423,46 @@ class AdReporting:
         out["reconciles"] = self.stats.reconciles()
         out["watermarks"] = {p: ap.watermark for p, ap in sorted(self.partitions.items())}
         return out
+
+
+def published_ids(settings: Settings, positions: dict[str, int]) -> set[str]:
+    """The CloudEvents ids (``ce_id`` header) of the records from ``positions``
+    (``"topic:partition"`` → offset) to the current end of each partition (blocking).
+
+    Raises:
+        InfraError: the broker cannot be reached, or the records do not come within 60 s.
+    """
+    wanted: dict[tuple[str, int], int] = {}
+    for where, offset in positions.items():
+        name, _, part = where.rpartition(":")
+        wanted[(name, int(part))] = offset
+    ends: dict[tuple[str, int], int] = {}
+    for name in {t for t, _ in wanted}:
+        for part, end in high_watermarks(settings, name).items():
+            ends[(name, part)] = end
+    todo = {tp: off for tp, off in wanted.items() if off < ends.get(tp, 0)}
+    found: set[str] = set()
+    if not todo:
+        return found
+    consumer = Consumer(settings.consumer_conf(f"ads-readback-{os.getpid()}"))
+    try:
+        consumer.assign([TopicPartition(t, p, off) for (t, p), off in todo.items()])
+        deadline = time.monotonic() + 60
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error() is not None:
+                    continue
+                headers = dict(msg.headers() or [])
+                if headers.get("ce_id"):
+                    found.add(headers["ce_id"].decode())
+                tp = (msg.topic(), msg.partition())
+                if msg.offset() + 1 >= ends[tp]:
+                    todo.pop(tp, None)
+        if todo:
+            raise InfraError(f"could not read back {sorted(todo)} within 60 s to find published reports")
+    finally:
+        consumer.close()
+    return found
 
 
 def register(app: BackbeatApp, config: AdsConfig) -> AdReporting:

@@ -16,19 +16,37 @@ async def send_records(
 ) -> list[asyncio.Future[Any]]:
     """Queue ``(key, value, timestamp ms | None, headers)`` records to one partition with
     aiokafka's batch API (far cheaper per record than ``send``); returns the delivery futures."""
-    pending: list[asyncio.Future[Any]] = []
+    return [future for future, _ in await _send(producer, topic, partition, records)]
+
+
+async def send_tracked(
+    producer: Any, topic: str, partition: int, records: Iterable[Record]
+) -> list[asyncio.Future[int]]:
+    """Like :func:`send_records`, but each future resolves to the offset after its batch (the
+    batch's base offset, from aiokafka's ``RecordMetadata``, plus its record count)."""
+
+    async def end(future: asyncio.Future[Any], n: int) -> int:
+        return int((await future).offset) + n
+
+    return [asyncio.ensure_future(end(f, n)) for f, n in await _send(producer, topic, partition, records)]
+
+
+async def _send(
+    producer: Any, topic: str, partition: int, records: Iterable[Record]
+) -> list[tuple[asyncio.Future[Any], int]]:
+    pending: list[tuple[asyncio.Future[Any], int]] = []
     batch = producer.create_batch()
     size = 0
     for key, value, ts, headers in records:
         if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
-            pending.append(await producer.send_batch(batch, topic, partition=partition))
+            pending.append((await producer.send_batch(batch, topic, partition=partition), size))
             batch = producer.create_batch()
             size = 0
             if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
                 raise ValueError(f"a record for {topic} is larger than the producer batch size")
         size += 1
     if size:
-        pending.append(await producer.send_batch(batch, topic, partition=partition))
+        pending.append((await producer.send_batch(batch, topic, partition=partition), size))
     return pending
 
 
