@@ -32,6 +32,11 @@ from tests.streams.workers import TopicReader, Worker
 
 pytestmark = pytest.mark.integration
 
+#: Restarted workers find a backlog of small changelog and partial batches; on the embedded broker
+#: a Fetch that lists them for longer than the fetch wait returns nothing and a partition can stall
+#: under load (TANSU.md §7), so the crash runs wait longer per Fetch.
+SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
+
 ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
 
 CAMPAIGNS_TOML = "\n".join(
@@ -202,7 +207,7 @@ def test_reports_equal_the_ground_truth_and_survive_sigkill(
     clean.worker.kill()
 
     crashed = AdSetup(stack, unique("ads-crash"), source, tmp_path, "crashed.log",
-                      BACKBEAT_INGEST_BATCH="40", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01")  # fmt: skip
+                      BACKBEAT_INGEST_BATCH="40", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01", **SLOW_FETCH)  # fmt: skip
     setups.append(crashed)
     crashed.worker.start()
     for share in (0.3, 0.6):
@@ -237,7 +242,7 @@ def test_the_real_open_bandit_file_gives_the_ground_truth_under_sigkill(
 
     real = load_campaigns(CAMPAIGNS_FILE)
     crashed = AdSetup(stack, unique("ads-real-crash"), source, tmp_path, "crashed.log", campaigns=CAMPAIGNS_FILE,
-                      BACKBEAT_INGEST_BATCH="300", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01")  # fmt: skip
+                      BACKBEAT_INGEST_BATCH="300", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01", **SLOW_FETCH)  # fmt: skip
     setups.append(crashed)
     crashed.worker.start()
     for share in (0.3, 0.6):

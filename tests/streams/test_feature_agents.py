@@ -31,6 +31,11 @@ from tests.streams.workers import TopicReader, Worker
 
 pytestmark = pytest.mark.integration
 
+#: Restarted workers find a backlog of small changelog and partial batches; on the embedded broker
+#: a Fetch that lists them for longer than the fetch wait returns nothing and a partition can stall
+#: under load (TANSU.md §7), so the crash runs wait longer per Fetch.
+SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
+
 MIN = 60_000
 HOUR = 60 * MIN
 GAP = 30 * MIN
@@ -272,7 +277,7 @@ def test_killed_and_restarted_worker_emits_the_values_of_an_uninterrupted_run(
 
     crashed = Setup(
         stack, unique("feat-crash"), source, tmp_path / "crashed.log",
-        BACKBEAT_INGEST_BATCH="300", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01", **MIN_PLAYS,
+        BACKBEAT_INGEST_BATCH="300", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01", **MIN_PLAYS, **SLOW_FETCH,
     )  # fmt: skip
     setups.append(crashed)
     crashed.worker.start()
