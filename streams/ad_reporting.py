@@ -349,30 +349,12 @@ class AdPartition:
         return None
 
     def _add_campaign(self, campaign: str, pane: int, deltas: dict[str, int], offset: int) -> None:
-        key = (campaign, pane)
-        p = self.campaign_panes.get(key)
-        if p is None:
-            p = self.campaign_panes[key] = Pane()
-        if offset <= p.offset:
-            return
-        for name, value in deltas.items():
-            p.counts[_IDX[name]] += value
-        p.offset = offset
-        self.dirty.campaign_panes.add(key)
+        _add(self.campaign_panes, self.dirty.campaign_panes, (campaign, pane), deltas, offset)
 
     def _add_ad(
         self, campaign: str, ad: str, position: int, pane: int, deltas: dict[str, int], offset: int
     ) -> None:
-        key = (campaign, ad, position, pane)
-        p = self.ad_panes.get(key)
-        if p is None:
-            p = self.ad_panes[key] = Pane()
-        if offset <= p.offset:
-            return
-        for name, value in deltas.items():
-            p.counts[_IDX[name]] += value
-        p.offset = offset
-        self.dirty.ad_panes.add(key)
+        _add(self.ad_panes, self.dirty.ad_panes, (campaign, ad, position, pane), deltas, offset)
 
     def advance_watermark(self, watermark_ms: int) -> None:
         """Move the watermark to a control record's ``watermark_ms`` if it is later."""
@@ -497,6 +479,20 @@ class AdPartition:
         ap._retire(watermark)
         ap.dirty = Dirty()
         return ap
+
+
+def _add(panes: dict[Any, Pane], dirty: set[Any], key: Any, deltas: dict[str, int], offset: int) -> None:
+    """Add ``deltas`` (counter name → amount) to the pane at ``key`` unless it already applied
+    the event at ``offset``; mark it dirty."""
+    pane = panes.get(key)
+    if pane is None:
+        pane = panes[key] = Pane()
+    if offset <= pane.offset:
+        return
+    for name, value in deltas.items():
+        pane.counts[_IDX[name]] += value
+    pane.offset = offset
+    dirty.add(key)
 
 
 def minor(micros: int) -> int:
