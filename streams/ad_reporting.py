@@ -228,19 +228,28 @@ class AdPartition:
             self.watermark = t
             self.dirty.watermark = True
 
+    def _gate(self, t: int, offset: int) -> bool | None:
+        """``None`` when an event at ``t`` read at ``offset`` is to be applied; else whether it
+        is late (``True``, counted late) or a replay of what the checkpoint covers (``False``,
+        counted replayed; it still advances the watermark)."""
+        if offset <= self.offset:
+            self.counters.replayed += 1
+            self._advance_to(t)
+            return False
+        if self.is_late(t):
+            self.counters.late += 1
+            return True
+        return None
+
     def add_impression(self, event: Mapping[str, Any], offset: int) -> tuple[Exhausted | None, bool]:
         """Apply one ``AdImpressionServed`` read at ``offset``. Returns ``(exhausted, late)``:
         the budget exhaustion it caused (or None) and whether it is late (the caller sends it to
         the late-events topic)."""
         t: int = event["occurred_at"]
         c = self.counters
-        if offset <= self.offset:
-            c.replayed += 1
-            self._advance_to(t)
-            return None, False
-        if self.is_late(t):
-            c.late += 1
-            return None, True
+        passed = self._gate(t, offset)
+        if passed is not None:
+            return None, passed
         campaign = self.campaigns.by_id[event["campaign_id"]]
         iid: str = event["impression_id"]
         known = self.impressions.get(iid)
@@ -282,13 +291,9 @@ class AdPartition:
         :meth:`add_impression`."""
         t: int = event["occurred_at"]
         c = self.counters
-        if offset <= self.offset:
-            c.replayed += 1
-            self._advance_to(t)
-            return None, False
-        if self.is_late(t):
-            c.late += 1
-            return None, True
+        passed = self._gate(t, offset)
+        if passed is not None:
+            return None, passed
         cid: str = event["event_id"]
         campaign_id: str = event["campaign_id"]
         imp = self.impressions.get(event["impression_id"])

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 #: Restarted workers find a backlog of small changelog and partial batches; on the embedded broker
 #: a Fetch that lists them for longer than the fetch wait returns nothing and a partition can stall
 #: under load (TANSU.md §7), so the crash runs wait longer per Fetch.
+T_BAD = 1_574_553_600_000
 SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
 
 ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
@@ -276,3 +277,32 @@ def test_published_ids_reads_from_the_checkpointed_positions_to_the_end(
     found = published_ids(stack, {f"{topic}:0": 8, f"{topic}:1": 10})
     assert found == {"id-24", "id-27"}
     assert published_ids(stack, {}) == set()
+
+
+def test_bad_records_are_dead_lettered_with_their_reason_and_counts_reconcile(
+    stack: Settings, unique: Callable[[str], str], tmp_path: Path, setups: list[AdSetup]
+) -> None:
+    source = unique("ads-bad")
+    setup = AdSetup(stack, unique("ads-bad"), source, tmp_path, "bad.log")
+    setups.append(setup)
+    producer = EventProducer(stack)
+    good = {"event_id": "i1", "impression_id": "i1", "campaign_id": "c0", "ad_id": "0", "occurred_at": T_BAD,
+            "user_id": None, "position": 1, "format": "DISPLAY", "policy": None, "propensity": None}  # fmt: skip
+    producer.send_many(source, "AdImpressionServed", [good, {**good, "event_id": "i2", "impression_id": "i2",
+                       "campaign_id": "no-such-campaign"}], key_field="campaign_id", time_field="occurred_at",
+                       source="/tests")  # fmt: skip
+    producer.produce_raw(source, [b"not avro"], [b"c0"])
+    producer.flush()
+    raw = Producer(stack.producer_conf())
+    for p in range(6):
+        raw.produce(source, value=b"", partition=p, headers=watermark_headers(T_BAD + END_OF_INPUT_MS))
+    assert raw.flush(10) == 0
+    setup.worker.start()
+    stats = setup.wait_done(T_BAD + END_OF_INPUT_MS, total=3)
+    assert (stats["events_in"], stats["impressions"], stats["dead_lettered"]) == (3, 1, 2)
+    assert stats["reconciles"]
+    dead = setup.read(setup.config.dlq_topic)
+    reasons = sorted(dict(m.headers())["dlq_reason"].decode() for m in dead)
+    assert reasons == ["decode_error", "validation_error"]
+    assert any(b"no-such-campaign" in dict(m.headers())["dlq_error"] for m in dead)
+    assert {m.value() for m in dead} >= {b"not avro"}  # the original bytes are kept
