@@ -1,0 +1,254 @@
+"""The Kafka loop around a :class:`sagas.process.KafkaProcess`: consume, apply, fire timers,
+relay the outbox.
+
+One process, one thread, so the application needs no locks:
+
+1. assign every partition of the process's input topics at the position its tracking records
+   give (no consumer-group offsets: positions live with the state, TANSU.md §1, §4);
+2. decode each record (Confluent-framed Avro, writer schema from the registry); a record that
+   cannot be decoded, or that the process rejects (:class:`RejectedRecord`), goes to the
+   dead-letter topic ``sagas.dlq`` with ``dlq_*`` reason headers, and its position is recorded,
+   so counts reconcile: ``records = applied + ignored + dead_lettered + redelivered``;
+3. once it has caught up with the high watermarks seen at start (Fetch-based, TANSU.md §2),
+   fire due deadlines: a reply that arrived while the process was down is applied before its
+   step's timer can fire;
+4. publish the outbox (:class:`sagas.outbox.OutboxRelay`).
+
+SIGTERM/SIGINT stop it after the current batch; SIGKILL loses nothing (every effect is in the
+event store before the relay publishes it, and every input position is recorded with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from events.cloudevents import header_value
+from events.offsets import high_watermarks
+from events.producer import EventProducer
+from events.registry_client import registry_for
+from events.serde import AvroDecoder, DecodeError
+from infra.settings import Settings
+from sagas.messages import Inbound
+from sagas.outbox import OutboxRelay
+from sagas.process import KafkaProcess, partitions_of
+
+log = logging.getLogger("backbeat.sagas")
+
+#: Dead-letter topic of the saga processes.
+DLQ_TOPIC = "sagas.dlq"
+
+
+class RejectedRecord(Exception):
+    """Raised by a process's ``handle_record`` for a record it can decode but not accept
+    (a missing field, an unknown saga kind); the runner dead-letters it with ``reason``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class RunStats:
+    """Counters of one run (this process's lifetime). ``records`` = ``applied`` + ``ignored``
+    + ``dead_lettered`` + ``redelivered``."""
+
+    records: int = 0
+    applied: int = 0
+    ignored: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    timers_fired: int = 0
+    published: int = 0
+    caught_up: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+    def line(self, name: str) -> str:
+        """One log line of the counters."""
+        return (
+            f"{name} stats: records={self.records} applied={self.applied} ignored={self.ignored} "
+            f"dead_lettered={self.dead_lettered} redelivered={self.redelivered} "
+            f"timers_fired={self.timers_fired} published={self.published}"
+        )
+
+
+def _inbound(msg: Any, decoder: AvroDecoder) -> Inbound:
+    value = msg.value()
+    if value is None:
+        raise DecodeError("tombstone: the record has no value")
+    payload = decoder.decode(value)
+    headers = msg.headers()
+    event_type = header_value(headers, "ce_type")
+    if not event_type:
+        schema_id = int.from_bytes(value[1:5], "big")
+        writer = decoder.writer_schema(schema_id)
+        event_type = str(writer.get("name", ""))
+    _kind, ts = msg.timestamp()
+    return Inbound(
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        event_type=event_type,
+        payload=payload,
+        key=msg.key(),
+        event_id=header_value(headers, "ce_id") or str(payload.get("event_id", "")),
+        correlation_id=header_value(headers, "ce_correlationid") or payload.get("correlation_id"),
+        causation_id=header_value(headers, "ce_causationid") or payload.get("causation_id"),
+        timestamp_ms=int(ts or 0),
+    )
+
+
+def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str) -> None:
+    headers = list(msg.headers() or ())
+    headers += [
+        ("dlq_reason", reason.encode()),
+        ("dlq_error", error[:1000].encode()),
+        ("dlq_topic", msg.topic().encode()),
+        ("dlq_partition", str(msg.partition()).encode()),
+        ("dlq_offset", str(msg.offset()).encode()),
+    ]
+    _kind, ts = msg.timestamp()
+    producer.produce_raw(DLQ_TOPIC, [msg.value() or b""], [msg.key()], [max(1, int(ts or 0))], [headers])
+    producer.flush()
+
+
+class ProcessRunner:
+    """Runs ``app`` against the broker of ``settings`` until :meth:`stop` (or a signal).
+
+    ``poll_timeout_s`` bounds each consume call (s); ``clock`` gives ms since the epoch (tests
+    pass a fake); ``on_round`` is called after every round with the stats (progress output).
+    """
+
+    def __init__(
+        self,
+        app: KafkaProcess,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        poll_timeout_s: float = 0.05,
+        batch: int = 500,
+        clock: Callable[[], int] | None = None,
+        on_round: Callable[[RunStats], None] | None = None,
+        stats_every_s: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.name = name or type(app).__name__
+        self.poll_timeout_s = poll_timeout_s
+        self.batch = batch
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        self.on_round = on_round
+        self.stats_every_s = stats_every_s
+        self.stats = RunStats()
+        self._stop = threading.Event()
+        self.producer = EventProducer(settings)
+        self.relay = OutboxRelay(app, self.producer)
+        self.decoder = registry_for(settings.registry_url).decoder()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current round."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT → :meth:`stop` (main thread only)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+
+    def _consumer(self) -> Consumer:
+        conf = self.settings.consumer_conf(
+            f"backbeat-sagas-{self.name}",
+            **{"enable.auto.commit": False, "enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
+        )
+        consumer = Consumer(conf)
+        assignment = [
+            TopicPartition(topic, p, self.app.next_offset(topic, p))
+            for topic, p in partitions_of(self.app.input_topics)
+        ]
+        consumer.assign(assignment)
+        return consumer
+
+    def _targets(self) -> dict[tuple[str, int], int]:
+        targets: dict[tuple[str, int], int] = {}
+        for topic in self.app.input_topics:
+            for p, high in high_watermarks(self.settings, topic).items():
+                targets[(topic, p)] = high
+        return targets
+
+    def _caught_up(self, targets: dict[tuple[str, int], int]) -> bool:
+        return all(self.app.next_offset(t, p) >= high for (t, p), high in targets.items())
+
+    def run(self, *, until: Callable[[RunStats], bool] | None = None) -> RunStats:
+        """Loop until stopped (or ``until(stats)`` is true after a round); returns the stats.
+
+        Raises:
+            infra.errors.InfraError: the broker or registry cannot be reached.
+        """
+        self.app.rebuild_timers()
+        self.stats.published += self.relay.publish_pending()  # what a killed run left unsent
+        targets = self._targets()
+        consumer = self._consumer()
+        last_log = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(self.batch, timeout=self.poll_timeout_s)
+                for msg in messages:
+                    self._apply(msg)
+                if not self.stats.caught_up and self._caught_up(targets):
+                    self.stats.caught_up = True
+                if self.stats.caught_up:
+                    self.stats.timers_fired += self.app.fire_due(self.clock())
+                self.stats.published += self.relay.publish_pending()
+                if self.on_round is not None:
+                    self.on_round(self.stats)
+                if time.monotonic() - last_log >= self.stats_every_s:
+                    log.info(self.stats.line(self.name))
+                    last_log = time.monotonic()
+                if until is not None and until(self.stats):
+                    break
+        finally:
+            consumer.close()
+            self.producer.flush()
+            log.info(self.stats.line(self.name))
+        return self.stats
+
+    def _apply(self, msg: Any) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consume error %s", self.name, err)
+            return
+        self.stats.records += 1
+        try:
+            record = _inbound(msg, self.decoder)
+        except DecodeError as exc:
+            self._reject(msg, "undecodable", str(exc))
+            return
+        try:
+            outcome = self.app.process_record(record)
+        except RejectedRecord as exc:
+            self._reject(msg, exc.reason, exc.detail)
+            return
+        if outcome == "applied":
+            self.stats.applied += 1
+        elif outcome == "ignored":
+            self.stats.ignored += 1
+        else:
+            self.stats.redelivered += 1
+
+    def _reject(self, msg: Any, reason: str, error: str) -> None:
+        if msg.offset() < self.app.next_offset(msg.topic(), msg.partition()):
+            self.stats.redelivered += 1
+            return
+        _dead_letter(self.producer, msg, reason, error)
+        self.app.skip_record(msg.topic(), msg.partition(), msg.offset())
+        self.stats.dead_lettered += 1
+        log.warning("%s: dead-lettered %s[%d]@%d: %s %s", self.name, msg.topic(), msg.partition(),
+                    msg.offset(), reason, error)  # fmt: skip
