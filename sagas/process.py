@@ -162,12 +162,14 @@ class KafkaProcess(EventSourcedProjection[UUID]):
         return dict(self._deadlines)
 
     def due(self, now_ms: int) -> list[UUID]:
-        """Aggregates whose deadline is at or before ``now_ms``, each once, earliest first."""
+        """Aggregates whose deadline is at or before ``now_ms``, each once, earliest first; their
+        timers are disarmed (handling them arms new ones)."""
         out: list[UUID] = []
         while self._heap and self._heap[0][0] <= now_ms:
             deadline, key = heapq.heappop(self._heap)
             aggregate_id = UUID(key)
             if self._deadlines.get(aggregate_id) == deadline:
+                del self._deadlines[aggregate_id]  # once, even if the heap holds it twice
                 out.append(aggregate_id)
         return out
 
@@ -175,7 +177,6 @@ class KafkaProcess(EventSourcedProjection[UUID]):
         """Run :meth:`on_deadline` for every due aggregate; returns how many fired."""
         fired = self.due(now_ms)
         for aggregate_id in fired:
-            self._deadlines.pop(aggregate_id, None)
             self.on_deadline(aggregate_id, now_ms)
         return len(fired)
 

@@ -1,0 +1,205 @@
+"""The subscription saga (billing): ``SubscriptionRequested`` → authorise the payment → grant
+the entitlement → capture the payment → ``SubscriptionActivated``.
+
+Failures (issue 6): a declined authorisation ends it ``REJECTED`` (nothing was done); an
+entitlement failure voids the authorisation; a capture failure after the entitlement revokes
+the entitlement, then voids the authorisation. Either way ``SubscriptionRejected`` is published
+with the reason. Capture is the pivot step: it has no compensation of its own (if a capture did
+go through and the saga still compensates after timing out, the payment service turns the void
+into a refund).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sagas.messages import OutboxMessage, outbox_message, stable_id
+from sagas.saga import CommandSpec, Data, SagaPlan, Step, register_plan
+
+KIND = "subscription"
+PAYMENT_COMMANDS = "billing.payment-gateway.commands"
+ENTITLEMENT_COMMANDS = "platform.entitlements.commands"
+SUBSCRIPTIONS = "billing.subscriptions"
+
+#: Plan → what the entitlement unlocks (GrantEntitlement.kind).
+ENTITLEMENT_KIND = "PREMIUM"
+#: Length of the first paid period by billing period (ms).
+PERIOD_MS = {"MONTHLY": 30 * 86_400_000, "YEARLY": 365 * 86_400_000, "OTHER": 30 * 86_400_000}
+
+
+def data_from_request(request: dict[str, Any]) -> Data:
+    """The saga's data from a decoded ``SubscriptionRequested`` (ids derived deterministically).
+
+    Raises:
+        ValueError: the price is not positive or a required field is empty.
+    """
+    subscription_id = str(request["subscription_id"])
+    if int(request["price_minor"]) <= 0:
+        raise ValueError(f"price_minor must be > 0, got {request['price_minor']}")
+    for name in ("subscription_id", "user_id", "currency", "payment_method_id"):
+        if not request.get(name):
+            raise ValueError(f"{name} is empty")
+    return {
+        "subscription_id": subscription_id,
+        "user_id": str(request["user_id"]),
+        "plan": str(request.get("plan") or "OTHER"),
+        "billing_period": str(request.get("billing_period") or "MONTHLY"),
+        "amount_minor": int(request["price_minor"]),
+        "currency": str(request["currency"]),
+        "payment_method_id": str(request["payment_method_id"]),
+        "payment_id": "pay-" + stable_id("payment", KIND, subscription_id)[:18],
+        "entitlement_id": "ent-" + stable_id("entitlement", subscription_id)[:18],
+        "provider_reference": None,
+    }
+
+
+def _authorize(d: Data) -> CommandSpec:
+    return CommandSpec(
+        PAYMENT_COMMANDS,
+        "AuthorizePayment",
+        d["payment_id"],
+        {
+            "payment_id": d["payment_id"],
+            "user_id": d["user_id"],
+            "amount_minor": d["amount_minor"],
+            "currency": d["currency"],
+            "payment_method_id": d["payment_method_id"],
+            "order_id": None,
+            "subscription_id": d["subscription_id"],
+            "description": f"{d['plan']} {d['billing_period']}",
+        },
+    )
+
+
+def _void(d: Data) -> CommandSpec:
+    return CommandSpec(
+        PAYMENT_COMMANDS,
+        "VoidPayment",
+        d["payment_id"],
+        {"payment_id": d["payment_id"], "reason": "saga compensation"},
+    )
+
+
+def _capture(d: Data) -> CommandSpec:
+    return CommandSpec(
+        PAYMENT_COMMANDS,
+        "CapturePayment",
+        d["payment_id"],
+        {"payment_id": d["payment_id"], "amount_minor": d["amount_minor"], "currency": d["currency"]},
+    )
+
+
+def _grant(d: Data) -> CommandSpec:
+    return CommandSpec(
+        ENTITLEMENT_COMMANDS,
+        "GrantEntitlement",
+        d["user_id"],
+        {
+            "entitlement_id": d["entitlement_id"],
+            "user_id": d["user_id"],
+            "kind": ENTITLEMENT_KIND,
+            "valid_until": None,
+            "subscription_id": d["subscription_id"],
+            "order_id": None,
+        },
+    )
+
+
+def _revoke(d: Data) -> CommandSpec:
+    return CommandSpec(
+        ENTITLEMENT_COMMANDS,
+        "RevokeEntitlement",
+        d["user_id"],
+        {"entitlement_id": d["entitlement_id"], "user_id": d["user_id"], "reason": "COMPENSATION"},
+    )
+
+
+def _authorized(_d: Data, reply: dict[str, Any]) -> Data:
+    return {"provider_reference": reply.get("provider_reference")}
+
+
+def _activated(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
+    payload = {
+        "event_id": stable_id(saga_id, "SubscriptionActivated"),
+        "subscription_id": d["subscription_id"],
+        "user_id": d["user_id"],
+        "occurred_at": now_ms,
+        "plan": d["plan"],
+        "period_start": now_ms,
+        "period_end": now_ms + PERIOD_MS.get(d["billing_period"], PERIOD_MS["OTHER"]),
+        "payment_id": d["payment_id"],
+        "correlation_id": saga_id,
+    }
+    return [
+        outbox_message(
+            topic=SUBSCRIPTIONS,
+            event_type="SubscriptionActivated",
+            key=d["subscription_id"],
+            payload=payload,
+            time_ms=now_ms,
+            correlation_id=saga_id,
+        )
+    ]
+
+
+_REJECTION_REASONS = {"PAYMENT_DECLINED", "ENTITLEMENT_FAILED", "CAPTURE_FAILED", "TIMED_OUT"}
+
+
+def _rejected(d: Data, saga_id: str, now_ms: int, reason: str) -> list[OutboxMessage]:
+    payload = {
+        "event_id": stable_id(saga_id, "SubscriptionRejected"),
+        "subscription_id": d["subscription_id"],
+        "user_id": d["user_id"],
+        "occurred_at": now_ms,
+        "reason": reason if reason in _REJECTION_REASONS else "OTHER",
+        "detail": f"subscription saga ended: {reason}",
+        "payment_id": d["payment_id"],
+        "correlation_id": saga_id,
+    }
+    return [
+        outbox_message(
+            topic=SUBSCRIPTIONS,
+            event_type="SubscriptionRejected",
+            key=d["subscription_id"],
+            payload=payload,
+            time_ms=now_ms,
+            correlation_id=saga_id,
+        )
+    ]
+
+
+PLAN = register_plan(
+    SagaPlan(
+        kind=KIND,
+        steps=(
+            Step(
+                "authorize",
+                _authorize,
+                succeeded=frozenset({"PaymentAuthorized"}),
+                failed=frozenset({"PaymentDeclined"}),
+                failure_reason="PAYMENT_DECLINED",
+                on_success=_authorized,
+                compensation=_void,
+                compensated=frozenset({"PaymentVoided", "PaymentRefunded"}),
+            ),
+            Step(
+                "grant",
+                _grant,
+                succeeded=frozenset({"EntitlementGranted"}),
+                failed=frozenset({"EntitlementGrantFailed"}),
+                failure_reason="ENTITLEMENT_FAILED",
+                compensation=_revoke,
+                compensated=frozenset({"EntitlementRevoked"}),
+            ),
+            Step(
+                "capture",
+                _capture,
+                succeeded=frozenset({"PaymentCaptured"}),
+                failed=frozenset({"PaymentCaptureFailed"}),
+                failure_reason="CAPTURE_FAILED",
+            ),
+        ),
+        on_completed=_activated,
+        on_failed=_rejected,
+    )
+)
