@@ -19,6 +19,11 @@ variable                               meaning (default)
 ``BACKBEAT_SASL_USERNAME`` / ``_PASSWORD``  SASL credentials (unset)
 ``BACKBEAT_SSL_CA_LOCATION``           CA bundle for TLS (unset)
 ``BACKBEAT_SESSION_GAP_MS``            listening-session inactivity gap in ms (1800000)
+``BACKBEAT_EVENTSTORE_URL``            event store of the saga applications: empty = one SQLite
+                                       file per application under ``<data_dir>/eventstore``;
+                                       ``postgresql://user:pass@host:port/db`` = PostgreSQL
+                                       (tables ``<app>_events``); ``sqlite:///abs/dir`` = SQLite
+                                       files in that directory (empty)
 =====================================  =====================================================
 """
 
@@ -71,6 +76,7 @@ class Settings:
     sasl_password: str | None = None
     ssl_ca_location: str | None = None
     session_gap_ms: int = 30 * 60 * 1000
+    eventstore_url: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -102,6 +108,7 @@ class Settings:
             sasl_password=env.get("BACKBEAT_SASL_PASSWORD") or None,
             ssl_ca_location=env.get("BACKBEAT_SSL_CA_LOCATION") or None,
             session_gap_ms=_int("BACKBEAT_SESSION_GAP_MS", get("BACKBEAT_SESSION_GAP_MS", "1800000")),
+            eventstore_url=get("BACKBEAT_EVENTSTORE_URL", "").strip(),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -113,6 +120,8 @@ class Settings:
             "BACKBEAT_EMBEDDED": "1" if self.embedded else "0",
             "BACKBEAT_SECURITY_PROTOCOL": self.security_protocol,
             "BACKBEAT_SESSION_GAP_MS": str(self.session_gap_ms),
+            # Always set, even empty: an inherited URL must not override "SQLite" in the child.
+            "BACKBEAT_EVENTSTORE_URL": self.eventstore_url,
         }
         for name, value in (
             ("BACKBEAT_SASL_MECHANISM", self.sasl_mechanism),

@@ -1,0 +1,196 @@
+"""Where the saga applications keep their events: SQLite files by default, PostgreSQL on request.
+
+Every eventsourcing application of backbeat (the saga orchestrator, the payment, entitlement and
+inventory services…) has its own event store, chosen by ``BACKBEAT_EVENTSTORE_URL``
+(:attr:`infra.settings.Settings.eventstore_url`):
+
+==========================================  ==================================================
+``BACKBEAT_EVENTSTORE_URL``                 store of the application named ``<app>``
+==========================================  ==================================================
+empty (default)                             SQLite file ``<data_dir>/eventstore/<app>.sqlite``
+``sqlite:///abs/dir``                       SQLite file ``/abs/dir/<app>.sqlite``
+``postgresql://user:pass@host:port/db``     PostgreSQL database ``db``, tables
+(or ``postgres://…``)                       ``<app lowercased>_events`` and ``…_tracking``
+==========================================  ==================================================
+
+Build an application with ``MyApp(env=eventstore_env(settings, MyApp.name))``. The keys are the
+plain eventsourcing ones (``PERSISTENCE_MODULE``, ``SQLITE_DBNAME``, ``POSTGRES_HOST``…):
+``Application.construct_env`` merges ``type(app).env``, then ``os.environ``, then ``env=`` (ours
+win over plain keys of the process environment) — but eventsourcing looks up
+``<APP NAME UPPERCASED>_<KEY>`` before ``<KEY>``, so such a prefixed variable in the process
+environment would still override our value.
+
+In PostgreSQL the table prefix is the application's ``name`` (eventsourcing's factory reads it
+from the application, not from the environment), so pass that same name as ``app_name``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from infra.errors import ConfigError
+from infra.settings import Settings
+
+#: Seconds a SQLite writer waits for another connection's lock before ``database is locked``.
+SQLITE_LOCK_TIMEOUT_S = 10
+
+#: PostgreSQL pool per application: connections kept open, and extra ones opened under load.
+POSTGRES_POOL_SIZE = 2
+POSTGRES_MAX_OVERFLOW = 8
+#: Seconds to wait for a pooled PostgreSQL connection (eventsourcing's ``POSTGRES_CONNECT_TIMEOUT``
+#: is the pool's wait, not libpq's ``connect_timeout``); eventsourcing retries failed operations.
+POSTGRES_CONNECT_TIMEOUT_S = 5
+#: Seconds an insert waits for the events table's lock (eventsourcing's default 0 = for ever).
+POSTGRES_LOCK_TIMEOUT_S = 5
+#: Seconds a connection may sit idle inside a transaction before the server ends the session.
+POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_S = 5
+
+# A name that is a safe file name and a PostgreSQL identifier once "_tracking" is appended (63 max).
+_APP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,53}")
+
+_URL_FORMS = "use postgresql://user:password@host:port/dbname, sqlite:///absolute/dir, or leave it empty"
+
+
+@dataclass(frozen=True)
+class _SQLite:
+    directory: Path
+
+
+@dataclass(frozen=True)
+class _Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+
+
+def _bad(url: str, why: str) -> ConfigError:
+    shown = _redact(url)
+    return ConfigError(f"BACKBEAT_EVENTSTORE_URL={shown!r}: {why}; {_URL_FORMS}")
+
+
+def _redact(url: str) -> str:
+    """``url`` with the password (if any) replaced by ``***``, for error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
+
+
+def _parse(settings: Settings) -> _SQLite | _Postgres:
+    url = settings.eventstore_url.strip()
+    if not url:
+        return _SQLite(settings.data_dir / "eventstore")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise _bad(url, f"not a URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if parts.query or parts.fragment:
+        raise _bad(url, "query parameters and fragments are not supported")
+    if scheme == "sqlite":
+        if parts.netloc:
+            why = f"SQLite URLs name an absolute directory after three slashes, not host {parts.netloc!r}"
+            raise _bad(url, why)
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise _bad(url, "the SQLite directory must be absolute")
+        return _SQLite(Path(path))
+    if scheme not in {"postgresql", "postgres"}:
+        raise _bad(url, f"unsupported scheme {parts.scheme!r}")
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise _bad(url, "the port is not a number from 1 to 65535") from None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    # urlsplit().hostname lowercases; keep the host as written (and decode e.g. %2F for a socket dir).
+    host = hostport[1 : hostport.index("]")] if hostport.startswith("[") else hostport.rsplit(":", 1)[0]
+    host = unquote(host)
+    if not host:
+        raise _bad(url, "no host")
+    user = unquote(userinfo.split(":", 1)[0])
+    if not user:
+        raise _bad(url, "no user name")
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname or "/" in dbname:
+        raise _bad(url, "the path must be the database name, e.g. /backbeat")
+    return _Postgres(host=host, port=port, user=user, password=unquote(parts.password or ""), dbname=dbname)
+
+
+def eventstore_env(settings: Settings, app_name: str) -> dict[str, str]:
+    """The eventsourcing environment of the application named ``app_name`` (its ``Application.name``).
+
+    Returns plain eventsourcing keys, to pass as ``Application(env=...)``:
+
+    * SQLite: ``PERSISTENCE_MODULE=eventsourcing.sqlite``, ``SQLITE_DBNAME=<dir>/<app_name>.sqlite``
+      (``<dir>`` is created), ``SQLITE_LOCK_TIMEOUT`` in seconds. eventsourcing turns on WAL itself.
+    * PostgreSQL: ``PERSISTENCE_MODULE=eventsourcing.postgres``, ``POSTGRES_DBNAME`` / ``_HOST`` /
+      ``_PORT`` / ``_USER`` / ``_PASSWORD`` from the URL (percent-decoded; no password = ``""``),
+      pool size / overflow, and the timeouts above (seconds).
+    * Both: ``SINGLE_ROW_TRACKING=y`` and ``CREATE_TABLE=y`` (eventsourcing's defaults, pinned so a
+      stray variable of the process environment cannot change them).
+
+    Raises:
+        ConfigError: ``settings.eventstore_url`` has another scheme or is malformed (the message
+            names the variable and hides the password).
+        ValueError: ``app_name`` is not a letter followed by at most 53 letters, digits or ``_``.
+    """
+    if not _APP_NAME.fullmatch(app_name):
+        raise ValueError(
+            f"application name {app_name!r} must be a letter then at most 53 letters, digits or '_' "
+            "(it names a SQLite file and PostgreSQL tables)"
+        )
+    target = _parse(settings)
+    common = {"SINGLE_ROW_TRACKING": "y", "CREATE_TABLE": "y"}
+    if isinstance(target, _SQLite):
+        try:
+            target.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the event store directory {target.directory}: {exc}") from None
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(target.directory / f"{app_name}.sqlite"),
+            "SQLITE_LOCK_TIMEOUT": str(SQLITE_LOCK_TIMEOUT_S),
+            **common,
+        }
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": target.dbname,
+        "POSTGRES_HOST": target.host,
+        "POSTGRES_PORT": str(target.port),
+        "POSTGRES_USER": target.user,
+        "POSTGRES_PASSWORD": target.password,
+        "POSTGRES_POOL_SIZE": str(POSTGRES_POOL_SIZE),
+        "POSTGRES_MAX_OVERFLOW": str(POSTGRES_MAX_OVERFLOW),
+        "POSTGRES_CONNECT_TIMEOUT": str(POSTGRES_CONNECT_TIMEOUT_S),
+        "POSTGRES_LOCK_TIMEOUT": str(POSTGRES_LOCK_TIMEOUT_S),
+        "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_S),
+        "POSTGRES_PRE_PING": "y",
+        **common,
+    }
+
+
+def describe_eventstore(settings: Settings) -> str:
+    """One line for humans: ``sqlite: /abs/var/eventstore`` or ``postgresql://user@host:port/db``
+    (never the password).
+
+    Raises:
+        ConfigError: as :func:`eventstore_env`.
+    """
+    target = _parse(settings)
+    if isinstance(target, _SQLite):
+        return f"sqlite: {target.directory}"
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"postgresql://{target.user}@{host}:{target.port}/{target.dbname}"
+
+
+__all__ = ["describe_eventstore", "eventstore_env"]
