@@ -194,3 +194,37 @@ def describe_eventstore(settings: Settings) -> str:
 
 
 __all__ = ["describe_eventstore", "eventstore_env"]
+
+
+def reset_eventstore(settings: Settings, app_names: list[str]) -> list[str]:
+    """Delete the stored events and tracking records of the named applications (SQLite: their
+    files; PostgreSQL: their ``<name>_events`` / ``<name>_tracking`` tables). Returns what was
+    removed, for the CLI. Only for starting afresh (``backbeat sagas reset``): the events are
+    the sagas' only record.
+
+    Raises:
+        ConfigError: ``BACKBEAT_EVENTSTORE_URL`` is malformed.
+        psycopg.Error: PostgreSQL refused (connection, permissions).
+    """
+    target = _parse(settings)
+    removed: list[str] = []
+    if isinstance(target, _SQLite):
+        for name in app_names:
+            for suffix in ("", "-wal", "-shm"):
+                path = target.directory / f"{name}.sqlite{suffix}"
+                if path.exists():
+                    path.unlink()
+                    removed.append(str(path))
+        return removed
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(
+        host=target.host, port=target.port, user=target.user, password=target.password or None,
+        dbname=target.dbname, connect_timeout=POSTGRES_CONNECT_TIMEOUT_S, autocommit=True,
+    ) as conn:  # fmt: skip
+        for name in app_names:
+            for table in (f"{name.lower()}_events", f"{name.lower()}_tracking"):
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(table)))
+                removed.append(f"table {table}")
+    return removed

@@ -33,6 +33,7 @@ class Orchestrator(KafkaProcess):
     """Runs subscription and order sagas. ``timing`` sets deadlines and retries; ``clock``
     returns ms since the epoch (deadlines are wall-clock)."""
 
+    name = "orchestrator"  # eventsourcing application name: its SQLite file / PostgreSQL tables
     input_topics: ClassVar[tuple[str, ...]] = START_TOPICS + REPLY_TOPICS
     source: ClassVar[str] = "/sagas/orchestrator"
 

@@ -35,6 +35,7 @@ from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import registry_for
 from events.serde import AvroDecoder, DecodeError
+from infra.errors import InfraError
 from infra.settings import Settings
 from sagas.messages import Inbound
 from sagas.outbox import OutboxRelay
@@ -194,6 +195,18 @@ class ProcessRunner:
         self.app.rebuild_timers()
         self.stats.published += self.relay.publish_pending()  # what a killed run left unsent
         targets = self._targets()
+        ahead = {
+            tp: (self.app.next_offset(*tp), high)
+            for tp, high in targets.items()
+            if self.app.next_offset(*tp) > high
+        }
+        if ahead:
+            (topic, p), (pos, high) = next(iter(ahead.items()))
+            raise InfraError(
+                f"{self.name}: its event store has applied {topic}[{p}] up to offset {pos}, but the topic "
+                f"ends at {high}: the broker lost its log (the embedded broker keeps topics in memory). "
+                "Run 'backbeat sagas reset' to start the sagas afresh."
+            )
         consumer = self._consumer()
         last_log = time.monotonic()
         try:

@@ -1,0 +1,127 @@
+"""The ``sagas`` read model: the orchestrator's event store projected into DuckDB.
+
+Tables (in backbeat's read-model DuckDB file, beside the other read models):
+
+- ``sagas(saga_id, kind, state, business_id, user_id, payment_id, amount_minor, currency,
+  reason, requested_at, started_at, ended_at, duration_ms, retries, version)`` — one row per
+  saga, its current state; ``duration_ms`` is request (the start event's ``occurred_at``) to
+  end, in ms;
+- ``saga_events(saga_id, version, event, recorded_at, step, detail)`` — every stored event of
+  every saga (its history, for SQL);
+- ``saga_order_lines(saga_id, order_id, sku, quantity)`` — the lines of order sagas;
+- ``saga_projection(store, notification_id)`` — how far the notification log was projected,
+  written in the same transaction as the rows, so a killed projection resumes exactly.
+
+The projection reads the notification log after its position, reloads every saga that changed
+and replaces its rows. If the event store is new (its last notification id is below the
+stored position) the tables are rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from sagas.saga import Saga
+
+DDL = """
+CREATE TABLE IF NOT EXISTS sagas (
+    saga_id VARCHAR PRIMARY KEY, kind VARCHAR, state VARCHAR, business_id VARCHAR, user_id VARCHAR,
+    payment_id VARCHAR, amount_minor BIGINT, currency VARCHAR, reason VARCHAR,
+    requested_at TIMESTAMP, started_at TIMESTAMP, ended_at TIMESTAMP, duration_ms BIGINT,
+    retries INTEGER, version INTEGER
+);
+CREATE TABLE IF NOT EXISTS saga_events (
+    saga_id VARCHAR, version INTEGER, event VARCHAR, recorded_at TIMESTAMP, step VARCHAR, detail VARCHAR,
+    PRIMARY KEY (saga_id, version)
+);
+CREATE TABLE IF NOT EXISTS saga_order_lines (
+    saga_id VARCHAR, order_id VARCHAR, sku VARCHAR, quantity INTEGER
+);
+CREATE TABLE IF NOT EXISTS saga_projection (store VARCHAR PRIMARY KEY, notification_id BIGINT);
+"""
+
+TABLES = ("sagas", "saga_events", "saga_order_lines", "saga_projection")
+STORE = "orchestrator"
+
+
+def _ts(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
+
+
+def saga_row(saga: Saga) -> tuple[Any, ...]:
+    """The ``sagas`` row of one saga (column order of the table)."""
+    d = saga.data
+    duration = None if saga.ended_ms is None else saga.ended_ms - saga.requested_ms
+    return (
+        saga.saga_id, saga.kind, saga.state, saga.business_id, d.get("user_id"), d.get("payment_id"),
+        d.get("amount_minor"), d.get("currency"), saga.reason, _ts(saga.requested_ms), _ts(saga.started_ms),
+        _ts(saga.ended_ms), duration, saga.retries, saga.version,
+    )  # fmt: skip
+
+
+_SKIP = {"originator_id", "originator_version", "timestamp", "originator_topic", "outbox", "data"}
+
+
+def event_row(saga_id: str, event: Any) -> tuple[Any, ...]:
+    """The ``saga_events`` row of one stored event: its class name, the step it concerns, and
+    its other attributes as JSON (``detail``), with the messages it sent by type."""
+    attrs = {k: v for k, v in vars(event).items() if k not in _SKIP}
+    outbox = getattr(event, "outbox", None) or []
+    if outbox:
+        attrs["sent"] = [m["event_type"] for m in outbox]
+    ts = event.timestamp
+    recorded = ts.astimezone(UTC).replace(tzinfo=None) if isinstance(ts, datetime) else None
+    return (
+        saga_id, int(event.originator_version), type(event).__name__, recorded,
+        attrs.get("step"), json.dumps(attrs, default=str, sort_keys=True),
+    )  # fmt: skip
+
+
+def project_sagas(app: Any, con: duckdb.DuckDBPyConnection, *, page: int = 5_000) -> int:
+    """Bring the tables up to date with ``app`` (an :class:`sagas.orchestrator.Orchestrator`)
+    in one transaction per page of notifications. Returns how many sagas were (re)written."""
+    con.execute(DDL)
+    row = con.execute("SELECT notification_id FROM saga_projection WHERE store = ?", [STORE]).fetchone()
+    position = int(row[0]) if row else 0
+    last = int(app.recorder.max_notification_id() or 0)
+    if last < position:  # a new event store: rebuild
+        con.execute("BEGIN")
+        for table in TABLES:
+            con.execute(f"DELETE FROM {table}")
+        con.execute("COMMIT")
+        position = 0
+    written = 0
+    while True:
+        notes = app.recorder.select_notifications(start=position + 1, limit=page)
+        if not notes:
+            return written
+        changed = {note.originator_id for note in notes}
+        sagas = [s for s in (app.repository.get(i) for i in changed) if isinstance(s, Saga)]
+        con.execute("BEGIN")
+        try:
+            for saga in sagas:
+                sid = saga.saga_id
+                for table in ("sagas", "saga_events", "saga_order_lines"):
+                    con.execute(f"DELETE FROM {table} WHERE saga_id = ?", [sid])
+                con.execute(f"INSERT INTO sagas VALUES ({', '.join('?' * 15)})", list(saga_row(saga)))
+                history = [event_row(sid, e) for e in app.events.get(saga.id)]
+                con.executemany("INSERT INTO saga_events VALUES (?, ?, ?, ?, ?, ?)", history)
+                if saga.kind == "order":
+                    con.executemany(
+                        "INSERT INTO saga_order_lines VALUES (?, ?, ?, ?)",
+                        [
+                            (sid, saga.business_id, x["sku"], x["quantity"])
+                            for x in saga.data.get("lines", [])
+                        ],
+                    )
+            position = int(notes[-1].id)
+            con.execute("INSERT OR REPLACE INTO saga_projection VALUES (?, ?)", [STORE, position])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        written += len(sagas)
