@@ -9,6 +9,7 @@ Failure semantics (what a crash at each step leaves behind):
    dropped (``redelivered``): a batch delivered twice is applied once, whoever delivered it.
 3. ``first``-policy read models insert only keys not present yet (and the first of a key within
    the batch); ``last``-policy ones replace the rows of the batch's keys with the latest event.
+   A key may be several columns (:attr:`Projection.key_columns`).
 4. The new offsets (the offset after each partition's last record, control records and rejects
    included) are upserted with the log identity, and the transaction commits. A crash after the
    commit loses nothing: the next run starts after the batch.
@@ -65,25 +66,34 @@ def _fresh(table: pa.Table, thresholds: Mapping[int, int]) -> pa.Table:
 
 def _upsert(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -> pa.Table:
     """Apply ``rows`` to ``proj``'s table by its policy; returns the rows written."""
-    name, key = proj.name, proj.key
+    name, keys = proj.name, proj.key_columns
+    match = " AND ".join(f't."{k}" = b."{k}"' for k in keys)
     conn.register("bb_batch", rows)
     try:
         if proj.policy == "first":
+            by = ", ".join(f'b."{k}"' for k in keys)
             new = conn.sql(
-                f'SELECT b.* FROM bb_batch b ANTI JOIN "{name}" t ON t."{key}" = b."{key}" '
-                f'QUALIFY row_number() OVER (PARTITION BY b."{key}" '
+                f'SELECT b.* FROM bb_batch b ANTI JOIN "{name}" t ON {match} '
+                f"QUALIFY row_number() OVER (PARTITION BY {by} "
                 f'ORDER BY b."{PARTITION_COL}", b."{OFFSET_COL}") = 1'
             ).to_arrow_table()
         else:
+            by = ", ".join(f'"{k}"' for k in keys)
             new = conn.sql(
-                f'SELECT * FROM bb_batch QUALIFY row_number() OVER (PARTITION BY "{key}" '
+                f"SELECT * FROM bb_batch QUALIFY row_number() OVER (PARTITION BY {by} "
                 f'ORDER BY "{PARTITION_COL}" DESC, "{OFFSET_COL}" DESC) = 1'
             ).to_arrow_table()
         if new.num_rows:
             conn.register("bb_new", new)
             try:
                 if proj.policy == "last":
-                    conn.execute(f'DELETE FROM "{name}" WHERE "{key}" IN (SELECT "{key}" FROM bb_new)')
+                    if len(keys) == 1:
+                        key = keys[0]
+                        conn.execute(f'DELETE FROM "{name}" WHERE "{key}" IN (SELECT "{key}" FROM bb_new)')
+                    else:
+                        conn.execute(
+                            f'DELETE FROM "{name}" t WHERE EXISTS (SELECT 1 FROM bb_new b WHERE {match})'
+                        )
                 conn.execute(f'INSERT INTO "{name}" SELECT * FROM bb_new')
             finally:
                 conn.unregister("bb_new")

@@ -3,7 +3,8 @@ and the offsets the batch covers.
 
 Control records (``bb_control`` header, :mod:`events.control`) are counted and skipped: they are
 not events. A record whose value is missing, not Confluent-framed Avro of a known schema, of
-another event type than the projection reads, or not mappable to a row becomes a
+another event type than the projection reads (:attr:`Projection.event_types`), or not mappable to
+a row becomes a
 :class:`Reject` with its reason (never dropped silently). An event that the projection's row
 filter (:attr:`Projection.where`) does not accept is counted in ``filtered`` and skipped: it
 belongs to another read model of the same topic. Every record, skipped or not, moves its
@@ -113,9 +114,10 @@ class BatchPreparer:
 
     def _slow(
         self, out: Prepared, proj: Projection, msg: MessageLike, value: bytes | None
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any], str] | None:
         """The careful path for a record the fast path did not decode: control record, tombstone,
-        unknown schema, other event type, or bad Avro. Returns the event or ``None`` (counted)."""
+        unknown schema, other event type, or bad Avro. Returns ``(event, event type)`` or
+        ``None`` (counted)."""
         topic, part, off = proj.topic, msg.partition() or 0, msg.offset() or 0
         if is_control(msg.headers()):
             out.controls += 1
@@ -125,11 +127,10 @@ class BatchPreparer:
             return None
         try:
             event_type = self._type_of(schema_id_of(value))
-            if event_type != proj.event_type:
-                raise DecodeError(
-                    f"event type {event_type} is not {proj.event_type}, the type {proj.name} reads"
-                )
-            return self._decoder.decode(value)
+            if event_type not in proj.event_types:
+                reads = ", ".join(sorted(proj.event_types))
+                raise DecodeError(f"event type {event_type} is not {reads}, the type {proj.name} reads")
+            return self._decoder.decode(value), event_type
         except DecodeError as exc:
             out.rejects.append(Reject(proj.name, topic, part, off, str(exc)))
             return None
@@ -149,8 +150,8 @@ class BatchPreparer:
         """
         out = Prepared(records=len(messages))
         ends = out.ends
-        columns: dict[str, tuple[list[dict[str, Any]], list[int], list[int]]] = {
-            p.name: ([], [], []) for p in self._by_topic.values()
+        columns: dict[str, tuple[list[dict[str, Any]], list[int], list[int], list[str]]] = {
+            p.name: ([], [], [], []) for p in self._by_topic.values()
         }
         by_topic = self._by_topic
         schemas = self._schemas
@@ -158,20 +159,25 @@ class BatchPreparer:
         slow = self._slow
         last_topic: str | None = None
         proj: Projection | None = None
+        accepted: frozenset[str] = frozenset()
         events: list[dict[str, Any]] = []
         parts: list[int] = []
         offs: list[int] = []
+        kinds: list[str] = []
         for msg in messages:
             topic, part, off = msg.topic(), msg.partition(), msg.offset()
             ends[(topic, part)] = off + 1  # a partition's records arrive in offset order
             if topic != last_topic:
                 last_topic, proj = topic, by_topic[topic]
-                events, parts, offs = columns[proj.name]
+                accepted = proj.event_types
+                events, parts, offs, kinds = columns[proj.name]
             value = msg.value()
             event = None
+            event_type = ""
             if value and value[0] == 0 and len(value) > 5:
                 schema_id = int.from_bytes(value[1:5], "big")
-                if types.get(schema_id) == proj.event_type:
+                event_type = types.get(schema_id, "")
+                if event_type in accepted:
                     buf = BytesIO(value)
                     buf.seek(5)
                     try:
@@ -181,20 +187,22 @@ class BatchPreparer:
                     if event is not None and buf.tell() != len(value):
                         event = None
             if event is None:
-                event = slow(out, proj, msg, value)
-                if event is None:
+                slowed = slow(out, proj, msg, value)
+                if slowed is None:
                     continue
+                event, event_type = slowed
             if proj.where is not None and not proj.where.accepts(event):
                 out.filtered += 1
                 continue
             events.append(event)
             parts.append(part)
             offs.append(off)
+            kinds.append(event_type)
         for proj in by_topic.values():
-            events, parts, offs = columns[proj.name]
+            events, parts, offs, kinds = columns[proj.name]
             if not events:
                 continue
-            table, bad = to_table_checked(proj, events, parts, offs)
+            table, bad = to_table_checked(proj, events, parts, offs, kinds)
             out.tables[proj.name] = table
             for i, reason in bad:
                 out.rejects.append(Reject(proj.name, proj.topic, parts[i], offs[i], reason))

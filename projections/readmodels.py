@@ -15,6 +15,11 @@ apart (``ad_reports`` and ``ad_reports_item`` split ``AdReportPublished`` on ``a
 may read an event field of another type and cast it (:attr:`Column.read_as`, e.g. the ad id
 string as the integer ``item_id``).
 
+A projection may also read several event types of its topic (:attr:`Projection.also_reads`) and
+map each event to zero or more rows with a function (:attr:`Projection.rows`, e.g. the billing
+ledger: a captured payment posts four journal lines, an authorisation none); its key may then be
+several columns (``("entry_id", "line")``). An event's rows are applied all or none.
+
 Policies on a repeated key (DESIGN.md §3 "Exactly-once effects"): ``first`` — the first event
 with a key wins and a later duplicate changes nothing (``listens``, ``sessions``, and the feature
 store's history tables ``user_features`` and ``track_features``, keyed by ``event_id``);
@@ -26,7 +31,7 @@ final and their ids deterministic, so a redelivered copy changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -35,8 +40,14 @@ import pyarrow.compute as pc
 
 from infra.errors import ConfigError
 from projections.feature_store import TRACK_TABLE, USER_TABLE
+from sagas import ledger
 
 Policy = Literal["first", "last"]
+
+#: A projection's row mapping (:attr:`Projection.rows`): ``(event type full name, decoded event)
+#: -> rows`` (dicts holding the columns' fields); raises ``ValueError`` (or ``TypeError``,
+#: ``KeyError``) for an event that cannot be mapped, which then becomes a reject.
+RowMapper = Callable[[str, Mapping[str, Any]], Sequence[Mapping[str, Any]]]
 
 #: The provenance columns every read-model row carries.
 PARTITION_COL = "kafka_partition"
@@ -149,13 +160,17 @@ class RowFilter:
 class Projection:
     """A named, versioned mapping of one event type on one topic to one DuckDB table.
 
-    ``name`` is also the table name; ``key`` the column duplicates are recognised by; ``policy``
-    what a repeated key does (module docstring); ``lake`` whether applied rows are also written
-    to the Parquet lake, partitioned by the date (UTC) of ``lake_time``; ``extra_ddl`` the
-    idempotent statements (``CREATE OR REPLACE VIEW`` / ``MACRO``) over the table that the runner
-    runs after :attr:`ddl` at every start, so they follow the code; ``where`` the events that
-    become rows (``None``: all of its type; :class:`RowFilter`). One runner feeds one projection
-    per topic, so projections that share a topic run in separate runners
+    ``name`` is also the table name; ``key`` the column (or tuple of columns) duplicates are
+    recognised by; ``policy`` what a repeated key does (module docstring); ``lake`` whether
+    applied rows are also written to the Parquet lake, partitioned by the date (UTC) of
+    ``lake_time``; ``extra_ddl`` the idempotent statements (``CREATE OR REPLACE VIEW`` /
+    ``MACRO``) over the table that the runner runs after :attr:`ddl` at every start, so they
+    follow the code; ``where`` the events that
+    become rows (``None``: all of its type; :class:`RowFilter`); ``also_reads`` further event
+    types (Avro full names) of the topic it reads besides ``event_type`` (others are rejects);
+    ``rows`` the function mapping one event to its rows (:data:`RowMapper`; ``None``: one row
+    per event, the columns read from the event's fields). One runner feeds one projection per
+    topic, so projections that share a topic run in separate runners
     (:func:`projections.runner.run_projections` arranges that).
     """
 
@@ -164,12 +179,25 @@ class Projection:
     topic: str
     event_type: str
     columns: tuple[Column, ...]
-    key: str
+    key: str | tuple[str, ...]
     policy: Policy
     lake: bool = False
     lake_time: str = ""
     extra_ddl: tuple[str, ...] = ()
     where: RowFilter | None = None
+    also_reads: tuple[str, ...] = ()
+    rows: RowMapper | None = None
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The key as a tuple of column names."""
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        """Every event type (Avro full name) the projection reads: ``event_type`` and
+        ``also_reads``."""
+        return frozenset((self.event_type, *self.also_reads))
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -239,11 +267,19 @@ def to_table_checked(
     events: Sequence[Mapping[str, Any]],
     partitions: Sequence[int],
     offsets: Sequence[int],
+    types: Sequence[str] | None = None,
 ) -> tuple[pa.Table, list[tuple[int, str]]]:
     """Like :func:`to_table`, but never raises for a bad event: returns ``(table, rejects)``
     where ``rejects`` lists ``(index, reason)`` of events that could not be mapped (they are
     not in the table). The whole batch is mapped at once; only when that fails is it mapped
-    event by event to find the culprits."""
+    event by event to find the culprits.
+
+    A projection with a row mapping (:attr:`Projection.rows`) maps each event to its rows first;
+    ``types[i]`` is the event type of ``events[i]`` (default: ``projection.event_type``). The
+    rows of an event share its partition and offset, and an event whose mapping raises, or one
+    of whose rows does not fit the columns, is rejected with none of its rows in the table."""
+    if projection.rows is not None:
+        return _mapped_table_checked(projection, events, partitions, offsets, types)
     try:
         return to_table(projection, events, partitions, offsets), []
     except (TypeError, ValueError, pa.ArrowException):
@@ -267,6 +303,46 @@ def to_table_checked(
         [offsets[i] for i in good],
     )
     return table, rejects
+
+
+def _mapped_table_checked(
+    projection: Projection,
+    events: Sequence[Mapping[str, Any]],
+    partitions: Sequence[int],
+    offsets: Sequence[int],
+    types: Sequence[str] | None,
+) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """:func:`to_table_checked` for a projection with a row mapping."""
+    assert projection.rows is not None
+    groups: list[tuple[int, Sequence[Mapping[str, Any]]]] = []
+    rejects: list[tuple[int, str]] = []
+    for i, event in enumerate(events):
+        event_type = types[i] if types is not None else projection.event_type
+        try:
+            groups.append((i, projection.rows(event_type, event)))
+        except (TypeError, ValueError, KeyError) as exc:
+            rejects.append((i, f"cannot map {event_type} to {projection.name} rows: {exc}"))
+
+    def build(chosen: Sequence[tuple[int, Sequence[Mapping[str, Any]]]]) -> pa.Table:
+        return to_table(
+            projection,
+            [row for _, rows in chosen for row in rows],
+            [partitions[i] for i, rows in chosen for _ in rows],
+            [offsets[i] for i, rows in chosen for _ in rows],
+        )
+
+    try:
+        return build(groups), rejects
+    except (TypeError, ValueError, pa.ArrowException):
+        pass
+    good: list[tuple[int, Sequence[Mapping[str, Any]]]] = []
+    for group in groups:
+        try:
+            build([group])
+            good.append(group)
+        except (TypeError, ValueError, pa.ArrowException) as exc:
+            rejects.append((group[0], f"cannot map to {projection.name} rows: {exc}"))
+    return build(good), sorted(rejects)
 
 
 _S, _I, _L, _D, _T = pa.string(), pa.int32(), pa.int64(), pa.float64(), pa.timestamp("ms")
@@ -509,11 +585,44 @@ CAMPAIGN_PAUSES = Projection(
     policy="first",
 )
 
+#: The billing ledger (:mod:`sagas.ledger`): the double-entry journal lines posted by the payment
+#: events of ``billing.payments`` (a capture posts a ``sale`` and a ``settlement`` entry, a refund a
+#: ``refund`` entry, the other four types nothing), signed (debit > 0, credit < 0) in minor units;
+#: ``saga_id`` is the event's ``correlation_id``. Keyed by ``(entry_id, line)``, ``first``: entry
+#: ids derive from the event id, so a redelivered event posts nothing new. An event that cannot
+#: be posted (bad amount) is a reject. Views ``ledger_balances(account, currency, balance_minor)``
+#: and ``ledger_by_saga(saga_id, account, balance_minor)``.
+LEDGER_ENTRIES = Projection(
+    name="ledger_entries",
+    version=1,
+    topic="billing.payments",
+    event_type=ledger.EVENT_TYPES[0],
+    also_reads=ledger.EVENT_TYPES[1:],
+    rows=ledger.ledger_rows,
+    columns=(
+        Column("entry_id", _S),
+        Column("line", _I),
+        Column("saga_id", _S, nullable=True),
+        Column("payment_id", _S),
+        Column("account", _S),
+        Column("amount_minor", _L),
+        Column("currency", _S),
+        Column("posted_at", _T),
+        Column("event_id", _S),
+        Column("event_type", _S),
+        Column("entry_kind", _S),
+    ),
+    key=("entry_id", "line"),
+    policy="first",
+    extra_ddl=ledger.VIEWS_DDL,
+)
+
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
     p.name: p
     for p in (
-        LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM, CAMPAIGN_PAUSES
+        LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM,
+        CAMPAIGN_PAUSES, LEDGER_ENTRIES,
     )
 }  # fmt: skip
 
@@ -536,6 +645,7 @@ __all__ = [
     "AD_REPORTS_ITEM",
     "ARTIST_AFFINITIES",
     "CAMPAIGN_PAUSES",
+    "LEDGER_ENTRIES",
     "LISTENS",
     "OFFSET_COL",
     "PARTITION_COL",
@@ -547,6 +657,7 @@ __all__ = [
     "Column",
     "Projection",
     "RowFilter",
+    "RowMapper",
     "get_projection",
     "sql_type",
     "struct_list",
