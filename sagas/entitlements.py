@@ -59,7 +59,7 @@ class Entitlement(Replying):
         self.entitlement_id = entitlement_id
         self.user_id = user_id
         self.state = NEW
-        self.replies: dict[str, OutboxMessage] = {}
+        self._init_replies()
         self.kind = "OTHER"
         self.valid_until: int | None = None
         self.subscription_id: str | None = None
@@ -148,11 +148,7 @@ class EntitlementService(KafkaProcess):
                 outbox=[self._failed_msg(ent, command, terms, "ALREADY_REVOKED")],
             )
         elif ent.state == GRANTED:
-            ent.answer(
-                idempotency_key=key,
-                reason="already granted",
-                outbox=[self._granted_msg(ent, command, _terms_of(ent))],
-            )
+            ent.answer_with_effect(key, "EntitlementGranted", "already granted")
         elif hits(self.fail_rate, self.seed, key, "entitlement_fail"):
             reason = "NOT_AVAILABLE_IN_REGION"
             ent.grant_failed(
@@ -164,11 +160,11 @@ class EntitlementService(KafkaProcess):
     def _revoke(self, ent: Entitlement, command: Command) -> None:
         key = command.idempotency_key
         reason = str(command.payload.get("reason") or "OTHER")
-        msg = self._reply(ent, command, "EntitlementRevoked", {"kind": ent.kind, "reason": reason})
         if ent.state == REVOKED:
-            ent.answer(idempotency_key=key, reason="already revoked", outbox=[msg])
-        else:
-            ent.revoked(idempotency_key=key, reason=reason, was_granted=ent.state == GRANTED, outbox=[msg])
+            ent.answer_with_effect(key, "EntitlementRevoked", "already revoked")
+            return
+        msg = self._reply(ent, command, "EntitlementRevoked", {"kind": ent.kind, "reason": reason})
+        ent.revoked(idempotency_key=key, reason=reason, was_granted=ent.state == GRANTED, outbox=[msg])
 
     # -- replies -------------------------------------------------------------------------------
     def _reply(
@@ -200,12 +196,3 @@ class EntitlementService(KafkaProcess):
                 "order_id": terms["order_id"],
             },
         )
-
-
-def _terms_of(ent: Entitlement) -> dict[str, Any]:
-    return {
-        "kind": ent.kind,
-        "valid_until": ent.valid_until,
-        "subscription_id": ent.subscription_id,
-        "order_id": ent.order_id,
-    }

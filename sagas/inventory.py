@@ -106,7 +106,7 @@ class Reservation(Replying):
         self.state = NEW
         self.lines: Lines = []
         self.hold_until: int | None = None
-        self.replies: dict[str, OutboxMessage] = {}
+        self._init_replies()
 
     @event("Reserved")
     def reserved(
@@ -198,11 +198,7 @@ class InventoryService(KafkaProcess):
             )
             return []
         if res.state == RESERVED:
-            res.answer(
-                idempotency_key=key,
-                reason="already reserved",
-                outbox=[self._reserved_msg(res, command, res.lines, res.hold_until)],
-            )
+            res.answer_with_effect(key, "InventoryReserved", "already reserved")
             return []
         unknown = [line["sku"] for line in lines if line["sku"] not in self.initial_stock]
         stocks = {} if unknown else {line["sku"]: self._load_stock(line["sku"]) for line in lines}
@@ -230,11 +226,7 @@ class InventoryService(KafkaProcess):
         asked = str(command.payload.get("reason") or "").upper()
         reason = asked if asked in _RELEASE_REASONS else "COMPENSATION"
         if res.state == RELEASED:
-            res.answer(
-                idempotency_key=key,
-                reason="already released",
-                outbox=[self._released_msg(res, command, [], reason)],
-            )
+            res.answer_with_effect(key, "InventoryReleased", "already released")
             return []
         lines = res.lines if res.state == RESERVED else []
         stocks = [self._load_stock(line["sku"]) for line in lines]

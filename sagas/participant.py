@@ -113,11 +113,21 @@ def reply_message(
 
 
 class Replying(Aggregate):
-    """Base of the participants' aggregates: the idempotency records ``replies`` (idempotency
-    key → the reply message sent for it). Subclasses' ``__init__`` must set ``self.replies = {}``
-    and every event that answers a command must call :meth:`_remember`."""
+    """Base of the participants' aggregates.
 
-    # no class-level annotation of ``replies``: eventsourcing would make it a "created" event field
+    ``replies``: the idempotency records (idempotency key → the reply message sent for it);
+    ``effect_keys``: reply type → the key of the last reply of that type, so that a command with a
+    *new* key asking for an effect that already happened (a capture of a captured payment) gets
+    the reply of that effect again — the same message, same ``event_id`` — and consumers that
+    dedupe by ``event_id`` (the ledger) count the effect once. Subclasses' ``__init__`` must call
+    :meth:`_init_replies`, and every event that answers a command must call :meth:`_remember`.
+    """
+
+    # no class-level annotations: eventsourcing would make them fields of the "created" event
+
+    def _init_replies(self) -> None:
+        self.replies: dict[str, OutboxMessage] = {}
+        self.effect_keys: dict[str, str] = {}
 
     def has_replied(self, idempotency_key: str) -> bool:
         """Whether a reply for ``idempotency_key`` was recorded."""
@@ -126,6 +136,7 @@ class Replying(Aggregate):
     def _remember(self, idempotency_key: str, outbox: list[OutboxMessage]) -> None:
         if outbox:
             self.replies[idempotency_key] = outbox[0]
+            self.effect_keys[str(outbox[0]["event_type"])] = idempotency_key
 
     @event("ReplyRepeated")
     def repeat_reply(self, idempotency_key: str, outbox: list[OutboxMessage]) -> None:
@@ -139,3 +150,12 @@ class Replying(Aggregate):
     def resend(self, idempotency_key: str) -> None:
         """Send the stored reply of ``idempotency_key`` again."""
         self.repeat_reply(idempotency_key=idempotency_key, outbox=[self.replies[idempotency_key]])
+
+    def answer_with_effect(self, idempotency_key: str, event_type: str, reason: str) -> None:
+        """Answer a new key with the last ``event_type`` reply sent (the effect already done).
+
+        Raises:
+            KeyError: no ``event_type`` reply was ever sent (a bug of the caller's state machine).
+        """
+        original = self.replies[self.effect_keys[event_type]]
+        self.answer(idempotency_key=idempotency_key, reason=reason, outbox=[original])

@@ -56,7 +56,7 @@ class Payment(Replying):
     def __init__(self, payment_id: str) -> None:
         self.payment_id = payment_id
         self.state = NEW
-        self.replies: dict[str, OutboxMessage] = {}
+        self._init_replies()
         self.amount_minor = 0
         self.currency: str | None = None
         self.order_id: str | None = None

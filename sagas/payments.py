@@ -186,8 +186,7 @@ class PaymentService(KafkaProcess):
             payment.declined(idempotency_key=key, terms=terms, reason="OTHER", outbox=[msg])
             return True
         if payment.state in (AUTHORIZED, CAPTURED):
-            msg = self._authorized_msg(payment, command, _terms_of(payment), str(payment.authorization))
-            payment.answer(idempotency_key=key, reason="already authorised", outbox=[msg])
+            payment.answer_with_effect(key, "PaymentAuthorized", "already authorised")
             return True
         result = self._call(
             payment,
@@ -216,8 +215,7 @@ class PaymentService(KafkaProcess):
         p, key = command.payload, command.idempotency_key
         amount, currency = int(p["amount_minor"]), str(p.get("currency") or payment.currency or NO_CURRENCY)
         if payment.state == CAPTURED:
-            msg = self._captured_msg(payment, command, payment.captured_minor, str(payment.capture_reference))
-            payment.answer(idempotency_key=key, reason="already captured", outbox=[msg])
+            payment.answer_with_effect(key, "PaymentCaptured", "already captured")
             return True
         if payment.state != AUTHORIZED:
             reason, code = {
@@ -258,19 +256,9 @@ class PaymentService(KafkaProcess):
         key = command.idempotency_key
         if payment.state == CAPTURED:
             return self._refund_capture(payment, command, payment.captured_minor)
-        if payment.state == VOIDED:
-            msg = self._voided_msg(payment, command, payment.voided_minor)
-            payment.answer(idempotency_key=key, reason="already voided", outbox=[msg])
-            return True
-        if payment.state == REFUNDED:
-            msg = self._refunded_msg(
-                payment,
-                command,
-                str(payment.refund_id),
-                payment.refunded_minor,
-                str(payment.refund_reference),
-            )
-            payment.answer(idempotency_key=key, reason="already refunded", outbox=[msg])
+        if payment.state in (VOIDED, REFUNDED):
+            done = "PaymentVoided" if payment.state == VOIDED else "PaymentRefunded"
+            payment.answer_with_effect(key, done, f"already {payment.state.lower()}")
             return True
         if payment.state != AUTHORIZED:  # nothing was ever authorised: nothing to release
             msg = self._voided_msg(payment, command, 0)
@@ -305,18 +293,11 @@ class PaymentService(KafkaProcess):
             )
         if payment.state == AUTHORIZED:  # nothing captured: release the authorisation instead
             return self._void(payment, command)
-        if payment.state == VOIDED:
-            msg = self._voided_msg(payment, command, payment.voided_minor)
-        elif payment.state == REFUNDED:
-            msg = self._refunded_msg(
-                payment,
-                command,
-                str(payment.refund_id),
-                payment.refunded_minor,
-                str(payment.refund_reference),
-            )
-        else:
-            msg = self._refunded_msg(payment, command, str(p["refund_id"]), 0, "")
+        if payment.state in (VOIDED, REFUNDED):
+            done = "PaymentVoided" if payment.state == VOIDED else "PaymentRefunded"
+            payment.answer_with_effect(key, done, f"already {payment.state.lower()}")
+            return True
+        msg = self._refunded_msg(payment, command, str(p["refund_id"]), 0, "")
         payment.answer(idempotency_key=key, reason=f"nothing to refund ({payment.state})", outbox=[msg])
         return True
 
@@ -459,16 +440,6 @@ class PaymentService(KafkaProcess):
                 "reason": command.payload.get("reason"),
             },
         )
-
-
-def _terms_of(payment: Payment) -> dict[str, Any]:
-    return {
-        "amount_minor": payment.amount_minor,
-        "currency": payment.currency,
-        "order_id": payment.order_id,
-        "subscription_id": payment.subscription_id,
-        "user_id": payment.user_id,
-    }
 
 
 def _times(message: OutboxMessage, result: GatewayResult) -> list[OutboxMessage]:

@@ -174,6 +174,17 @@ def test_authorize_after_void_is_declined_without_the_gateway(tmp_path: Path) ->
     assert rig.payment().state == VOIDED
 
 
+def test_a_second_capture_with_another_key_gets_the_first_capture_reply(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, quiet())
+    rig.authorize("s:authorize")
+    rig.capture("s:capture")
+    rig.capture("other:capture")
+    _authorized, captured, again = outbox(rig.app)
+    assert captured == again and captured["event_type"] == "PaymentCaptured"
+    assert payload(captured)["event_id"] == stable_id("s:capture", "PaymentCaptured")
+    assert rig.ops() == [("authorize", "approved"), ("capture", "approved")]
+
+
 def test_capture_failures(tmp_path: Path) -> None:
     rig = Rig(tmp_path, quiet(capture_fail=1.0))
     rig.capture("s:capture-early")
