@@ -54,6 +54,11 @@ RESERVATION_SCHEMA = pa.schema(
     ]
 )
 
+#: Columns of :meth:`InventoryService.stock`.
+STOCK_SCHEMA = pa.schema(
+    [("sku", pa.string()), ("initial_units", pa.int64()), ("available_units", pa.int64())]
+)
+
 Lines = list[dict[str, Any]]  # [{"sku": str, "quantity": int}]
 
 
@@ -173,19 +178,32 @@ class InventoryService(KafkaProcess):
             stocks = self._release(res, command)
         processing_event.collect_events(res, *stocks)
 
-    def stock(self, sku: str) -> Stock | None:
+    def stock_of(self, sku: str) -> Stock | None:
         """The stock of ``sku`` (``None`` when unknown, or never touched and so still at its
         initial units)."""
         return self.get_or_none(stock_uuid(sku))  # type: ignore[no-any-return]
 
     def available(self, sku: str) -> int:
         """Units of ``sku`` available to reserve (0 for an unknown SKU)."""
-        stock = self.stock(sku)
+        stock = self.stock_of(sku)
         return stock.available if stock is not None else self.initial_stock.get(sku, 0)
+
+    def stock(self) -> pa.Table:
+        """Every SKU of ``initial_stock`` as an Arrow table with the columns of
+        :data:`STOCK_SCHEMA` (``sku, initial_units, available_units``), in SKU order."""
+        skus = sorted(self.initial_stock)
+        return pa.table(
+            {
+                "sku": skus,
+                "initial_units": [self.initial_stock[sku] for sku in skus],
+                "available_units": [self.available(sku) for sku in skus],
+            },
+            schema=STOCK_SCHEMA,
+        )
 
     # -- steps ---------------------------------------------------------------------------------
     def _load_stock(self, sku: str) -> Stock:
-        stock = self.stock(sku)
+        stock = self.stock_of(sku)
         return stock if stock is not None else Stock(sku=sku, units=self.initial_stock[sku])
 
     def _reserve(self, res: Reservation, command: Command) -> list[Stock]:

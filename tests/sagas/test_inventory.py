@@ -83,7 +83,11 @@ def test_release_returns_the_stock(tmp_path: Path) -> None:
     assert payload(released)["lines"] == [{"sku": "sku-a", "quantity": 5}]
     assert payload(released)["reason"] == "COMPENSATION"  # not a ReleaseReason symbol → COMPENSATION
     assert app.available("sku-a") == 5
-    stock = app.stock("sku-a")
+    assert app.stock().to_pylist() == [
+        {"sku": "sku-a", "initial_units": 5, "available_units": 5},
+        {"sku": "sku-b", "initial_units": 2, "available_units": 2},
+    ]
+    stock = app.stock_of("sku-a")
     assert stock is not None and stock.reserved == 0
 
 
@@ -95,7 +99,7 @@ def test_release_of_nothing_then_a_late_reserve_is_rejected(tmp_path: Path) -> N
     assert payload(released)["lines"] == [] and payload(released)["reason"] == "ORDER_CANCELLED"
     assert rejected["event_type"] == "InventoryReservationRejected"
     assert (payload(rejected)["reason"], payload(rejected)["skus"]) == ("OTHER", ["sku-a"])
-    assert app.available("sku-a") == 5 and app.stock("sku-a") is None  # never touched
+    assert app.available("sku-a") == 5 and app.stock_of("sku-a") is None  # never touched
 
 
 def test_reservations_export(tmp_path: Path) -> None:
@@ -105,6 +109,7 @@ def test_reservations_export(tmp_path: Path) -> None:
     release(feed, "r2:release", "r2")
     reserve(feed, "r3:reserve", "r3", [("sku-b", 9)], order="o3")
     release(feed, "r4:release", "r4")
+    assert [r["available_units"] for r in app.stock().to_pylist()] == [4, 1]
     table = app.reservations()
     assert table.schema == RESERVATION_SCHEMA
     assert sorted(table.to_pylist(), key=lambda r: (r["reservation_id"], r["sku"])) == [
