@@ -26,7 +26,7 @@ from eventsourcing.application import ProcessingEvent
 from eventsourcing.domain import event
 
 from sagas.messages import Inbound, OutboxMessage, stable_id
-from sagas.participant import Command, Replying, command_from, reply_message
+from sagas.participant import PARTICIPANT_ENV, Command, Replying, command_from, reply_message
 from sagas.process import KafkaProcess
 from sagas.seeded import hits
 
@@ -94,6 +94,7 @@ class EntitlementService(KafkaProcess):
         ValueError: ``fail_rate`` outside [0, 1].
     """
 
+    env = PARTICIPANT_ENV
     input_topics = (COMMANDS_TOPIC,)
     source = "/sagas/entitlements"
 

@@ -28,7 +28,7 @@ from eventsourcing.application import ProcessingEvent
 from eventsourcing.domain import Aggregate, event
 
 from sagas.messages import Inbound, OutboxMessage, stable_id
-from sagas.participant import Command, Replying, command_from, reply_message
+from sagas.participant import PARTICIPANT_ENV, Command, Replying, command_from, reply_message
 from sagas.process import KafkaProcess
 from sagas.runner import RejectedRecord
 
@@ -141,6 +141,7 @@ class InventoryService(KafkaProcess):
     """The inventory participant (module doc). ``initial_stock``: SKU → units at first touch;
     ``clock`` gives ms since the epoch for reply times."""
 
+    env = PARTICIPANT_ENV
     input_topics = (COMMANDS_TOPIC,)
     source = "/sagas/inventory"
 

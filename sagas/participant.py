@@ -20,6 +20,14 @@ from eventsourcing.domain import Aggregate, event
 from sagas.messages import Inbound, OutboxMessage, outbox_message, stable_id
 from sagas.runner import RejectedRecord
 
+#: eventsourcing settings of every participant (its class-level ``env``; ``env=`` still wins).
+#: The aggregate cache keeps aggregates in memory between records: without it every command
+#: replays the whole history of the aggregates it loads, and a popular SKU's stock (one event per
+#: reservation) makes a run quadratic (2,000 reservations of one SKU: 90 s without, 2 s with).
+#: It is safe with one writer: ``get`` hands out deep copies and fast-forwards the cached copy
+#: with the events stored after it, so a record that fails to commit leaves the cache unchanged.
+PARTICIPANT_ENV: dict[str, str] = {"AGGREGATE_CACHE_MAXSIZE": "50000"}
+
 
 @dataclass(frozen=True)
 class Command:

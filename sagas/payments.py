@@ -48,7 +48,7 @@ from sagas.gateway import (
     PaymentGateway,
 )
 from sagas.messages import Inbound, OutboxMessage, stable_id
-from sagas.participant import Command, command_from, reply_message
+from sagas.participant import PARTICIPANT_ENV, Command, command_from, reply_message
 from sagas.payment import (
     AUTHORIZED,
     CAPTURED,
@@ -89,6 +89,7 @@ class PaymentService(KafkaProcess):
     :class:`sagas.gateway.GatewaySimulator`); ``clock`` gives ms since the epoch for reply times.
     :attr:`gateway_calls` counts calls made by this object (retries included)."""
 
+    env = PARTICIPANT_ENV
     input_topics = (COMMANDS_TOPIC,)
     source = "/sagas/payments"
     #: Immediate repeats of a call that failed after its effect.

@@ -65,6 +65,7 @@ def test_reservation_is_all_or_nothing_and_atomic(tmp_path: Path) -> None:
 
 def test_repeat_reserve_reserves_once(tmp_path: Path) -> None:
     app, feed = service(tmp_path)
+    assert app.repository.cache is not None  # PARTICIPANT_ENV: stocks are not replayed per record
     reserve(feed, "r1:reserve", "r1", [("sku-a", 2)])
     reserve(feed, "r1:reserve", "r1", [("sku-a", 2)])
     first, second = outbox(app)
