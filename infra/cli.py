@@ -571,7 +571,7 @@ def demo_ads(
 
 
 # Commands kept in their own modules, one line each.
-for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features"):
+for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas"):
     __import__(_module, fromlist=["register"]).register(app)
 
 

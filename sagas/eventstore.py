@@ -26,9 +26,14 @@ from the application, not from the environment), so pass that same name as ``app
 
 from __future__ import annotations
 
+import random
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from infra.errors import ConfigError
@@ -228,3 +233,34 @@ def reset_eventstore(settings: Settings, app_names: list[str]) -> list[str]:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(table)))
                 removed.append(f"table {table}")
     return removed
+
+
+_OPEN_LOCK = threading.Lock()
+#: PostgreSQL errors of two processes creating the same tables, types or functions at once.
+_DDL_RACES = ("concurrently", "already exists", "duplicate key value")
+
+A = TypeVar("A")
+
+
+def open_application(make: Callable[[], A], *, attempts: int = 10) -> A:
+    """Construct an eventsourcing application with ``make()``, retrying when its start-up DDL
+    (``CREATE TABLE IF NOT EXISTS``, ``CREATE OR REPLACE FUNCTION``, ``CREATE TYPE``) races with
+    another process doing the same on PostgreSQL ("tuple concurrently updated", "duplicate key
+    value violates unique constraint pg_type…": PostgreSQL's catalog updates are not safe for
+    concurrent DDL). Constructions in one process are serialised by a lock.
+
+    Raises:
+        eventsourcing.persistence.PersistenceError: the error persists after ``attempts`` tries,
+            or is not a DDL race.
+    """
+    from eventsourcing.persistence import PersistenceError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with _OPEN_LOCK:
+                return make()
+        except PersistenceError as exc:
+            if attempt == attempts or not any(s in str(exc) for s in _DDL_RACES):
+                raise
+            time.sleep(random.uniform(0.05, 0.1 * attempt))  # back off from the other process's DDL
+    raise AssertionError("unreachable")

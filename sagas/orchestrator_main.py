@@ -8,7 +8,7 @@ import argparse
 import logging
 
 from infra.settings import Settings
-from sagas.eventstore import eventstore_env
+from sagas.eventstore import eventstore_env, open_application
 from sagas.orchestrator import Orchestrator
 from sagas.runner import ProcessRunner
 from sagas.saga import Timing
@@ -19,7 +19,7 @@ APP_NAME = Orchestrator.name
 
 def build_orchestrator(settings: Settings, timing: Timing | None = None) -> Orchestrator:
     """The orchestrator on the configured event store (SQLite under ``data_dir`` by default)."""
-    return Orchestrator(eventstore_env(settings, APP_NAME), timing=timing)
+    return open_application(lambda: Orchestrator(eventstore_env(settings, APP_NAME), timing=timing))
 
 
 def main(argv: list[str] | None = None) -> int:

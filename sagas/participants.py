@@ -25,7 +25,7 @@ from pathlib import Path
 
 from infra.settings import Settings
 from sagas.entitlements import EntitlementService
-from sagas.eventstore import eventstore_env
+from sagas.eventstore import eventstore_env, open_application
 from sagas.gateway import GatewaySimulator, SimulatorConfig
 from sagas.inventory import InventoryService
 from sagas.payments import PaymentService
@@ -125,7 +125,7 @@ def run_participants(
     def work(make: Callable[[], KafkaProcess]) -> None:
         app: KafkaProcess | None = None
         try:
-            app = make()
+            app = open_application(make)
             seen: list[bool] = []
             runner = ProcessRunner(app, settings, on_round=lambda s: caught_up(s, seen))
             stats[runner.name] = runner.run(until=lambda _s: stop_event.is_set())
