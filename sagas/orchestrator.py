@@ -34,6 +34,9 @@ class Orchestrator(KafkaProcess):
     returns ms since the epoch (deadlines are wall-clock)."""
 
     name = "orchestrator"  # eventsourcing application name: its SQLite file / PostgreSQL tables
+    # keep sagas in memory between records instead of replaying their events each time (one
+    # writer per store; the repository hands out deep copies, so a failed record leaves no trace)
+    env: ClassVar[dict[str, str]] = {"AGGREGATE_CACHE_MAXSIZE": "50000"}
     input_topics: ClassVar[tuple[str, ...]] = START_TOPICS + REPLY_TOPICS
     source: ClassVar[str] = "/sagas/orchestrator"
 
