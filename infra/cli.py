@@ -379,8 +379,8 @@ def project(
     ] = False,
 ) -> None:
     """Materialise read models into DuckDB and the Parquet lake: listens, sessions, tracks, the
-    feature store (user_features, track_features), recommendations, and the ad reports
-    (ad_reports, ad_reports_item, campaign_pauses).
+    feature store (user_features, track_features), recommendations, the ad reports
+    (ad_reports, ad_reports_item, campaign_pauses), and the billing ledger (ledger_entries).
 
     Batches are decoded to Arrow and written in one DuckDB transaction together with the
     consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
@@ -440,7 +440,7 @@ def projections_reset(
         list[str],
         typer.Argument(
             help="Projection(s) to reset: listens, sessions, tracks, user_features, track_features, "
-            "recommendations, ad_reports, ad_reports_item, campaign_pauses."
+            "recommendations, ad_reports, ad_reports_item, campaign_pauses, ledger_entries."
         ),
     ],
 ) -> None:
@@ -471,8 +471,10 @@ def sql(
     Works while the projection runner is writing: the query waits for the batch in flight.
     Tables: listens, sessions, tracks, user_features, track_features (views *_latest, table
     macros *_as_of(ts) for point-in-time reads), recommendations, recommendation_history,
-    experiment_assignments, ad_reports, ad_reports_item, campaign_pauses (and
-    projection_offsets, projection_rejects). The Parquet
+    experiment_assignments, ad_reports, ad_reports_item, campaign_pauses, ledger_entries (views
+    ledger_balances, ledger_by_saga), the saga read models of 'backbeat sagas' (sagas,
+    saga_events, saga_order_lines, gateway_operations, inventory_reservations, inventory_stock)
+    (and projection_offsets, projection_rejects). The Parquet
     lake under BACKBEAT_DATA_DIR/lake can be read with read_parquet('…/**/*.parquet')."""
     from projections.sql import query as run_query
 
