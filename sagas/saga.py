@@ -10,7 +10,9 @@ Garcia-Molina & Salem, "Sagas" (SIGMOD 1987) and Richardson, *Microservices Patt
   command is sent, last done first;
 - a step without one is the *pivot* (capture): once it succeeded the saga can only complete;
 - a failure before anything was done ends the saga ``REJECTED``; a failure after some step was
-  done compensates them and ends it ``COMPENSATED``; all steps done ends it ``COMPLETED``.
+  done compensates them and ends it ``COMPENSATED``; all steps done ends it ``COMPLETED``;
+- a compensatable step that never answered is *abandoned*: its outcome is unknown (a gateway may
+  have charged and lost the answer), so it is compensated with the steps done.
 
 Every command carries an idempotency key ``"<saga id>:<step>:<phase>"`` that stays the same over
 retries, so a participant applies it once. Every command has a deadline (ms since the epoch)
@@ -211,6 +213,11 @@ class Saga(Aggregate):
         attempt = int(pending["attempt"])
         if pending["phase"] == FORWARD and attempt >= timing.max_attempts:
             self._timed_out(step.name, pending["phase"], attempt, given_up=True, deadline_ms=None)
+            if step.compensation is not None:
+                # no answer is not "not done": the participant may have acted and lost its reply
+                # (a gateway that charged, then timed out). Compensate the step as if it was done;
+                # compensations are answered as done when there was nothing to undo.
+                self._step_abandoned(step.name)
             self._fail("TIMED_OUT", now_ms, timing, pending["event_id"])
             return True
         self._timed_out(step.name, pending["phase"], attempt, given_up=False, deadline_ms=None)
@@ -332,6 +339,10 @@ class Saga(Aggregate):
         self, step: str, phase: str, attempt: int, given_up: bool, deadline_ms: int | None
     ) -> None:
         self.pending = None
+
+    @event("StepAbandoned")
+    def _step_abandoned(self, step: str) -> None:
+        self.done.append(step)  # outcome unknown: compensate it with the rest
 
     @event("CompensationStarted")
     def _compensation_started(self, reason: str) -> None:

@@ -117,17 +117,34 @@ def test_timeouts_retry_with_the_same_key_then_compensate() -> None:
     assert [m["payload"]["idempotency_key"] for m in grants] == [f"{s}:grant:forward"] * 3
     assert len({m["payload"]["event_id"] for m in grants}) == 3
     assert d.new_messages() == ["GrantEntitlement", "GrantEntitlement"]
-    assert d.tick(1_000) == 1  # third attempt timed out: give up, compensate (void)
-    assert d.new_messages() == ["VoidPayment"]
+    assert d.tick(1_000) == 1  # third attempt timed out: give up, compensate
+    # the grant may have happened with its answer lost: it is revoked too, before the void
+    assert d.new_messages() == ["RevokeEntitlement"]
     # compensation retries do not give up; the wait doubles
     assert d.tick(1_000) == 1
     assert d.tick(1_999) == 0
     assert d.tick(1) == 1
-    assert d.new_messages() == ["VoidPayment", "VoidPayment"]
+    assert d.new_messages() == ["RevokeEntitlement", "RevokeEntitlement"]
+    d.reply(s, "EntitlementRevoked")
+    assert d.new_messages() == ["VoidPayment"]
     d.reply(s, "PaymentVoided")
     saga = d.saga(s)
     assert (saga.state, saga.reason, saga.retries) == (COMPENSATED, "TIMED_OUT", 4)
     assert d.app.pending_deadlines() == {}
+
+
+def test_a_first_step_that_never_answers_is_compensated_not_just_rejected() -> None:
+    # the gateway may have authorised and lost every answer: the saga must void, not walk away
+    d = Driver(POPO)
+    s = start_subscription(d)
+    for _ in range(3):
+        assert d.tick(1_000) == 1
+    assert d.new_messages() == ["AuthorizePayment"] * 3 + ["VoidPayment"]
+    assert d.saga(s).state == "COMPENSATING"
+    d.reply(s, "PaymentVoided")
+    assert d.new_messages() == ["SubscriptionRejected"]
+    assert (d.saga(s).state, d.saga(s).reason) == (COMPENSATED, "TIMED_OUT")
+    assert d.outbox()[-1]["payload"]["reason"] == "TIMED_OUT"
 
 
 def test_order_happy_path_confirms_before_capture() -> None:
