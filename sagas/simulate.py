@@ -469,6 +469,11 @@ def foreground(
     if processes.participants:
         echo(f"participants pid {processes.participants.pid}, log {processes.participants.log}")
     echo("running; Ctrl-C stops")
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # stop the children on SIGTERM too
     try:
         while True:
             processes.check()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from infra import services
+from infra.processes import free_port
+from infra.provision import apply_topics
+from infra.settings import Settings
+from tests.conftest import settings_for
 from tests.sagas.pg import PostgresUnavailable, create_database, postgres_for_tests
 
 
@@ -33,3 +39,16 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
         yield url
     finally:
         drop()
+
+
+@pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[Settings]:
+    """A broker and registry of this test alone, with every topic created: saga tests need one,
+    because the topics have fixed names and a fresh event store reads them from the start."""
+    settings = settings_for(tmp_path / "data", free_port(), free_port())
+    services.up(settings)
+    try:
+        apply_topics(settings)
+        yield settings
+    finally:
+        services.down(settings)

@@ -9,30 +9,11 @@ store must not see another test's records).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from infra import services
-from infra.processes import free_port
-from infra.provision import apply_topics
 from infra.settings import Settings
 from projections.store import reader
 from sagas.invariants import assert_invariants
 from sagas.simulate import SimulationConfig, build_read_models, run_simulation, summarize
-from tests.conftest import settings_for
-
-
-@pytest.fixture
-def private_stack(tmp_path: Path) -> Iterator[Settings]:
-    settings = settings_for(tmp_path / "data", free_port(), free_port())
-    services.up(settings)
-    try:
-        apply_topics(settings)
-        yield settings
-    finally:
-        services.down(settings)
 
 
 def _run(settings: Settings, config: SimulationConfig) -> dict[str, int]:
@@ -59,7 +40,9 @@ def test_fault_run_on_sqlite_keeps_every_invariant(private_stack: Settings) -> N
     assert states.get("COMPENSATED", 0) > 0
     assert states.get("REJECTED", 0) > 0
     with reader(private_stack.duckdb_path) as con:
-        reasons = {r for (r,) in con.execute("SELECT DISTINCT reason FROM sagas WHERE reason IS NOT NULL").fetchall()}
+        reasons = {
+            r for (r,) in con.execute("SELECT DISTINCT reason FROM sagas WHERE reason IS NOT NULL").fetchall()
+        }
         kinds = dict(con.execute("SELECT kind, count(*) FROM sagas GROUP BY ALL").fetchall())
         retried = con.execute("SELECT count(*) FROM sagas WHERE retries > 0").fetchone()[0]
         ops = dict(con.execute("SELECT kind, count(*) FROM gateway_operations GROUP BY ALL").fetchall())
