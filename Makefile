@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean postgres
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -24,7 +24,10 @@ lint: venv
 	$(BIN)/backbeat --help >/dev/null
 	$(BIN)/backbeat schemas check --against history
 
-test: venv lint
+postgres:
+	bash infra/ensure-postgres.sh
+
+test: venv lint postgres
 	$(BIN)/python -m pytest
 
 clean:
