@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.common import private_stack
 from infra.provision import apply_topics
-from sagas.simulate import SimulationConfig, build_read_models, run_simulation, summarize
+from sagas.simulate import SimulationConfig, build_read_models, reset_all, run_simulation, summarize
 
 
 def one(settings: Any, config: SimulationConfig) -> dict[str, Any]:
@@ -57,6 +57,7 @@ def main() -> None:
         with private_stack() as settings:
             if args.eventstore_url:
                 settings = dataclasses.replace(settings, eventstore_url=args.eventstore_url)
+            reset_all(settings)  # a PostgreSQL store outlives the private broker of the last run
             apply_topics(settings)
             result[label] = one(settings, config)
     print(json.dumps(result))

@@ -64,6 +64,7 @@ class KafkaProcess(EventSourcedProjection[UUID]):
         self._deadlines: dict[UUID, int] = {}
         self._heap: list[tuple[int, str]] = []
         self._positions: dict[str, int] = {}  # tracking name -> next offset (a cache of the store)
+        self._open: ProcessingEvent[UUID] | None = None  # the batch being decided, if any
 
     # -- records -------------------------------------------------------------------------------
     def process_record(self, record: Inbound) -> str:
@@ -100,6 +101,49 @@ class KafkaProcess(EventSourcedProjection[UUID]):
         self._positions[tracking.application_name] = offset + 1
         self._track_deadlines(processing_event.events)
         return "applied" if processing_event.events else "ignored"
+
+    def process_batch(self, topic: str, partition: int, records: Sequence[Inbound | SkipRecord]) -> list[str]:
+        """Apply consecutive records of one partition in **one** transaction, with one tracking
+        record (the last offset): a batch costs one commit instead of one per record. Aggregates
+        touched by several records are shared within the batch (:meth:`get_or_none` returns
+        the batch's copy). Returns one outcome per record, as :meth:`process_record`
+        (:class:`SkipRecord` entries, dead letters, count as ``"ignored"``).
+
+        Raises:
+            whatever :meth:`handle_record` raises (e.g. ``RejectedRecord``): then nothing of the
+            batch is recorded, and the caller applies the records one by one instead.
+        """
+        start = self.next_offset(topic, partition)
+        outcome = {r.offset: "redelivered" for r in records if r.offset < start}
+        todo = [r for r in records if r.offset >= start]
+        if not todo:
+            return [outcome[r.offset] for r in records]
+        name = tracking_name(topic, partition)
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent(
+            tracking=Tracking(name, todo[-1].offset + 1)
+        )
+        self._open = processing_event
+        try:
+            for record in todo:
+                if isinstance(record, SkipRecord):
+                    outcome[record.offset] = "ignored"
+                    continue
+                before = len(processing_event.events)
+                self.handle_record(record, processing_event)
+                outcome[record.offset] = "applied" if len(processing_event.events) > before else "ignored"
+        finally:
+            self._open = None
+        try:
+            self._record(processing_event)
+        except IntegrityError:
+            last = self.recorder.max_tracking_id(name)
+            if last is not None and last >= todo[-1].offset + 1:
+                self._positions[name] = int(last)
+                return ["redelivered"] * len(records)
+            raise
+        self._positions[name] = todo[-1].offset + 1
+        self._track_deadlines(processing_event.events)
+        return [outcome[r.offset] for r in records]
 
     def commit(self, *aggregates: Any) -> None:
         """Record the pending events of ``aggregates`` without a tracking record (timer-driven
@@ -186,9 +230,12 @@ class KafkaProcess(EventSourcedProjection[UUID]):
 
     # -- helpers -------------------------------------------------------------------------------
     def get_or_none(self, aggregate_id: UUID) -> Any | None:
-        """The aggregate, or ``None`` when it has no events yet."""
+        """The aggregate (the batch's own copy while a batch is decided), or ``None`` when it
+        has no events yet."""
         from eventsourcing.application import AggregateNotFoundError
 
+        if self._open is not None and aggregate_id in self._open.aggregates:
+            return self._open.aggregates[aggregate_id]
         try:
             return self.repository.get(aggregate_id)
         except AggregateNotFoundError:

@@ -39,7 +39,7 @@ from infra.errors import InfraError
 from infra.settings import Settings
 from sagas.messages import Inbound
 from sagas.outbox import OutboxRelay
-from sagas.process import KafkaProcess, partitions_of
+from sagas.process import KafkaProcess, SkipRecord, partitions_of
 
 log = logging.getLogger("backbeat.sagas")
 
@@ -107,7 +107,7 @@ def _inbound(msg: Any, decoder: AvroDecoder) -> Inbound:
     )
 
 
-def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str) -> None:
+def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str, *, flush: bool = True) -> None:
     headers = list(msg.headers() or ())
     headers += [
         ("dlq_reason", reason.encode()),
@@ -118,7 +118,8 @@ def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str) -> 
     ]
     _kind, ts = msg.timestamp()
     producer.produce_raw(DLQ_TOPIC, [msg.value() or b""], [msg.key()], [max(1, int(ts or 0))], [headers])
-    producer.flush()
+    if flush:
+        producer.flush()
 
 
 class ProcessRunner:
@@ -212,8 +213,7 @@ class ProcessRunner:
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(self.batch, timeout=self.poll_timeout_s)
-                for msg in messages:
-                    self._apply(msg)
+                self._apply_round(messages)
                 if not self.stats.caught_up and self._caught_up(targets):
                     self.stats.caught_up = True
                 if self.stats.caught_up:
@@ -232,29 +232,68 @@ class ProcessRunner:
             log.info(self.stats.line(self.name))
         return self.stats
 
-    def _apply(self, msg: Any) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("%s: consume error %s", self.name, err)
+    def _apply_round(self, messages: list[Any]) -> None:
+        """Apply a consumed round: decode, dead-letter what cannot be decoded, then one
+        transaction per partition (:meth:`KafkaProcess.process_batch`); a partition whose batch
+        holds a record the process rejects is applied record by record instead."""
+        groups: dict[tuple[str, int], list[tuple[Any, Inbound | SkipRecord]]] = {}
+        lettered = False
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consume error %s", self.name, err)
+                continue
+            self.stats.records += 1
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            try:
+                entry: Inbound | SkipRecord = _inbound(msg, self.decoder)
+            except DecodeError as exc:
+                if offset >= self.app.next_offset(topic, partition):
+                    _dead_letter(self.producer, msg, "undecodable", str(exc), flush=False)
+                    lettered = True
+                    log.warning(
+                        "%s: dead-lettered %s[%d]@%d: undecodable %s",
+                        self.name,
+                        topic,
+                        partition,
+                        offset,
+                        exc,
+                    )
+                entry = SkipRecord(topic, partition, offset)
+            groups.setdefault((topic, partition), []).append((msg, entry))
+        if lettered:
+            self.producer.flush()  # dead letters reach the broker before their positions are recorded
+        for (topic, partition), items in groups.items():
+            try:
+                outcomes = self.app.process_batch(topic, partition, [e for _m, e in items])
+            except RejectedRecord:
+                for msg, entry in items:
+                    self._apply_one(msg, entry)
+                continue
+            for (_msg, entry), outcome in zip(items, outcomes, strict=True):
+                self._count(outcome, dead_letter=isinstance(entry, SkipRecord))
+
+    def _count(self, outcome: str, *, dead_letter: bool = False) -> None:
+        if outcome == "redelivered":
+            self.stats.redelivered += 1
+        elif dead_letter:
+            self.stats.dead_lettered += 1
+        elif outcome == "applied":
+            self.stats.applied += 1
+        else:
+            self.stats.ignored += 1
+
+    def _apply_one(self, msg: Any, entry: Inbound | SkipRecord) -> None:
+        if isinstance(entry, SkipRecord):  # undecodable: already dead-lettered
+            self._count(self.app.skip_record(entry.topic, entry.partition, entry.offset), dead_letter=True)
             return
-        self.stats.records += 1
         try:
-            record = _inbound(msg, self.decoder)
-        except DecodeError as exc:
-            self._reject(msg, "undecodable", str(exc))
-            return
-        try:
-            outcome = self.app.process_record(record)
+            outcome = self.app.process_record(entry)
         except RejectedRecord as exc:
             self._reject(msg, exc.reason, exc.detail)
             return
-        if outcome == "applied":
-            self.stats.applied += 1
-        elif outcome == "ignored":
-            self.stats.ignored += 1
-        else:
-            self.stats.redelivered += 1
+        self._count(outcome)
 
     def _reject(self, msg: Any, reason: str, error: str) -> None:
         if msg.offset() < self.app.next_offset(msg.topic(), msg.partition()):

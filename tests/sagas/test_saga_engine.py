@@ -214,3 +214,42 @@ def test_deadlines_survive_a_restart(tmp_path: Path) -> None:
     # and the input positions: the next offset of each partition is where the first run stopped
     assert d2.app.next_offset("billing.subscriptions", 0) == 1
     assert d2.app.next_offset("orders.inventory", 0) == 1
+
+
+def test_a_batch_gives_what_one_record_at_a_time_gives(tmp_path: Path) -> None:
+    """Records of one partition applied in one transaction: same events and outbox as one by
+    one, a saga touched twice in the batch sees its own first change, one tracking record."""
+    from sagas.messages import Inbound
+
+    def records(saga: str) -> list[Inbound]:
+        def rec(offset: int, topic: str, name: str, payload: dict, corr: str | None = None) -> Inbound:
+            return Inbound(topic=topic, partition=0, offset=offset, event_type=f"x.{name}", payload=payload,
+                           event_id=f"{topic}-{offset}", correlation_id=corr)  # fmt: skip
+
+        return [
+            rec(0, "billing.payments", "PaymentAuthorized", {"provider_reference": "gw"}, saga),
+            rec(1, "billing.payments", "PaymentAuthorized", {}, saga),  # answered twice
+            rec(2, "billing.payments", "PaymentCaptured", {}, saga),  # not awaited yet: ignored
+        ]
+
+    outs = []
+    for batched in (False, True):
+        d = Driver(sqlite_env(tmp_path / f"b{batched}.sqlite"))
+        s = start_subscription(d)
+        recs = records(s)
+        if batched:
+            got = d.app.process_batch("billing.payments", 0, recs)
+        else:
+            got = [d.app.process_record(r) for r in recs]
+        assert got == ["applied", "ignored", "ignored"]
+        assert d.app.process_batch("billing.payments", 0, recs) == ["redelivered"] * 3
+        assert d.app.next_offset("billing.payments", 0) == 3
+        outs.append(([m["event_type"] for m in d.outbox()], d.saga(s).version, d.saga(s).done))
+    assert outs[0] == outs[1]
+    # a record the process rejects: nothing of the batch is recorded
+    d = Driver(POPO)
+    bad = Inbound(topic="orders.orders", partition=0, offset=0, event_type="x.OrderPlaced",
+                  payload={**order_placed(), "total_minor": 1})  # fmt: skip
+    with pytest.raises(RejectedRecord):
+        d.app.process_batch("orders.orders", 0, [bad])
+    assert d.app.next_offset("orders.orders", 0) == 0
