@@ -52,6 +52,14 @@ def test_fault_run_on_sqlite_keeps_every_invariant(private_stack: Settings) -> N
     assert ops.get("void", 0) > 0 and ops.get("capture", 0) > 0
 
 
+def test_the_issues_fault_run_2000_sagas(private_stack: Settings) -> None:
+    # exactly the issue's run: 2,000 sagas, 10 % declines, 5 % timeouts, 5 % answered twice,
+    # the orchestrator SIGKILLed and restarted 3 times
+    config = SimulationConfig(count=2_000, seed=7, decline=0.10, timeout=0.05, duplicate=0.05, kill_orchestrator=3)
+    states = _run(private_stack, config)
+    assert set(states) == {"COMPLETED", "COMPENSATED", "REJECTED"}
+
+
 def test_fault_run_on_postgresql(private_stack: Settings, fresh_postgres_url: str) -> None:
     settings = dataclasses.replace(private_stack, eventstore_url=fresh_postgres_url)
     config = SimulationConfig(
