@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from sagas.messages import OutboxMessage, outbox_message, stable_id
+from sagas.payment_steps import CAPTURE_STEP, authorize_step
 from sagas.saga import CommandSpec, Data, SagaPlan, Step, register_plan
-from sagas.subscription import PAYMENT_COMMANDS
 
 KIND = "order"
 INVENTORY_COMMANDS = "orders.inventory.commands"
@@ -81,46 +81,6 @@ def _release(d: Data) -> CommandSpec:
     )
 
 
-def _authorize(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "AuthorizePayment",
-        d["payment_id"],
-        {
-            "payment_id": d["payment_id"],
-            "user_id": d["user_id"],
-            "amount_minor": d["amount_minor"],
-            "currency": d["currency"],
-            "payment_method_id": d["payment_method_id"],
-            "order_id": d["order_id"],
-            "subscription_id": None,
-            "description": f"order {d['order_id']}",
-        },
-    )
-
-
-def _void(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "VoidPayment",
-        d["payment_id"],
-        {"payment_id": d["payment_id"], "reason": "saga compensation"},
-    )
-
-
-def _capture(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "CapturePayment",
-        d["payment_id"],
-        {"payment_id": d["payment_id"], "amount_minor": d["amount_minor"], "currency": d["currency"]},
-    )
-
-
-def _authorized(_d: Data, reply: dict[str, Any]) -> Data:
-    return {"provider_reference": reply.get("provider_reference")}
-
-
 def _confirmed(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
     payload = {
         "event_id": stable_id(saga_id, "OrderConfirmed"),
@@ -182,24 +142,9 @@ PLAN = register_plan(
                 compensation=_release,
                 compensated=frozenset({"InventoryReleased"}),
             ),
-            Step(
-                "authorize",
-                _authorize,
-                succeeded=frozenset({"PaymentAuthorized"}),
-                failed=frozenset({"PaymentDeclined"}),
-                failure_reason="PAYMENT_DECLINED",
-                on_success=_authorized,
-                compensation=_void,
-                compensated=frozenset({"PaymentVoided", "PaymentRefunded"}),
-            ),
+            authorize_step(lambda d: f"order {d['order_id']}"),
             Step("confirm", None, local_outbox=_confirmed),
-            Step(
-                "capture",
-                _capture,
-                succeeded=frozenset({"PaymentCaptured"}),
-                failed=frozenset({"PaymentCaptureFailed"}),
-                failure_reason="CAPTURE_FAILED",
-            ),
+            CAPTURE_STEP,
         ),
         on_completed=_completed,
         on_failed=_cancelled,

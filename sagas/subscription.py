@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from sagas.messages import OutboxMessage, outbox_message, stable_id
+from sagas.payment_steps import CAPTURE_STEP, authorize_step
 from sagas.saga import CommandSpec, Data, SagaPlan, Step, register_plan
 
 KIND = "subscription"
-PAYMENT_COMMANDS = "billing.payment-gateway.commands"
 ENTITLEMENT_COMMANDS = "platform.entitlements.commands"
 SUBSCRIPTIONS = "billing.subscriptions"
 
@@ -53,42 +53,6 @@ def data_from_request(request: dict[str, Any]) -> Data:
     }
 
 
-def _authorize(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "AuthorizePayment",
-        d["payment_id"],
-        {
-            "payment_id": d["payment_id"],
-            "user_id": d["user_id"],
-            "amount_minor": d["amount_minor"],
-            "currency": d["currency"],
-            "payment_method_id": d["payment_method_id"],
-            "order_id": None,
-            "subscription_id": d["subscription_id"],
-            "description": f"{d['plan']} {d['billing_period']}",
-        },
-    )
-
-
-def _void(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "VoidPayment",
-        d["payment_id"],
-        {"payment_id": d["payment_id"], "reason": "saga compensation"},
-    )
-
-
-def _capture(d: Data) -> CommandSpec:
-    return CommandSpec(
-        PAYMENT_COMMANDS,
-        "CapturePayment",
-        d["payment_id"],
-        {"payment_id": d["payment_id"], "amount_minor": d["amount_minor"], "currency": d["currency"]},
-    )
-
-
 def _grant(d: Data) -> CommandSpec:
     return CommandSpec(
         ENTITLEMENT_COMMANDS,
@@ -112,10 +76,6 @@ def _revoke(d: Data) -> CommandSpec:
         d["user_id"],
         {"entitlement_id": d["entitlement_id"], "user_id": d["user_id"], "reason": "COMPENSATION"},
     )
-
-
-def _authorized(_d: Data, reply: dict[str, Any]) -> Data:
-    return {"provider_reference": reply.get("provider_reference")}
 
 
 def _activated(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
@@ -172,16 +132,7 @@ PLAN = register_plan(
     SagaPlan(
         kind=KIND,
         steps=(
-            Step(
-                "authorize",
-                _authorize,
-                succeeded=frozenset({"PaymentAuthorized"}),
-                failed=frozenset({"PaymentDeclined"}),
-                failure_reason="PAYMENT_DECLINED",
-                on_success=_authorized,
-                compensation=_void,
-                compensated=frozenset({"PaymentVoided", "PaymentRefunded"}),
-            ),
+            authorize_step(lambda d: f"{d['plan']} {d['billing_period']}"),
             Step(
                 "grant",
                 _grant,
@@ -191,13 +142,7 @@ PLAN = register_plan(
                 compensation=_revoke,
                 compensated=frozenset({"EntitlementRevoked"}),
             ),
-            Step(
-                "capture",
-                _capture,
-                succeeded=frozenset({"PaymentCaptured"}),
-                failed=frozenset({"PaymentCaptureFailed"}),
-                failure_reason="CAPTURE_FAILED",
-            ),
+            CAPTURE_STEP,
         ),
         on_completed=_activated,
         on_failed=_rejected,
