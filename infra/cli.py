@@ -410,28 +410,35 @@ def _all_projections() -> dict[str, Projection]:
 
 @projections_app.command("list")
 def projections_list() -> None:
-    """List the read models with version, source topic, rows, stored offsets and rejects."""
-    from projections.sql import query as run_query
+    """List the read models: version (code / stored, and replay builds in progress or kept), rows,
+    stored offsets, lag per partition (Fetch-based high watermark − stored offset), last event time
+    and rejects."""
+    from projections.status import projection_status
 
-    settings = _settings()
+    statuses = projection_status(_settings(), _all_projections().values())
     rows = []
-    for proj in _all_projections().values():
-        try:
-            count = run_query(settings, f'SELECT count(*) FROM "{proj.name}"').rows[0][0]
-            offsets = run_query(
-                settings,
-                "SELECT coalesce(sum(next_offset), 0), count(*) FROM projection_offsets WHERE projection = ?",
-                [proj.name],
-            ).rows[0]
-            rejects = run_query(
-                settings, "SELECT count(*) FROM projection_rejects WHERE projection = ?", [proj.name]
-            ).rows[0][0]
-        except BackbeatError:
-            count, offsets, rejects = None, (None, 0), None
-        rows.append((proj.name, proj.version, proj.topic, count, offsets[0], offsets[1], rejects))
+    for st in statuses:
+        version = f"{st.version}"
+        if st.live_version not in (None, st.version):
+            version += f" (stored {st.live_version})"
+        builds = ", ".join(
+            f"b{b.build} v{b.version} {b.state}" + (f" lag {b.lag:,}" if b.lag is not None else "")
+            for b in st.builds
+            if b.state != "current"
+        )
+        offsets = " ".join(f"{p.partition}:{'-' if p.offset is None else p.offset}" for p in st.partitions)
+        lags = " ".join(f"{p.partition}:{'?' if p.lag is None else p.lag}" for p in st.partitions)
+        last = st.last_event_time.isoformat(sep=" ", timespec="seconds") if st.last_event_time else None
+        rows.append(
+            (st.name, version, st.topic, st.table, st.rows, offsets, lags, st.lag, last, st.rejects, builds)
+        )
     console.print(
-        table(["projection", "version", "topic", "rows", "offsets consumed", "partitions", "rejects"], rows)
-    )
+        table(
+            ["projection", "version", "topic", "table", "rows", "offsets", "lag by partition", "lag",
+             "last event", "rejects", "other versions"],
+            rows,
+        )
+    )  # fmt: skip
 
 
 @projections_app.command("reset")
@@ -573,7 +580,7 @@ def demo_ads(
 
 
 # Commands kept in their own modules, one line each.
-for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas"):
+for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas", "infra.cli_replay"):  # noqa: E501
     __import__(_module, fromlist=["register"]).register(app)
 
 

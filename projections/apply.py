@@ -10,7 +10,11 @@ Failure semantics (what a crash at each step leaves behind):
 3. ``first``-policy read models insert only keys not present yet (and the first of a key within
    the batch); ``last``-policy ones replace the rows of the batch's keys with the latest event.
    A key may be several columns (:attr:`Projection.key_columns`).
-4. The new offsets (the offset after each partition's last record, control records and rejects
+4. A read model that a replay switched to a new version (:mod:`projections.replay`) is written
+   into that version's table (:func:`projections.tracking.current_build`, looked up in the
+   transaction, so a running runner follows a switch at its next batch); a runner whose
+   projection version differs from the switched-to one stops with ``OffsetMismatchError``.
+5. The new offsets (the offset after each partition's last record, control records and rejects
    included) are upserted with the log identity, and the transaction commits. A crash after the
    commit loses nothing: the next run starts after the batch.
 """
@@ -18,13 +22,14 @@ Failure semantics (what a crash at each step leaves behind):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
+from infra.errors import OffsetMismatchError
 from projections import lake
 from projections.decoding import Prepared, Reject
 from projections.readmodels import OFFSET_COL, PARTITION_COL, Projection
@@ -32,6 +37,7 @@ from projections.tracking import (
     REJECTS_SCHEMA,
     REJECTS_TABLE,
     LogIdentity,
+    current_build,
     load_offsets,
     now_utc,
     save_offsets,
@@ -132,6 +138,26 @@ def _store_rejects(
     return len(fresh)
 
 
+def _physical(conn: duckdb.DuckDBPyConnection, proj: Projection) -> Projection:
+    """``proj`` naming the table its rows go to: the current version's table of a replayed read
+    model, else its own name.
+
+    Raises:
+        OffsetMismatchError: a replay switched the read model to another version than ``proj``'s.
+    """
+    found = current_build(conn, proj.name)
+    if found is None:
+        return proj
+    table, version = found
+    if version != proj.version:
+        raise OffsetMismatchError(
+            f"read model {proj.name!r} was switched to version {version} by 'backbeat replay', but "
+            f"this runner maps version {proj.version}; restart the projections with the code of version "
+            f"{version}"
+        )
+    return replace(proj, name=table)
+
+
 def apply_batch(
     conn: duckdb.DuckDBPyConnection,
     lake_dir: Path,
@@ -159,7 +185,7 @@ def apply_batch(
             result.redelivered += table.num_rows - fresh.num_rows
             if fresh.num_rows == 0:
                 continue
-            new = _upsert(conn, proj, fresh)
+            new = _upsert(conn, _physical(conn, proj), fresh)
             result.applied[name] = new.num_rows
             result.duplicates += fresh.num_rows - new.num_rows
             if proj.lake and new.num_rows:

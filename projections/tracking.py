@@ -10,13 +10,16 @@ deleted and recreated (new topic id), or the log is shorter than what was read. 
 would silently skip or double events; the error says how to rebuild instead.
 
 Also here: ``projection_versions`` (which version and topic built each read model),
-``projection_rejects`` (records that could not be decoded or mapped), and :func:`reset`.
+``projection_rejects`` (records that could not be decoded or mapped), ``projection_builds``
+(the blue/green versions of a read model made by :mod:`projections.replay`; once a read model
+has been replayed its name is a view over the current version's table, :func:`current_build`
+says which), and :func:`reset`.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -35,6 +38,7 @@ from projections.store import writer
 OFFSETS_TABLE = "projection_offsets"
 VERSIONS_TABLE = "projection_versions"
 REJECTS_TABLE = "projection_rejects"
+BUILDS_TABLE = "projection_builds"
 
 BOOKKEEPING_DDL = (
     f"""CREATE TABLE IF NOT EXISTS {OFFSETS_TABLE} (
@@ -47,6 +51,13 @@ BOOKKEEPING_DDL = (
     f"""CREATE TABLE IF NOT EXISTS {REJECTS_TABLE} (
   projection VARCHAR NOT NULL, topic VARCHAR NOT NULL, "partition" INTEGER NOT NULL,
   "offset" BIGINT NOT NULL, reason VARCHAR NOT NULL, rejected_at TIMESTAMP NOT NULL)""",
+    # one row per version of a replayed read model (projections.replay); offsets are JSON objects
+    # {"partition": offset}; state: building | current | old | failed | abandoned
+    f"""CREATE TABLE IF NOT EXISTS {BUILDS_TABLE} (
+  projection VARCHAR NOT NULL, build INTEGER NOT NULL, version INTEGER NOT NULL,
+  table_name VARCHAR NOT NULL, topic VARCHAR NOT NULL, source VARCHAR NOT NULL, state VARCHAR NOT NULL,
+  start_offsets VARCHAR NOT NULL, stop_offsets VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+  switched_at TIMESTAMP, note VARCHAR, PRIMARY KEY (projection, build))""",
 )
 
 REJECTS_SCHEMA = pa.schema(
@@ -185,6 +196,20 @@ def ensure_tables(conn: duckdb.DuckDBPyConnection, projection: Projection) -> No
         )
 
 
+def current_build(conn: duckdb.DuckDBPyConnection, name: str) -> tuple[str, int] | None:
+    """``(physical table, version)`` of read model ``name`` when a replay made its name a view
+    over a versioned table (:mod:`projections.replay`), else ``None`` (the table is ``name``)."""
+    exists = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [BUILDS_TABLE]
+    ).fetchall()[0][0]
+    if not exists:
+        return None
+    rows = conn.execute(
+        f"SELECT table_name, version FROM {BUILDS_TABLE} WHERE projection = ? AND state = 'current'", [name]
+    ).fetchall()
+    return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+
 def load_offsets(
     conn: duckdb.DuckDBPyConnection, names: Iterable[str]
 ) -> dict[tuple[str, str, int], StoredOffset]:
@@ -286,6 +311,65 @@ def check_offsets(
             )
 
 
+def rebind(
+    settings: Settings,
+    topics: Iterable[str],
+    *,
+    previous: Mapping[str, Collection[tuple[str, str]]] | None = None,
+    timeout_s: float = 120.0,
+) -> int:
+    """Move the stored offsets of ``topics`` to the live log after an archive restore
+    (:func:`projections.restore.restore`). Returns the number of ``projection_offsets`` rows
+    updated (0 when there is no read-model database).
+
+    The rule: a stored offset belongs to a log identity (cluster id, topic id), and a restored
+    log has a new one, so :func:`check_offsets` would refuse it. Rebinding is safe **only because
+    the restore reproduced the same records at the same offsets** (it verified every partition's
+    high watermark against the archive): "offset N of partition P" then names the same record in
+    both logs. So a row is rebound only when its partition exists on the live log, its
+    ``next_offset`` is at most the partition's high watermark (from a Fetch), and — when
+    ``previous`` (``{topic: {(cluster_id, topic_id)}}``, the identities the archive was taken from)
+    is given — its stored identity is one of them. Other rows are left as they are, so the runner
+    still refuses them with :class:`OffsetMismatchError`.
+
+    Raises:
+        InfraError: the broker does not answer.
+        DatabaseBusyError: the database stayed locked for ``timeout_s`` seconds.
+    """
+    from events.offsets import high_watermarks
+
+    names = sorted(set(topics))
+    if not names or not settings.duckdb_path.exists():
+        return 0
+    identity = log_identity(settings, names)
+    marks = {t: high_watermarks(settings, t) for t in names if t in identity.topic_ids}
+    updated = 0
+    with writer(settings.duckdb_path, timeout_s) as conn:
+        conn.begin()
+        conn.execute(BOOKKEEPING_DDL[0])
+        rows = conn.execute(
+            f'SELECT projection, topic, "partition", next_offset, cluster_id, topic_id FROM {OFFSETS_TABLE} '
+            "WHERE list_contains(?, topic)",
+            [names],
+        ).fetchall()
+        for proj, topic, part, next_offset, cluster, topic_id in rows:
+            live_id = identity.topic_ids.get(topic)
+            if live_id is None or int(part) not in marks.get(topic, {}):
+                continue
+            if next_offset > marks[topic][int(part)] or (cluster, topic_id) == (identity.cluster_id, live_id):
+                continue
+            if previous is not None and (cluster, topic_id) not in previous.get(topic, ()):
+                continue
+            conn.execute(
+                f"UPDATE {OFFSETS_TABLE} SET cluster_id = ?, topic_id = ?, updated_at = ? "
+                'WHERE projection = ? AND topic = ? AND "partition" = ?',
+                [identity.cluster_id, live_id, now_utc(), proj, topic, part],
+            )
+            updated += 1
+        conn.commit()
+    return updated
+
+
 def _drop_companions(conn: duckdb.DuckDBPyConnection, name: str) -> None:
     """Drop the views and table macros named ``<name>_…`` (a projection's ``extra_ddl``,
     recreated by the runner with the table)."""
@@ -306,8 +390,9 @@ def _drop_companions(conn: duckdb.DuckDBPyConnection, name: str) -> None:
 
 def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
     """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
-    macros), stored offsets, versions, rejects, lake file records and lake directories, so the
-    next run rebuilds them from offset 0.
+    macros; for a replayed read model the view ``name`` and every version's table, with their
+    builds' offsets and rejects), stored offsets, versions, rejects, lake file records and lake
+    directories, so the next run rebuilds them from offset 0.
     Returns the names reset. Other projections are untouched.
 
     Raises:
@@ -321,7 +406,21 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
             conn.execute(ddl)
         for name in wanted:
             _drop_companions(conn, name)
-            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            builds = [
+                str(r[0])
+                for r in conn.execute(
+                    f"SELECT table_name FROM {BUILDS_TABLE} WHERE projection = ?", [name]
+                ).fetchall()
+            ]
+            views = conn.execute(
+                "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [name]
+            ).fetchall()[0][0]
+            conn.execute(f'DROP {"VIEW" if views else "TABLE"} IF EXISTS "{name}"')
+            for build in builds:
+                conn.execute(f'DROP TABLE IF EXISTS "{build}"')
+                for table in (OFFSETS_TABLE, REJECTS_TABLE):
+                    conn.execute(f"DELETE FROM {table} WHERE projection = ?", [build])
+            conn.execute(f"DELETE FROM {BUILDS_TABLE} WHERE projection = ?", [name])
             for table in (OFFSETS_TABLE, VERSIONS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
                 conn.execute(f"DELETE FROM {table} WHERE projection = ?", [name])
             done.append(name)
@@ -333,6 +432,7 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
 
 __all__ = [
     "BOOKKEEPING_DDL",
+    "BUILDS_TABLE",
     "OFFSETS_TABLE",
     "REJECTS_SCHEMA",
     "REJECTS_TABLE",
@@ -341,10 +441,12 @@ __all__ = [
     "StoredOffset",
     "check_offsets",
     "check_topics_exist",
+    "current_build",
     "ensure_tables",
     "load_offsets",
     "log_identity",
     "now_utc",
+    "rebind",
     "reset",
     "save_offsets",
 ]

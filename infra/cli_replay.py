@@ -1,0 +1,138 @@
+"""``backbeat replay``: rebuild a read model blue/green from the log (registered by :mod:`infra.cli`).
+
+A thin shell over :func:`projections.replay.replay`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Annotated
+
+import typer
+
+from infra.console import console, err_console, progress_bar
+from infra.settings import get_settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``replay`` command to the ``backbeat`` app."""
+    app.command("replay")(replay_cmd)
+
+
+def _line(p: object) -> str:
+    from projections.replay import ReplayProgress
+
+    assert isinstance(p, ReplayProgress)
+    eta = "?" if p.eta_s is None else f"{p.eta_s:,.0f} s"
+    return (
+        f"replay {p.phase}: {p.events:,}/{p.total:,} events, {p.events_per_s:,.0f} events/s, "
+        f"lag {sum(p.lag.values()):,}, ETA {eta}"
+    )
+
+
+def replay_cmd(
+    projection: Annotated[str, typer.Argument(help="The read model to rebuild, e.g. listens.")],
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Where to start: earliest (default), latest, an ISO time (2014-04-20T08:00:00Z) or "
+            "PARTITION:OFFSET,… (0:100,1:250; unlisted partitions from the start).",
+        ),
+    ] = None,
+    stop: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Where to stop (exclusive), same forms; default: the end of the log when the replay starts.",
+        ),
+    ] = None,
+    source: Annotated[
+        str, typer.Option(help="kafka (the topic) or archive (the Parquet archive of 'backbeat archive').")
+    ] = "kafka",
+    drop_old: Annotated[
+        bool, typer.Option("--drop-old", help="After a successful switch, drop every non-current version.")
+    ] = False,
+    drop_only: Annotated[
+        bool,
+        typer.Option(
+            "--drop-only", help="Replay nothing: drop the non-current versions kept by earlier replays."
+        ),
+    ] = False,
+    abandon: Annotated[
+        bool, typer.Option("--abandon", help="With --drop-only: also drop an interrupted build.")
+    ] = False,
+    topic: Annotated[
+        str | None, typer.Option(help="Read this topic instead of the projection's own (tests, copies).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Records per DuckDB transaction.", min=1)] = 50_000,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before starting.")] = False,
+) -> None:
+    """Rebuild a read model from the log **blue/green**: the new version is built beside the live
+    one, verified, then readers are switched to it in one transaction. Queries keep working all
+    along ('backbeat sql' gets in between the replay's batches).
+
+    **When to use it:** after changing a projection's mapping (bump its `version`), to repair a
+    read model you suspect, or to rebuild one from a point in time, without downtime.
+
+    **How:** the build gets its own table (`<name>__v<version>_b<n>`) and its own offsets; it reads
+    `--from`…`--to` with the projection's own code, then catches up with the live read model's
+    offsets. **Verification** before the switch: when the live version is the same and stands at the
+    same offsets, row counts and an order-independent checksum of every column must match; otherwise
+    (mapping changed, other range) the source range is read again and the build must hold exactly one
+    row per distinct key. On a mismatch nothing is switched, both versions are kept and the command
+    exits 1. **Switch:** the read model's name becomes a view over the new table; 'backbeat project'
+    then writes into it. Old versions are kept until --drop-old / --drop-only.
+
+    A replay interrupted (Ctrl-C, kill) resumes where it was when run again. Stateful read models
+    (recommendations) are refused: reset and re-run them instead."""
+    from projections.readmodels import get_projection
+    from projections.replay import drop_old_versions, replay
+
+    settings = get_settings()
+    if drop_only:
+        dropped = drop_old_versions(settings, projection, abandon=abandon)
+        console.print(f"dropped {', '.join(dropped) or 'nothing'}")
+        return
+    override = None
+    if topic is not None:
+        override = dataclasses.replace(get_projection(projection), topic=topic)
+    if not yes and sys.stdin.isatty():
+        typer.confirm(
+            f"Rebuild {projection} from {source} ({start or 'earliest'} → {stop or 'end of log'}) and switch "
+            "readers to it once verified?",
+            abort=True,
+        )
+    live = sys.stderr.isatty()
+    with progress_bar() as bar:
+        task = bar.add_task(f"replay {projection}", total=None)
+
+        def show(p: object) -> None:
+            from projections.replay import ReplayProgress
+
+            assert isinstance(p, ReplayProgress)
+            if live:
+                bar.update(task, completed=p.events, total=p.total, description=f"replay {p.phase}")
+            else:  # a log line per batch when not on a terminal
+                print(_line(p), file=sys.stderr, flush=True)
+
+        result = replay(
+            settings, projection, source=source, start=start, stop=stop, drop_old=drop_old,
+            progress=show, projection=override, batch_size=batch_size,
+        )  # fmt: skip
+    v = result.verification
+    if not result.verified:
+        err_console.print(
+            f"[red]not switched:[/red] build {result.build} of {projection} (table {result.table}) failed "
+            f"verification ({v.mode}): {v.detail}. Both versions are kept; drop the failed one with "
+            f"'backbeat replay {projection} --drop-only'."
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"{projection} is now version {result.version} (table {result.table}, build {result.build}"
+        f"{', resumed' if result.resumed else ''}): {result.events:,} events in {result.seconds:,.1f} s "
+        f"({result.events_per_s:,.0f} events/s); verified ({v.mode}): {v.detail}"
+    )
+    if result.dropped:
+        console.print(f"dropped {', '.join(result.dropped)}")

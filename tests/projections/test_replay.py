@@ -1,0 +1,197 @@
+"""Blue/green replay of read models (projections.replay) and the status of 'projections list',
+over the real Tansu broker, the embedded registry and real DuckDB files."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from events.catalog import TopicSpec
+from infra.errors import ConfigError, OffsetMismatchError
+from infra.provision import apply_topics
+from infra.settings import REPO_ROOT, Settings
+from projections.readmodels import LISTENS, Column, Projection
+from projections.replay import ReplayProgress, replay, resolve_position
+from projections.runner import ProjectionRunner
+from projections.sql import query
+from projections.status import projection_status
+from projections.store import writer
+from tests.conftest import env_for, wait_for
+from tests.projections.test_readmodels import listen
+from tests.projections.test_runner import send
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(stack: Settings, tmp_path: Path) -> Settings:
+    return dataclasses.replace(stack, data_dir=tmp_path)
+
+
+def rows(settings: Settings, sql: str, params: list | None = None) -> list[tuple]:
+    return query(settings, sql, params, max_rows=None).rows
+
+
+def setup_listens(settings: Settings, unique: Callable[[str], str], n: int) -> tuple[str, Projection]:
+    topic = unique("replay.listens")
+    apply_topics(settings, [TopicSpec(topic, 3)])
+    events = [listen(i, user_id=f"u{i % 7}") for i in range(n)]
+    events += [dict(events[i], track_id="DUP") for i in range(0, n, 10)]  # same ids: first wins
+    send(settings, topic, "ListenRecorded", events, "user_id", "occurred_at")
+    return topic, LISTENS.on_topic(topic)
+
+
+def run(settings: Settings, proj: Projection) -> None:
+    ProjectionRunner(settings, [proj]).run(until_caught_up=True)
+
+
+CONTENT = "event_id, user_id, track_id, artist_id, occurred_at, source, kafka_partition, kafka_offset"
+
+
+def test_replay_equals_fresh_build_then_runner_writes_new_version(settings: Settings, unique):
+    topic, proj = setup_listens(settings, unique, 200)
+    run(settings, proj)
+    before = rows(settings, f"SELECT {CONTENT} FROM listens ORDER BY event_id")
+    seen: list[ReplayProgress] = []
+    result = replay(settings, "listens", projection=proj, batch_size=50, progress=seen.append)
+    assert result.verified and result.switched and result.verification.mode == "live"
+    assert (result.version, result.build, result.table) == (1, 1, "listens__v1_b1")
+    assert (
+        result.events == 220
+        and seen[-1].events == seen[-1].total == 220
+        and seen[-1].lag == {0: 0, 1: 0, 2: 0}
+    )
+    # readers see the rebuilt version under the same name; the old one is kept
+    kinds = dict(rows(settings, "SELECT table_name, 'table' FROM duckdb_tables() UNION ALL "
+                                "SELECT view_name, 'view' FROM duckdb_views() WHERE NOT internal"))  # fmt: skip
+    assert kinds["listens"] == "view" and kinds["listens__v1_b0"] == kinds["listens__v1_b1"] == "table"
+    assert rows(settings, f"SELECT {CONTENT} FROM listens ORDER BY event_id") == before
+    assert rows(settings, f"SELECT {CONTENT} FROM listens__v1_b0 ORDER BY event_id") == before
+    # the runner now writes into the new version's table, from the build's offsets
+    send(settings, topic, "ListenRecorded", [listen(i) for i in range(200, 230)], "user_id", "occurred_at")
+    run(settings, proj)
+    assert rows(settings, "SELECT count(*) FROM listens__v1_b1")[0][0] == 230
+    assert rows(settings, "SELECT count(*) FROM listens__v1_b0")[0][0] == 200
+    assert rows(settings, "SELECT count(*), count(DISTINCT event_id) FROM listens")[0] == (230, 230)
+    # a second replay supersedes build 1; --drop-old drops every non-current version
+    again = replay(settings, "listens", projection=proj, drop_old=True)
+    assert again.verified and again.table == "listens__v1_b2"
+    assert sorted(again.dropped) == ["listens__v1_b0", "listens__v1_b1"]
+    assert rows(settings, "SELECT build, state FROM projection_builds ORDER BY build") == [(2, "current")]
+    assert rows(settings, "SELECT count(*) FROM listens")[0][0] == 230
+
+
+def test_version_bump_changes_shape_without_downtime(settings: Settings, unique):
+    topic, proj = setup_listens(settings, unique, 120)
+    run(settings, proj)
+    v2 = dataclasses.replace(
+        proj,
+        version=2,
+        columns=(
+            *proj.columns[:5],
+            Column("played_ms", LISTENS.columns[6].type, field="ms_played", nullable=True),
+        ),
+    )
+    result = replay(settings, "listens", projection=v2, batch_size=40)
+    assert result.verified and result.verification.mode == "recount" and result.version == 2
+    assert result.verification.got == result.verification.expected and result.verification.got[0] == 120
+    cols = [r[0] for r in rows(settings, "DESCRIBE listens")]
+    assert cols == ["event_id", "user_id", "track_id", "artist_id", "occurred_at", "played_ms",
+                    "kafka_partition", "kafka_offset"]  # fmt: skip
+    assert rows(settings, "SELECT version FROM projection_versions WHERE projection = 'listens'") == [(2,)]
+    send(settings, topic, "ListenRecorded", [listen(i) for i in range(500, 505)], "user_id", "occurred_at")
+    with pytest.raises(OffsetMismatchError, match="version"):  # the old code may not write version 2
+        run(settings, proj)
+    run(settings, v2)
+    assert rows(settings, "SELECT count(*) FROM listens")[0][0] == 125
+
+
+def test_tampered_build_is_not_switched(settings: Settings, unique):
+    _, proj = setup_listens(settings, unique, 150)
+    run(settings, proj)
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(p: ReplayProgress) -> None:
+        if p.events >= 30:
+            raise Stop
+
+    with pytest.raises(Stop):
+        replay(settings, "listens", projection=proj, batch_size=30, progress=stop_early)
+    with writer(settings.duckdb_path) as conn:
+        conn.execute("UPDATE listens__v1_b1 SET track_id = 'tampered' WHERE rowid = 0")
+    result = replay(settings, "listens", projection=proj, batch_size=30)
+    assert result.resumed and not result.verified and not result.switched
+    assert result.verification.mode == "live" and "checksum" in result.verification.detail
+    assert result.verification.expected[0] == result.verification.got[0] == 150
+    assert rows(settings, "SELECT state FROM projection_builds WHERE build = 1") == [("failed",)]
+    assert rows(
+        settings, "SELECT table_type FROM information_schema.tables WHERE table_name = 'listens'"
+    ) == [("BASE TABLE",)]  # readers still on the live table
+
+
+def test_killed_replay_resumes_and_sql_answers_meanwhile(settings: Settings, unique, tmp_path: Path):
+    topic, proj = setup_listens(settings, unique, 6000)
+    run(settings, proj)
+    log = tmp_path / "replay.err"
+    with log.open("w") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "replay", "listens", "--topic", topic, "--yes",
+             "--batch-size", "100"],
+            cwd=REPO_ROOT, env=env_for(settings), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: "replay build:" in log.read_text(), 60, "replay progress")
+            # readers get in between the replay's batches
+            assert rows(settings, "SELECT count(*) FROM listens")[0][0] == 6000
+            assert "replay build:" in log.read_text() and child.poll() is None
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    done = rows(
+        settings,
+        "SELECT coalesce(sum(next_offset), 0) FROM projection_offsets WHERE projection = 'listens__v1_b1'",
+    )
+    assert 0 < done[0][0] < 6600
+    assert rows(settings, "SELECT state FROM projection_builds WHERE build = 1") == [("building",)]
+    result = replay(settings, "listens", projection=proj)
+    assert result.resumed and result.verified and result.switched and result.build == 1
+    assert result.events == 6600 - done[0][0]
+    assert rows(settings, "SELECT count(*) FROM listens")[0][0] == 6000
+
+
+def test_projections_list_lag_and_positions(settings: Settings, unique):
+    topic, proj = setup_listens(settings, unique, 90)
+    run(settings, proj)
+    send(settings, topic, "ListenRecorded", [listen(i, user_id="u1") for i in range(1000, 1012)], "user_id",
+         "occurred_at")  # fmt: skip
+    (st,) = projection_status(settings, [proj])
+    assert st.live_version == 1 and st.rows == 90 and st.table == "listens" and st.builds == []
+    assert st.lag == 12 and sum(p.offset or 0 for p in st.partitions) == 99
+    assert [p.lag for p in st.partitions if p.lag] == [12]  # one key, one partition
+    assert all(p.high_watermark == (p.offset or 0) + p.lag for p in st.partitions)
+    assert st.last_event_time is not None and st.last_event_time.year == 2014
+    # an ISO time becomes per-partition offsets from the live read model's index
+    marks = {p.partition: p.high_watermark for p in st.partitions}
+    first = rows(settings, "SELECT min(occurred_at) FROM listens WHERE event_id = 'e50'")[0][0]
+    later = rows(settings, "SELECT kafka_partition, min(kafka_offset) FROM listens WHERE occurred_at >= ? GROUP BY 1",
+                 [first])  # fmt: skip
+    from projections.replay import offsets_at_time
+
+    got, how = offsets_at_time(settings, proj, first, marks, None, lambda _: {})  # type: ignore[arg-type]
+    assert how == "index" and all(got[p] == o for p, o in later)
+    assert resolve_position("0:5,2:7", marks, {p: 0 for p in marks}, dict) == {0: 5, 1: 0, 2: 7}
+    with pytest.raises(ConfigError):
+        replay(settings, "recommendations")
+    result = replay(settings, "listens", projection=proj, start="0:0", stop=first.isoformat())
+    # built up to that time, then caught up with the live read model's offsets before the switch
+    assert result.verified and sum(result.stop.values()) == 99
