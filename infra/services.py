@@ -3,8 +3,11 @@ background processes, recorded by pid file under ``<data_dir>/run``."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -15,6 +18,7 @@ from infra.settings import Settings
 
 BROKER = "broker"
 REGISTRY = "registry"
+ARCHIVER = "archiver"
 
 
 def _host_port(address: str, default_port: int) -> tuple[str, int]:
@@ -64,6 +68,45 @@ def start_registry(settings: Settings, timeout_s: float = 30.0) -> Running:
     )
 
 
+def start_archiver(settings: Settings, timeout_s: float = 30.0) -> Running:
+    """Start the continuous archiver (``python -m projections.archive``, :mod:`projections.archive`)
+    in the background with the ``BACKBEAT_*`` settings of ``settings``; it counts as started once
+    it has stayed up for a second (an import or configuration error fails then).
+
+    Raises:
+        InfraError: it exits at once (the log's tail is quoted).
+    """
+    argv = [sys.executable, "-m", "projections.archive"]
+    began = time.monotonic()
+    from projections.archive import archive_root
+
+    return spawn(
+        ARCHIVER,
+        argv,
+        run_dir=settings.run_dir,
+        address=str(archive_root(settings)),
+        ready=lambda: time.monotonic() - began >= 1.0,
+        timeout_s=timeout_s,
+        env={**os.environ, **settings.to_env()},
+    )
+
+
+def _restore_archive(settings: Settings, report: Callable[[str], None] | None) -> None:
+    """Restore the archive (if any) into the broker just started empty."""
+    from projections.archive import archive_root, archived_topics
+    from projections.restore import restore
+
+    if not archived_topics(settings):
+        return
+    stats = restore(settings)
+    if report is not None:
+        topics = ", ".join(f"{t} {n:,}" for t, n in stats.per_topic.items() if n)
+        report(
+            f"restored {stats.records:,} records from {archive_root(settings)} in {stats.seconds:.1f} s"
+            f" ({topics or 'nothing archived'}); {stats.rebound} projection offset rows rebound"
+        )
+
+
 @dataclass(frozen=True)
 class ServiceStatus:
     """What ``status`` reports for one service."""
@@ -75,16 +118,28 @@ class ServiceStatus:
     log: str | None
 
 
-def up(settings: Settings) -> list[Running]:
+def up(
+    settings: Settings, archive: bool = False, report: Callable[[str], None] | None = None
+) -> list[Running]:
     """Start the broker (when the bootstrap servers are loopback and nothing answers there) and
     the registry, each only if not already running. Returns what this call started.
 
+    With ``archive`` (what ``backbeat up`` does) and the embedded broker: when this call started
+    the broker (so it is empty) and ``<lake>/archive`` holds an archive, the archive is restored
+    into it first (:func:`projections.restore.restore`, before the registry starts so that it
+    reads the restored ``_schemas``; ``report`` gets a one-line summary), and the continuous
+    archiver (:mod:`projections.archive`) is started as a background process too.
+
     Raises:
-        InfraError: a port is taken by something else, the binary is missing, a start fails.
+        InfraError: a port is taken by something else, the binary is missing, a start fails,
+            or the restore is refused (:class:`projections.restore.RestoreError`).
     """
     started: list[Running] = []
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (BROKER, REGISTRY):
+    archiving = archive and settings.embedded
+    for name in (BROKER, REGISTRY, ARCHIVER):
+        if name == ARCHIVER and not archiving:
+            continue
         current = read_running(settings.run_dir, name)
         if current is not None and is_alive(current):
             continue
@@ -95,8 +150,12 @@ def up(settings: Settings) -> list[Running]:
                     continue  # a real cluster: nothing to start
                 host, port = _host_port(settings.bootstrap_servers.split(",")[0], 9092)
                 started.append(start_tansu(host, port, settings.run_dir))
-            else:
+                if archiving:
+                    _restore_archive(settings, report)
+            elif name == REGISTRY:
                 started.append(start_registry(settings))
+            else:
+                started.append(start_archiver(settings))
         except InfraError:
             for running in reversed(started):
                 stop(running)
@@ -108,7 +167,7 @@ def up(settings: Settings) -> list[Running]:
 def down(settings: Settings) -> list[str]:
     """Stop what ``up`` started (by recorded pid, nothing else). Returns the names stopped."""
     stopped: list[str] = []
-    for name in (REGISTRY, BROKER):
+    for name in (ARCHIVER, REGISTRY, BROKER):
         current = read_running(settings.run_dir, name)
         if current is None:
             continue
@@ -119,13 +178,17 @@ def down(settings: Settings) -> list[str]:
 
 
 def status(settings: Settings) -> list[ServiceStatus]:
-    """The state of the broker and the registry as recorded under ``run_dir``."""
+    """The state of the broker and the registry (and of the archiver when it has a pid file) as
+    recorded under ``run_dir``."""
     out: list[ServiceStatus] = []
     for name, address in (
         (BROKER, settings.bootstrap_servers),
         (REGISTRY, settings.registry_url),
+        (ARCHIVER, str(settings.lake_dir / "archive")),
     ):
         current = read_running(settings.run_dir, name)
+        if name == ARCHIVER and current is None:
+            continue  # only 'backbeat up' starts it: not listed when it never ran
         if current is None and name == BROKER and not settings.embedded:
             out.append(ServiceStatus(name, address, "external (not managed by backbeat)", None, None))
         elif current is None:
