@@ -62,7 +62,7 @@ def up() -> None:
     from infra import services
 
     settings = _settings()
-    started = services.up(settings)
+    started = services.up(settings, archive=True, report=console.print)
     for running in started:
         console.print(f"started {running.name} on {running.address} (pid {running.pid})")
     if not started:
@@ -580,7 +580,7 @@ def demo_ads(
 
 
 # Commands kept in their own modules, one line each.
-for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas", "infra.cli_replay"):  # noqa: E501
+for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas", "infra.cli_replay", "infra.cli_archive"):  # noqa: E501
     __import__(_module, fromlist=["register"]).register(app)
 
 
