@@ -7,6 +7,11 @@ builds the high watermarks with :func:`events.offsets.high_watermarks` instead (
 consumer seeks to end-1 and reads the high watermark of the Fetch response); on real Kafka this
 is what ListOffsets returns, so it is kept there too. :class:`FetchTableManager` installs it
 (app setting ``TableManager=``).
+
+Every recovery logs, per table, the changelog records it read and (after ``--reset-state``, see
+:mod:`streams.reset`) the keys the table holds: ``table recovery: <table>: read N changelog
+records from P partitions[, K keys]``. After a reset (``app.reset_state``) the first recovery of
+the process ignores persisted offsets, so every changelog is read from its first record.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Set
 
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
-from faust.types import TP, ConsumerT
+from faust.types import TP, CollectionT, ConsumerT
 
 from events.offsets import high_watermarks
 from infra.settings import Settings
@@ -38,8 +43,50 @@ def fetch_highwaters(settings: Settings, tps: Set[TP]) -> dict[TP, int]:
     return out
 
 
+def _offset(value: int | None) -> int:
+    return -1 if value is None else value
+
+
 class FetchRecovery(Recovery):
-    """Faust's :class:`Recovery` with changelog ends taken from Fetch responses."""
+    """Faust's :class:`Recovery` with changelog ends taken from Fetch responses, a log line per
+    table after each recovery, and a full recovery after ``--reset-state``."""
+
+    _reading_from: dict[TP, int] | None = None
+
+    def _full_recovery_pending(self) -> bool:
+        return bool(getattr(self.app, "reset_state", False)) and not getattr(self, "_reset_done", False)
+
+    def _add(self, table: CollectionT, tp: TP, offsets: Counter[TP]) -> None:
+        super()._add(table, tp, offsets)
+        if self._full_recovery_pending() and offsets is self.active_offsets and offsets[tp] is not None:
+            self.log.info("reset-state: ignoring persisted offset %s of %s", offsets[tp], tp)
+            offsets[tp] = None  # type: ignore[assignment]  # Faust's "nothing persisted"
+
+    async def _build_offsets(
+        self, consumer: ConsumerT, tps: Set[TP], destination: Counter[TP], title: str
+    ) -> None:
+        await super()._build_offsets(consumer, tps, destination, title)
+        if title == "active":
+            self._reading_from = {tp: destination[tp] for tp in tps}
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        """Log what each table's recovery read, then Faust's completion."""
+        start = self._reading_from or {}
+        reset = self._full_recovery_pending()
+        for table, tps in self.actives_for_table.items():
+            tps = {tp for tp in tps if tp in start}
+            if not tps:
+                continue
+            read = sum(max(0, _offset(self.active_offsets.get(tp)) - _offset(start[tp])) for tp in tps)
+            keys = f", {len(table.data)} keys" if reset else ""
+            self.log.info(
+                "table recovery: %s: read %d changelog records from %d partitions%s%s",
+                table.name, read, len(tps), keys, " (full, after --reset-state)" if reset else "",
+            )
+        self._reading_from = None
+        await super().on_recovery_completed(generation_id)
+        if reset:
+            self._reset_done = True
 
     async def _build_highwaters(
         self, consumer: ConsumerT, tps: Set[TP], destination: Counter[TP], title: str
