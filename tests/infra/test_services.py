@@ -41,16 +41,17 @@ def test_up_status_down_round_trip(tmp_path: Path):
     try:
         assert up.returncode == 0, up.stderr
         assert "started broker" in up.stdout and "started registry" in up.stdout
+        assert "started archiver" in up.stdout  # the log is archived to the Parquet lake
         again = _run(["up"], env)
         assert again.returncode == 0 and "already running" in again.stdout
         status = _run(["status"], env)
-        assert status.stdout.count("running") == 2, status.stdout
+        assert status.stdout.count("running") == 3, status.stdout  # broker, registry, archiver
         assert (tmp_path / "run" / "broker.log").exists()
         broker = read_running(tmp_path / "run", "broker")
         assert broker is not None and is_alive(broker)
     finally:
         down = _run(["down"], env)
-    assert down.returncode == 0 and "stopped registry, broker" in down.stdout
+    assert down.returncode == 0 and "stopped archiver, registry, broker" in down.stdout
     assert not is_alive(broker)
     assert "stopped" in _run(["status"], env).stdout
 
