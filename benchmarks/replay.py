@@ -16,7 +16,8 @@ Prints ONE JSON line: ``ratio`` = replay events/s ÷ raw consume+decode events/s
 (the replay's end-to-end rate: build + verification + switch, what ``backbeat replay`` takes;
 ``build_ratio`` uses the build phase's rate alone), ``rss_mb_1m``/``rss_mb_5m`` = peak RSS of the
 replay subprocess in MiB at the small/large size (the key names keep the default sizes; the
-sizes used are in ``small_events``/``large_events``), plus the per-size figures.
+sizes used are in ``small_events``/``large_events``); ``build_rss_mb_*`` = its peak while only the
+build phase had run (before verification), plus the per-size figures.
 
 Run: ``.venv/bin/python benchmarks/replay.py [--small 1000000] [--large 5000000] [--batch-size 50000]``
 """
@@ -40,7 +41,7 @@ from fastavro import schemaless_reader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mib, private_stack  # noqa: E402
+from benchmarks.common import peak_rss_mib, private_stack, process_peak_rss_mb  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
 from events.offsets import high_watermarks  # noqa: E402
@@ -111,9 +112,12 @@ def child(topic: str, batch_size: int) -> None:
     tune_gc()  # as every backbeat process does
     settings = Settings.from_env()
     last: dict[str, ReplayProgress] = {}
+    build_rss: list[float] = [0.0]
 
     def progress(p: ReplayProgress) -> None:
         last[p.phase] = p
+        if p.phase == "build":  # the peak so far, while only the build has run
+            build_rss[0] = process_peak_rss_mb(os.getpid())
 
     result = replay(
         settings, "listens", projection=LISTENS.on_topic(topic), batch_size=batch_size, progress=progress
@@ -129,6 +133,7 @@ def child(topic: str, batch_size: int) -> None:
         "verification": result.verification.mode,
         "rows": rows,
         "peak_rss_mib": peak_rss_mib(),
+        "build_peak_rss_mib": build_rss[0],
     }
     print("REPLAY " + json.dumps(out), flush=True)
 
@@ -198,12 +203,14 @@ def main() -> None:
         "replay_seconds": round(small["seconds"], 2),
         "verification": small["verification"],
         "rss_mb_1m": round(small["peak_rss_mib"], 1),
+        "build_rss_mb_1m": round(small["build_peak_rss_mib"], 1),
         "batch_size": args.batch_size,
     }
     if large is not None:
         out.update(
             large_events=large["events"],
             rss_mb_5m=round(large["peak_rss_mib"], 1),
+            build_rss_mb_5m=round(large["build_peak_rss_mib"], 1),
             large_raw_consume_decode_eps=round(large["raw_eps"]),
             large_replay_eps=round(large["events_per_s"]),
             large_ratio=round(large["events_per_s"] / large["raw_eps"], 3),
