@@ -54,10 +54,13 @@ def _settings() -> Settings:
 # -- infrastructure ------------------------------------------------------------------------------
 @app.command()
 def up() -> None:
-    """Start the embedded broker and schema registry, wait until both answer.
+    """Start the embedded broker, the schema registry and the archiver; wait until they answer.
 
     The Tansu broker listens on BACKBEAT_BOOTSTRAP_SERVERS (default 127.0.0.1:9092), the
-    registry on BACKBEAT_REGISTRY_URL (default http://127.0.0.1:8081). Pids and logs go to
+    registry on BACKBEAT_REGISTRY_URL (default http://127.0.0.1:8081). The broker keeps topics
+    in memory, so when it starts empty and the Parquet lake holds an archive
+    ($BACKBEAT_DATA_DIR/lake/archive), the archive is restored first (same records, same
+    offsets); the archiver then copies every topic to the lake continuously. Pids and logs go to
     $BACKBEAT_DATA_DIR/run. What already runs is left alone."""
     from infra import services
 
@@ -68,7 +71,9 @@ def up() -> None:
     if not started:
         console.print("already running; 'backbeat status' shows what")
     console.print(
-        "note: the embedded broker keeps topics in memory; 'backbeat down' loses them", style="dim"
+        "note: the embedded broker keeps topics in memory; the archiver keeps them in the lake and "
+        "the next 'backbeat up' restores them",
+        style="dim",
     )
 
 
