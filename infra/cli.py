@@ -600,7 +600,15 @@ def demo_ads(
 
 
 # Commands kept in their own modules, one line each.
-for _module in ("infra.cli_evaluate", "infra.cli_recommend", "infra.cli_features", "infra.cli_sagas", "infra.cli_replay", "infra.cli_archive"):  # noqa: E501
+_COMMAND_MODULES = (
+    "infra.cli_evaluate",
+    "infra.cli_recommend",
+    "infra.cli_features",
+    "infra.cli_sagas",
+    "infra.cli_replay",
+    "infra.cli_archive",
+)
+for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)
 
 
