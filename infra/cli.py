@@ -43,7 +43,13 @@ def _group(name: str, help_text: str) -> typer.Typer:
 
 topics_app = _group("topics", "The topic catalogue (infra/topics.toml).")
 import_app = _group("import", "Import real data sets as events.")
-projections_app = _group("projections", "Read models: list them, reset one to rebuild it.")
+projections_app = typer.Typer(
+    help="Read models: list them (bare 'backbeat projections' lists them too), reset one to rebuild it; "
+    "'backbeat replay' rebuilds one blue/green.",
+    invoke_without_command=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(projections_app, name="projections")
 schemas_app = _group("schemas", "Avro schemas under schemas/: compatibility checks.")
 
 
@@ -426,6 +432,13 @@ def _all_projections() -> dict[str, Projection]:
     from projections.runner import STATEFUL
 
     return {**PROJECTIONS, **{name: proj for name, (proj, _) in STATEFUL.items()}}
+
+
+@projections_app.callback()
+def projections_default(ctx: typer.Context) -> None:
+    """With no sub-command: the same as 'backbeat projections list'."""
+    if ctx.invoked_subcommand is None:
+        projections_list()
 
 
 @projections_app.command("list")
