@@ -14,7 +14,8 @@ Per batch, in ONE DuckDB transaction together with the consumed offsets
    ``Settings.session_gap_ms``; a replay of the previous track of the session is collapsed into
    it), and add the pair-weight and play deltas to ``item_pairs`` (summed ``1 / distance``) and
    ``item_plays`` and to the in-memory :class:`~personalisation.cooccurrence.CooccurrenceModel`
-   (built from those tables by :func:`served_model` at the first batch of a run);
+   (built from those tables by :func:`served_model` at the first batch of a run, and again when
+   the stored offsets are not the ones the writer last committed: a replay switched the tables);
 3. assign the users of the batch to the experiment (a new user gets a row in
    ``experiment_assignments`` and an ``ExperimentAssigned`` event, id deterministic per user,
    experiment and version);
@@ -273,6 +274,9 @@ class RecommendationsWriter:
         self.recommendations_topic = recommendations_topic
         self._producer = producer
         self._model: CooccurrenceModel | None = None
+        #: the offsets this writer last committed: other ones at a batch's start mean the tables
+        #: were replaced under it (a replay's switch, a reset), so the model is loaded again
+        self._committed: dict[tuple[str, int], int] | None = None
 
     @property
     def model(self) -> CooccurrenceModel | None:
@@ -301,7 +305,7 @@ class RecommendationsWriter:
         conn.begin()
         try:
             stored = {(t, p): off for (_, t, p), off in _offsets(conn, proj.name).items()}
-            if self._model is None:
+            if self._model is None or stored != self._committed:
                 self._model = _load_model(conn, fresh=not stored)
             table = prepared.tables.get(proj.name)
             if table is not None and table.num_rows:
@@ -322,8 +326,10 @@ class RecommendationsWriter:
             if self._producer is not None:
                 self._producer.flush()
             conn.commit()
+            self._committed = {**stored, **{(t, p): end for (_, t, p), end in ends.items()}}
         except BaseException:
             self._model = None
+            self._committed = None
             try:
                 conn.rollback()
             except duckdb.Error:

@@ -44,9 +44,9 @@ from the same topic (partitions with no later row: the live model's next offset)
 scanning the topic with the projection's decoder. Event time is not monotonic in offsets, so the
 cut is the first such offset, not a sorted boundary.
 
-Stateful read models (``recommendations``, :data:`projections.runner.STATEFUL`) are refused: their
-rows are computed from state across events, not mapped per event; rebuild them with
-``backbeat projections reset recommendations`` and ``backbeat project``.
+Stateful read models (``recommendations``, :data:`projections.runner.STATEFUL`) are rebuilt whole
+(``--from earliest`` only) into a separate DuckDB file and switched by renaming their tables in one
+transaction: :mod:`projections.replay_stateful`.
 """
 
 from __future__ import annotations
@@ -488,18 +488,18 @@ def _build_keys(conn: duckdb.DuckDBPyConnection, projection: Projection, table: 
 def _projection(name: str, override: Projection | None) -> Projection:
     from projections.runner import STATEFUL  # noqa: PLC0415 (runner imports much; only needed here)
 
-    if name in STATEFUL:
-        raise ConfigError(
-            f"{name} is a stateful read model (its rows come from state across events, not one mapping per "
-            "event), so it cannot be replayed blue/green; rebuild it with "
-            f"'backbeat projections reset {name}' and 'backbeat project'"
-        )
-    proj = override or get_projection(name)
+    proj = override or (STATEFUL[name][0] if name in STATEFUL else get_projection(name))
     if proj.name != name:
         raise ConfigError(f"the projection given is {proj.name!r}, not {name!r}")
     if "__" in name:
         raise ConfigError(f"{name!r}: read-model names with '__' are reserved for replay builds")
     return proj
+
+
+def _is_stateful(name: str) -> bool:
+    from projections.runner import STATEFUL  # noqa: PLC0415
+
+    return name in STATEFUL
 
 
 def _offsets_json(offsets: Mapping[int, int]) -> str:
@@ -741,6 +741,12 @@ def drop_old_versions(
             conn.begin()
             for ddl in BOOKKEEPING_DDL:
                 conn.execute(ddl)
+            if _is_stateful(name):
+                from projections.replay_stateful import drop_old_stateful  # noqa: PLC0415
+
+                dropped = drop_old_stateful(conn, settings, name, states)
+                conn.commit()
+                return dropped
             rows = conn.execute(
                 f"SELECT build, table_name FROM {BUILDS_TABLE} "
                 "WHERE projection = ? AND list_contains(?, state)",
@@ -796,8 +802,15 @@ def replay(
     if source not in SOURCES:
         raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
     proj = _projection(name, projection)
-    read = _batches(source)
     lookup = lookup or registry_for(settings.registry_url).parsed_schema_by_id
+    if _is_stateful(name):
+        from projections.replay_stateful import replay_stateful  # noqa: PLC0415 (imports this module)
+
+        return replay_stateful(
+            settings, proj, source=source, start=start, stop=stop, drop_old=drop_old, progress=progress,
+            batch_size=batch_size, lookup=lookup, db_timeout_s=db_timeout_s, switch_tries=switch_tries,
+        )  # fmt: skip
+    read = _batches(source)
     started = time.monotonic()
     with _replay_lock(settings.duckdb_path, name):
         if source == "archive":
