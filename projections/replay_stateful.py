@@ -27,10 +27,11 @@ assignments), so only full rebuilds exist: ``start`` must be ``earliest`` (or om
    ``<table>__v<version>_b<build>`` (the version being retired; build 0 = the tables before the
    first replay), the build's tables are created (same DDL, keys included) under the plain names
    and filled from the build file (attached read-only), and offsets, rejects and version become
-   the build's. Readers and the runner keep using the plain names: the runner writes by literal
-   name, and its writer reloads its in-memory model when the stored offsets are not the ones it
-   last committed. The build file is deleted after the switch; old versions stay until
-   :func:`drop_old_stateful`.
+   the build's (its ``projection_builds.table_name`` becomes the plain name; a retired one's
+   ``<name>__v<version>_b<build>``). Readers and the runner keep using the plain names: the
+   runner writes by literal name, and its writer reloads its in-memory model when the stored
+   offsets are not the ones it last committed. The build file is deleted after the switch; old
+   versions stay until :func:`drop_old_stateful`.
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ def _switch(
     if current:
         old_build, old_version = int(current[0][0]), int(current[0][1])
         conn.execute(
-            f"UPDATE {BUILDS_TABLE} SET state = 'old' WHERE projection = ? AND build = ?", [name, old_build]
+            f"UPDATE {BUILDS_TABLE} SET state = 'old', table_name = ? WHERE projection = ? AND build = ?",
+            [f"{name}__v{old_version}_b{old_build}", name, old_build],
         )
     else:
         old_build, old_version = 0, live_version if live_version is not None else proj.version
@@ -340,9 +342,9 @@ def _switch(
         [name, build.version, proj.topic, stamp],
     )
     conn.execute(
-        f"UPDATE {BUILDS_TABLE} SET state = 'current', switched_at = ?, note = ? "
+        f"UPDATE {BUILDS_TABLE} SET state = 'current', switched_at = ?, table_name = ?, note = ? "
         "WHERE projection = ? AND build = ?",
-        [stamp, "tables under the plain names", name, build.build],
+        [stamp, name, "tables under the plain names", name, build.build],
     )
 
 

@@ -91,9 +91,9 @@ def test_replay_equals_fresh_build_runner_continues_old_kept_then_dropped(
         assert table(settings, t) == table(fresh, t) == before[t], t
     assert rows(settings, LIST_HEAD) == rows(fresh, LIST_HEAD) == head_before
     # readers see the new version; the old one is kept under versioned names
-    assert rows(settings, "SELECT build, state FROM projection_builds ORDER BY build") == [
-        (0, "old"),
-        (1, "current"),
+    assert rows(settings, "SELECT build, state, table_name FROM projection_builds ORDER BY build") == [
+        (0, "old", "recommendations__v2_b0"),
+        (1, "current", "recommendations"),
     ]
     for t in STATE_TABLES:
         assert table(settings, f"{t}__v2_b0") == before[t], t
@@ -137,7 +137,7 @@ def test_replay_equals_fresh_build_runner_continues_old_kept_then_dropped(
         assert table(settings, t) == table(fresh, t), t
     assert rows(settings, LIST_HEAD) == rows(fresh, LIST_HEAD)
     # c-2's list was made by both at the end of a batch holding only its listens: same model, same list
-    c2 = 'SELECT "rank", track_id, score, list_id FROM recommendations WHERE user_id = \'c-2\' ORDER BY 1'
+    c2 = "SELECT \"rank\", track_id, score, list_id FROM recommendations WHERE user_id = 'c-2' ORDER BY 1"
     assert rows(settings, c2) == rows(fresh, c2) != []
 
 
@@ -168,7 +168,7 @@ def test_killed_build_resumes_and_verifies_and_partial_start_is_refused(
     result = replay(settings, "recommendations", projection=proj, batch_size=5)
     assert result.resumed and result.verified and result.switched and result.build == 1
     assert 0 < result.events < 49  # only what the killed run had not committed
-    # tamper with a retired... no: tamper with the live version, so a new build must fail
+    # tamper with the live version: a new build at the same offsets must fail verification
     from projections.store import writer
 
     with writer(settings.duckdb_path) as conn:
