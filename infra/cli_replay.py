@@ -85,10 +85,12 @@ def replay_cmd(
     exits 1. **Switch:** the read model's name becomes a view over the new table; 'backbeat project'
     then writes into it. Old versions are kept until --drop-old / --drop-only.
 
-    A replay interrupted (Ctrl-C, kill) resumes where it was when run again. Stateful read models
-    (recommendations) are refused: reset and re-run them instead."""
+    A replay interrupted (Ctrl-C, kill) resumes where it was when run again. The stateful read
+    model (recommendations) is rebuilt whole (--from earliest only) in a separate DuckDB file,
+    verified, and swapped in table by table in one transaction."""
     from projections.readmodels import get_projection
     from projections.replay import drop_old_versions, replay
+    from projections.runner import STATEFUL
 
     settings = get_settings()
     if drop_only:
@@ -97,7 +99,8 @@ def replay_cmd(
         return
     override = None
     if topic is not None:
-        override = dataclasses.replace(get_projection(projection), topic=topic)
+        base = STATEFUL[projection][0] if projection in STATEFUL else get_projection(projection)
+        override = dataclasses.replace(base, topic=topic)
     if not yes and sys.stdin.isatty():
         typer.confirm(
             f"Rebuild {projection} from {source} ({start or 'earliest'} → {stop or 'end of log'}) and switch "
