@@ -18,6 +18,7 @@ says which), and :func:`reset`.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -388,6 +389,18 @@ def _drop_companions(conn: duckdb.DuckDBPyConnection, name: str) -> None:
         conn.execute(f'DROP MACRO TABLE IF EXISTS "{macro}"')
 
 
+def _retired_versions(conn: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+    """Tables ``<table>__v<version>_b<build>`` kept by replays of read model ``name``: of its own
+    table, and for the stateful recommendations read model of each of its state tables."""
+    from projections.recommendations import NAME as RECOMMENDATIONS  # noqa: PLC0415
+    from projections.recommendations import STATE_TABLES
+
+    owned = set(STATE_TABLES) if name == RECOMMENDATIONS else {name}
+    pattern = re.compile(r"^(?P<table>.+)__v\d+_b\d+$")
+    rows = conn.execute("SELECT table_name FROM duckdb_tables() WHERE NOT internal").fetchall()
+    return [t for (t,) in rows if (m := pattern.match(t)) and m["table"] in owned]
+
+
 def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
     """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
     macros; for a replayed read model the view ``name`` and every version's table, with their
@@ -420,6 +433,8 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
                 conn.execute(f'DROP TABLE IF EXISTS "{build}"')
                 for table in (OFFSETS_TABLE, REJECTS_TABLE):
                     conn.execute(f"DELETE FROM {table} WHERE projection = ?", [build])
+            for retired in _retired_versions(conn, name):
+                conn.execute(f'DROP TABLE IF EXISTS "{retired}"')
             conn.execute(f"DELETE FROM {BUILDS_TABLE} WHERE projection = ?", [name])
             for table in (OFFSETS_TABLE, VERSIONS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
                 conn.execute(f"DELETE FROM {table} WHERE projection = ?", [name])

@@ -22,6 +22,7 @@ from projections.replay import replay
 from projections.replay_stateful import STABLE_TABLES, build_path
 from projections.runner import ProjectionRunner
 from projections.sql import query
+from projections.tracking import reset
 from tests.conftest import env_for
 from tests.projections.test_recommendations_runner import listens, send
 
@@ -180,3 +181,8 @@ def test_killed_build_resumes_and_verifies_and_partial_start_is_refused(
         (1, "current"),
         (2, "failed"),
     ]
+    # a reset drops every kept version of every state table, not only the current ones
+    kept = "SELECT count(*) FROM duckdb_tables() WHERE regexp_matches(table_name, '__v[0-9]+_b[0-9]+$')"
+    assert rows(settings, kept)[0][0] == len(STATE_TABLES)  # build 0, kept after the switch
+    reset(settings, ["recommendations"])
+    assert rows(settings, kept)[0][0] == 0
