@@ -58,12 +58,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import fastavro
@@ -77,7 +78,7 @@ from events.registry_client import registry_for
 from infra.errors import BackbeatError, ConfigError, InfraError, OffsetMismatchError
 from infra.settings import Settings
 from projections.apply import apply_batch
-from projections.decoding import BatchPreparer, MessageLike
+from projections.decoding import BatchPreparer, MessageLike, Prepared
 from projections.readmodels import OFFSET_COL, PARTITION_COL, Projection, get_projection
 from projections.store import WriterSession, reader, writer
 from projections.tracking import (
@@ -564,7 +565,10 @@ def _open_build(
         )
         table = f"{proj.name}__v{proj.version}_b{n}"
         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        conn.execute(f'DROP TABLE IF EXISTS "{keys_table(table)}"')
         conn.execute(replace(proj, name=table).ddl)
+        cols = ", ".join(f'"{k}"' for k in proj.key_columns)
+        conn.execute(f'CREATE TABLE "{keys_table(table)}" AS SELECT {cols} FROM "{table}" LIMIT 0')
         conn.execute(
             f"INSERT INTO {BUILDS_TABLE} VALUES (?, ?, ?, ?, ?, ?, 'building', ?, ?, ?, NULL, NULL)",
             [proj.name, n, proj.version, table, proj.topic, source, _offsets_json(begin), _offsets_json(end),
@@ -594,6 +598,31 @@ def _replay_lock(db_path: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
+def keys_table(table: str) -> str:
+    """The keys table of build table ``table``: ``<table>__keys``, the key columns of every row
+    the build's batches produced (one row per mapped record, duplicates kept), appended in each
+    batch's transaction and dropped at the switch (or when the build is marked failed)."""
+    return f"{table}__keys"
+
+
+class _BeforeCommit:
+    """``conn`` whose ``commit()`` first runs ``hook(conn)``: adds statements to the transaction of
+    :func:`~projections.apply.apply_batch` (a failing hook rolls the whole batch back)."""
+
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, hook: Callable[[duckdb.DuckDBPyConnection], None]
+    ) -> None:
+        self._conn = conn
+        self._hook = hook
+
+    def commit(self) -> duckdb.DuckDBPyConnection:
+        self._hook(self._conn)
+        return self._conn.commit()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 class _Builder:
     """Applies records of one build's range to its table, batch by batch, reporting progress."""
 
@@ -618,6 +647,10 @@ class _Builder:
         self.timeout_s = timeout_s
         self.progress = progress
         self.preparer = BatchPreparer({proj.topic: self.proj}, lookup)
+        self.keys: str | None = None  # the build's keys table; None: a build begun without one
+        with writer(settings.duckdb_path, timeout_s) as conn:
+            if _exists(conn, keys_table(build.table)) == "table":
+                self.keys = keys_table(build.table)
         self.records = 0
         self.started = time.monotonic()
 
@@ -628,32 +661,80 @@ class _Builder:
         return {p: max(stored.get(p, 0), self.build.start.get(p, 0)) for p in self.build.stop}
 
     def run(self, stop: Mapping[int, int], phase: str) -> dict[int, int]:
-        """Apply ``[stored positions, stop)``; returns the positions reached (= ``stop``)."""
+        """Apply ``[stored positions, stop)``; returns the positions reached (= ``stop``).
+
+        The DuckDB file stays open across batches (:class:`~projections.store.WriterSession`: it
+        closes and waits while a reader such as ``backbeat sql`` is at the turnstile), each batch
+        is written on a writer thread while the next one is read and decoded, and each batch's
+        keys go to the build's keys table in the batch's transaction (:func:`keys_table`).
+        """
         positions = self.positions()
         target = {p: max(stop.get(p, 0), positions[p]) for p in positions}
         total = sum(target[p] - self.build.start.get(p, 0) for p in target)
         topic = self.proj.topic
-        by_topic = {topic: self.proj}
-        with WriterSession(self.settings.duckdb_path, self.timeout_s) as session:
+        pending: tuple[Future[None], dict[int, int], int] | None = None
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is None:
+                return
+            future, reached, records = pending
+            pending = None
+            future.result()
+            self.records += records
+            positions.update(reached)
+            self._report(phase, positions, target, total)
+
+        with (
+            WriterSession(self.settings.duckdb_path, self.timeout_s) as session,
+            ThreadPoolExecutor(1, thread_name_prefix="bb-replay-writer") as pool,
+        ):
             for msgs, reached in self.read(self.settings, topic, positions, target, self.batch_size):
                 if msgs:
                     prepared = self.preparer.prepare(msgs)
-                    with session.connection() as conn:
-                        apply_batch(conn, self.settings.lake_dir, by_topic, prepared, self.identity)
-                    session.close()  # let readers and a live runner in between batches
-                    self.records += len(msgs)
-                positions.update(reached)
-                self._report(phase, positions, target, total)
-            with session.connection() as conn:  # ends past the last data record (markers, EOF)
-                conn.begin()
-                stored = _live_offsets(conn, self.build.table, topic)
-                moved = {
-                    (self.build.table, topic, p): o for p, o in positions.items() if o > stored.get(p, -1)
-                }
-                save_offsets(conn, moved, self.identity)
-                conn.commit()
+                    settle()
+                    pending = (pool.submit(self._write, session, prepared), dict(reached), len(msgs))
+                else:
+                    settle()
+                    positions.update(reached)
+                    self._report(phase, positions, target, total)
+            settle()
+            pool.submit(self._finish, session, positions).result()
         self._report(phase, positions, target, total)
         return positions
+
+    def _write(self, session: WriterSession, prepared: Prepared) -> None:
+        """One batch transaction (writer thread): rows, rejects, offsets and the batch's keys."""
+        rows = prepared.tables.get(self.build.table)
+        keys = self.proj.key_columns
+
+        def add_keys(conn: duckdb.DuckDBPyConnection) -> None:
+            if rows is None or rows.num_rows == 0:
+                return
+            conn.register("bb_build_keys", rows.select(list(keys)))
+            try:
+                cols = ", ".join(f'"{k}"' for k in keys)
+                conn.execute(f'INSERT INTO "{self.keys}" SELECT {cols} FROM bb_build_keys')
+            finally:
+                conn.unregister("bb_build_keys")
+
+        with session.connection() as conn:
+            hooked = cast(duckdb.DuckDBPyConnection, _BeforeCommit(conn, add_keys) if self.keys else conn)
+            apply_batch(hooked, self.settings.lake_dir, {self.proj.topic: self.proj}, prepared, self.identity)
+
+    def _finish(self, session: WriterSession, positions: Mapping[int, int]) -> None:
+        """Store the end positions (past the last data record: markers, EOF) and close the file."""
+        with session.connection() as conn:
+            conn.begin()
+            stored = _live_offsets(conn, self.build.table, self.proj.topic)
+            moved = {
+                (self.build.table, self.proj.topic, p): o
+                for p, o in positions.items()
+                if o > stored.get(p, -1)
+            }
+            save_offsets(conn, moved, self.identity)
+            conn.commit()
+        session.close()
 
     def _report(
         self, phase: str, positions: Mapping[int, int], target: Mapping[int, int], total: int
@@ -754,6 +835,7 @@ def drop_old_versions(
             ).fetchall()
             for build, table in rows:
                 conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+                conn.execute(f'DROP TABLE IF EXISTS "{keys_table(table)}"')
                 for book in (OFFSETS_TABLE, REJECTS_TABLE):
                     conn.execute(f"DELETE FROM {book} WHERE projection = ?", [table])
                 conn.execute(f"DELETE FROM {BUILDS_TABLE} WHERE projection = ? AND build = ?", [name, build])
@@ -781,6 +863,7 @@ def replay(
     lookup: Callable[[int], dict[str, Any]] | None = None,
     db_timeout_s: float = 120.0,
     switch_tries: int = 5,
+    recount_source: bool = False,
 ) -> ReplayResult:
     """Rebuild read model ``name`` blue/green (module docstring): build, verify, switch.
 
@@ -789,7 +872,9 @@ def replay(
     responses); ``projection``: the projection to build (default ``PROJECTIONS[name]``; a changed
     mapping with a bumped ``version``, or another topic); ``batch_size``: records per transaction;
     ``progress``: called after every batch; ``drop_old``: drop the non-current versions after a
-    switch. A build in progress for the same version, topic and source is resumed.
+    switch; ``recount_source``: verify against a second read and decode of the source range
+    instead of the keys collected while building (slower: reads everything twice). A build in
+    progress for the same version, topic and source is resumed.
 
     Returns the :class:`ReplayResult`; ``verified=False`` (nothing switched, the build kept as
     ``failed``) when verification found a mismatch.
@@ -834,7 +919,10 @@ def replay(
                 live = _live_offsets(conn, name, proj.topic)
             if any(live.get(p, 0) > end.get(p, 0) for p in live):  # the live runner is further: catch up
                 end = builder.run({p: max(end.get(p, 0), live.get(p, 0)) for p in end}, "catch-up")
-            verification = _verify(settings, proj, build, end, live, read, lookup, batch_size, db_timeout_s)
+            verification = _verify(
+                settings, proj, build, end, live, read, lookup, batch_size, db_timeout_s, builder.keys,
+                recount_source,
+            )  # fmt: skip
             with writer(settings.duckdb_path, db_timeout_s) as conn:
                 conn.begin()
                 now_live = _live_offsets(conn, name, proj.topic)
@@ -855,6 +943,7 @@ def replay(
                     )
                 else:
                     _switch(conn, proj, build, live_version[0] if live_version else None)
+                conn.execute(f'DROP TABLE IF EXISTS "{keys_table(build.table)}"')
                 conn.commit()
             break
         else:
@@ -911,9 +1000,13 @@ def _verify(
     lookup: Callable[[int], dict[str, Any]],
     batch_size: int,
     timeout_s: float,
+    keys: str | None,
+    recount_source: bool,
 ) -> Verification:
-    """The live comparison when it applies (checked again under the writer by the caller), else a
-    recount of the source range."""
+    """The live comparison when it applies (checked again under the writer by the caller), else the
+    build's rows against the distinct keys of the source range: from the build's keys table
+    (``keys``), or from a second read of the source (``recount_source``, or a build begun
+    without a keys table)."""
     with reader(settings.duckdb_path, timeout_s) as conn:
         live_version = _live_version(conn, proj.name)
         same = (
@@ -926,20 +1019,37 @@ def _verify(
             return Verification(
                 "live", True, (0, 0), (0, 0), "compared with the live read model at the switch"
             )
-        rejected = _rejected(conn, build.table)
         got = _build_keys(conn, proj, build.table)
-    expected = _recount(settings, proj, read, build.start, end, lookup, rejected, batch_size)
+        if keys is not None and not recount_source:
+            expected = _distinct_keys(conn, proj, keys)
+            how = "collected from the mapped records while building"
+        else:
+            rejected = _rejected(conn, build.table)
+    if keys is None or recount_source:
+        expected = _recount(settings, proj, read, build.start, end, lookup, rejected, batch_size)
+        how = "recounted by a second read of the source"
     ok = expected == got
     if ok:
-        detail = f"{got[0]:,} rows, one per distinct key of the source range (recounted), checksums equal"
+        detail = f"{got[0]:,} rows, one per distinct key of the source range ({how}), checksums equal"
     elif got[1] == -1:
-        detail = f"build has {got[0]:,} rows but repeated keys; the source range has {expected[0]:,} keys"
+        detail = (
+            f"build has {got[0]:,} rows but repeated keys; the source range has {expected[0]:,} keys ({how})"
+        )
     else:
         detail = (
-            f"build has {got[0]:,} rows (key checksum {got[1]}), a recount of the source range "
-            f"{expected[0]:,} distinct keys (checksum {expected[1]})"
+            f"build has {got[0]:,} rows (key checksum {got[1]}), the source range "
+            f"{expected[0]:,} distinct keys (checksum {expected[1]}; {how})"
         )
     return Verification("recount", ok, expected, got, detail)
+
+
+def _distinct_keys(conn: duckdb.DuckDBPyConnection, projection: Projection, keys: str) -> tuple[int, int]:
+    """``(distinct keys, sum of hash(key))`` of the build's keys table (same figures as :func:`_recount`)."""
+    cols = ", ".join(f'"{c}"' for c in projection.key_columns)
+    got = conn.execute(
+        f'SELECT count(*), coalesce(sum(hash({cols})), 0) FROM (SELECT DISTINCT {cols} FROM "{keys}")'
+    ).fetchall()[0]
+    return int(got[0]), int(got[1])
 
 
 __all__ = [

@@ -137,6 +137,42 @@ def test_tampered_build_is_not_switched(settings: Settings, unique):
     ) == [("BASE TABLE",)]  # readers still on the live table
 
 
+def test_recount_uses_keys_collected_while_building(settings: Settings, unique):
+    _, proj = setup_listens(settings, unique, 150)  # 165 records, 150 distinct event ids
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(p: ReplayProgress) -> None:
+        if p.events >= 60:
+            raise Stop
+
+    v2 = dataclasses.replace(proj, version=2)  # no live read model of version 2: a recount
+    with pytest.raises(Stop):
+        replay(settings, "listens", projection=v2, batch_size=30, progress=stop_early)
+    assert rows(settings, "SELECT count(*) FROM listens__v2_b1__keys")[0][0] >= 60
+    result = replay(settings, "listens", projection=v2, batch_size=30)  # the keys resume with the build
+    v = result.verification
+    assert result.resumed and result.verified and v.mode == "recount" and "while building" in v.detail
+    assert v.expected == v.got and v.got[0] == 150
+    keys_left = "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE '%\\_\\_keys' ESCAPE '\\'"
+    assert rows(settings, keys_left) == [(0,)]
+    # a build whose rows no longer match the keys it was built from is not switched
+    v3 = dataclasses.replace(proj, version=3)
+    with pytest.raises(Stop):
+        replay(settings, "listens", projection=v3, batch_size=30, progress=stop_early)
+    with writer(settings.duckdb_path) as conn:
+        conn.execute("UPDATE listens__v3_b2 SET event_id = 'tampered' WHERE rowid = 0")
+    failed = replay(settings, "listens", projection=v3, batch_size=30)
+    assert not failed.verified and failed.verification.mode == "recount"
+    assert failed.verification.got != failed.verification.expected
+    assert rows(settings, "SELECT version FROM projection_versions") == [(2,)]
+    # the optional second read of the source gives the same figures
+    again = replay(settings, "listens", projection=v3, batch_size=50, recount_source=True)
+    assert again.verified and "second read" in again.verification.detail
+    assert again.verification.got == v.got
+
+
 def test_killed_replay_resumes_and_sql_answers_meanwhile(settings: Settings, unique, tmp_path: Path):
     topic, proj = setup_listens(settings, unique, 6000)
     run(settings, proj)
