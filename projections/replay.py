@@ -13,8 +13,11 @@ How a replay runs (:func:`replay`):
    decoded and mapped by the projection code itself (:class:`~projections.decoding.BatchPreparer`,
    :func:`~projections.apply.apply_batch` with the projection renamed to the build table; the
    Parquet lake is not written by a replay: it is the live runner's history). Each batch is one
-   DuckDB transaction through :mod:`projections.store`, and the file is closed after every batch,
-   so ``backbeat sql`` and a live runner get in between batches.
+   DuckDB transaction, written on a writer thread while the next batch is read and decoded; the
+   file stays open across batches (:class:`~projections.store.WriterSession`), closed whenever a
+   reader (``backbeat sql``) waits at the turnstile. The transaction also appends the key columns
+   of every row the batch mapped to the build's keys table ``<build table>__keys``
+   (:func:`keys_table`), for the verification.
 2. **Resume.** A replay killed mid-way leaves its build ``building``; running ``replay`` again for
    the same projection and version resumes it from its own stored offsets (same range).
 3. **Catch up.** Before switching, the build is extended to the live read model's stored offsets
@@ -23,11 +26,17 @@ How a replay runs (:func:`replay`):
 4. **Verify.** When the live read model has the same version, was built from the start of the log
    and stands at exactly the build's offsets, row counts and an order-independent checksum
    (``sum(hash(columns))`` over every column but ``kafka_partition``/``kafka_offset``) of both
-   must match. Otherwise (mapping changed, another start, live elsewhere) a raw recount: the
-   source range is read again by a separate consumer, the key of every mappable record computed
-   (the projection's row filter and row mapping applied, the build's rejects left out), and the
-   build must hold exactly one row per distinct key (count and ``sum(hash(key))`` equal). On a
-   mismatch nothing is switched: the build is marked ``failed`` and kept beside the live one.
+   must match. Otherwise (mapping changed, another start, live elsewhere) a recount: the build
+   must hold exactly one row per distinct key of the source range (count and ``sum(hash(key))``
+   equal), the keys being those of every mapped record (row filter and row mapping applied,
+   rejects left out). They come from the keys table filled during the build (the mapped rows
+   before the upsert, in each batch's transaction, so they resume with the build), checked in
+   SQL at the end: memory stays flat and the range is read once. It checks what the write path
+   did (lost or repeated batches, keys dropped or duplicated by the upsert, rows altered), not the
+   decoding, which the rows and keys share. ``recount_source=True`` (and a build begun without a
+   keys table) reads and decodes the range a second time instead (:func:`_recount`). The keys
+   table is dropped at the switch or when the build fails. On a mismatch nothing is switched: the
+   build is marked ``failed`` and kept beside the live one.
 5. **Switch.** In one DuckDB transaction: the first time, the live table is renamed
    ``<name>__v<old version>_b0`` (recorded as build 0); the name becomes
    ``CREATE OR REPLACE VIEW <name> AS SELECT * FROM <build table>``; the build becomes
@@ -98,6 +107,10 @@ from projections.tracking import (
 SOURCES = ("kafka", "archive")
 _PARTITION_SPEC = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
 _IDLE_TIMEOUT_S = 30.0
+#: DuckDB's memory limit in a replay's process while building and verifying (its default is 80 %
+#: of RAM: with the file kept open, its block cache would grow with the build table). Above it,
+#: DuckDB evicts cached blocks and spills the verification's DISTINCT to disk.
+_DUCKDB_MEMORY = "256MB"
 
 #: One batch of records read from a source and the next offset per partition after it.
 Batches = Iterator[tuple[Sequence[MessageLike], dict[int, int]]]
@@ -719,6 +732,7 @@ class _Builder:
                 conn.unregister("bb_build_keys")
 
         with session.connection() as conn:
+            conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")  # the file stays open: bound its cache
             hooked = cast(duckdb.DuckDBPyConnection, _BeforeCommit(conn, add_keys) if self.keys else conn)
             apply_batch(hooked, self.settings.lake_dir, {self.proj.topic: self.proj}, prepared, self.identity)
 
@@ -1021,6 +1035,7 @@ def _verify(
             )
         got = _build_keys(conn, proj, build.table)
         if keys is not None and not recount_source:
+            conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
             expected = _distinct_keys(conn, proj, keys)
             how = "collected from the mapped records while building"
         else:
