@@ -149,12 +149,13 @@ def test_reset_state_rebuilds_corrupted_rocksdb_tables(rocks_env):
         expected.update([session(u, T0 + 3 * GAP, T0 + 3 * GAP + 3 * 60_000, 4, 2)])
     wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(expected), 120, "phase 2")
     assert decode_sessions(settings, sessions.records) == expected  # = an uninterrupted run's output
-    # only phase 2's new listens were sessionised: whatever the source redelivered (phase 1 when
-    # the kill came before an offset commit, the 5 re-sent events) was recognised by the rebuilt state
+    # phase 2's new listens were sessionised; phase 1's were sessionised again only on partitions
+    # whose last checkpoint had not reached the changelog when the SIGKILL came (it may still sit
+    # in the producer's buffer: TANSU.md, "Faust tables"), which the exact output above absorbs
     stats = wait_for(
         lambda: (s := worker.last_stats()) and s["sessions_emitted"] == len(users) and s, 30, "phase 2 stats"
     )
-    assert stats["sessionised"] == 2 * len(users)
+    assert 2 * len(users) <= stats["sessionised"] <= 2 * len(users) + len(phase1)
     assert stats["listens_in"] == stats["sessionised"] + stats["duplicates"] + stats["late"] >= len(phase2)
 
     log = worker.log.read_bytes()[offset:].decode(errors="replace")
