@@ -66,7 +66,16 @@ def replay_cmd(
     topic: Annotated[
         str | None, typer.Option(help="Read this topic instead of the projection's own (tests, copies).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Records per DuckDB transaction.", min=1)] = 50_000,
+    batch_size: Annotated[int, typer.Option(help="Records per read from the source.", min=1)] = 50_000,
+    write_rows: Annotated[
+        int | None,
+        typer.Option(
+            help="Rows per DuckDB transaction, at least: reads are gathered up to it. Default 122,880, "
+            "DuckDB's row group, which DuckDB writes straight to the file instead of to its WAL.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before starting.")] = False,
 ) -> None:
     """Rebuild a read model from the log **blue/green**: the new version is built beside the live
@@ -89,7 +98,7 @@ def replay_cmd(
     model (recommendations) is rebuilt whole (--from earliest only) in a separate DuckDB file,
     verified, and swapped in table by table in one transaction."""
     from projections.readmodels import get_projection
-    from projections.replay import drop_old_versions, replay
+    from projections.replay import WRITE_ROWS, drop_old_versions, replay
     from projections.runner import STATEFUL
 
     settings = get_settings()
@@ -123,6 +132,7 @@ def replay_cmd(
         result = replay(
             settings, projection, source=source, start=start, stop=stop, drop_old=drop_old,
             progress=show, projection=override, batch_size=batch_size,
+            write_rows=write_rows or WRITE_ROWS,
         )  # fmt: skip
     v = result.verification
     if not result.verified:

@@ -14,14 +14,17 @@ Failure semantics (what a crash at each step leaves behind):
    into that version's table (:func:`projections.tracking.current_build`, looked up in the
    transaction, so a running runner follows a switch at its next batch); a runner whose
    projection version differs from the switched-to one stops with ``OffsetMismatchError``.
-5. The new offsets (the offset after each partition's last record, control records and rejects
+5. ``append=True`` (a replay's build, :mod:`projections.replay`) skips step 3: every fresh row is
+   inserted as it is, a plain append that touches no existing row, and the caller applies the
+   policy to the whole table once at the end (:func:`dedupe`).
+6. The new offsets (the offset after each partition's last record, control records and rejects
    included) are upserted with the log identity, and the transaction commits. A crash after the
    commit loses nothing: the next run starts after the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -108,6 +111,92 @@ def _upsert(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -
         conn.unregister("bb_batch")
 
 
+def _append(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -> pa.Table:
+    """Insert every row of ``rows`` into ``proj``'s table (no policy: :func:`dedupe` applies it later)."""
+    conn.register("bb_batch", rows)
+    try:
+        conn.execute(f'INSERT INTO "{proj.name}" SELECT * FROM bb_batch')
+    finally:
+        conn.unregister("bb_batch")
+    return rows
+
+
+@dataclass(frozen=True)
+class Deduped:
+    """What :func:`dedupe` found: ``rows`` before it and ``row_checksum`` (``sum(hash(every
+    column))`` over them), ``keys`` (distinct keys) and ``checksum`` (``sum(hash(key columns))``
+    over the distinct keys), and ``deleted`` (rows removed: ``rows - keys`` when it worked).
+    Hashes are DuckDB's ``hash`` (64-bit), summed as HUGEINT."""
+
+    rows: int
+    row_checksum: int
+    keys: int
+    checksum: int
+    deleted: int
+    deleted_checksum: int
+
+
+def row_checksum(conn: duckdb.DuckDBPyConnection, relation: str, table: str) -> tuple[int, int]:
+    """``(rows, sum(hash(every column)))`` of ``relation`` (a table, or rows registered with
+    ``conn.register``) read as table ``table``'s columns: its names, order and types (an Arrow
+    ``timestamp[ms]`` hashes as a ``TIMESTAMP``, as it is stored). The figures :func:`dedupe`
+    gives of ``table`` before it deletes anything."""
+    every = _row_hash(conn, table)
+    got = conn.execute(f'SELECT count(*), coalesce(sum({every}), 0) FROM "{relation}"').fetchall()[0]
+    return int(got[0]), int(got[1])
+
+
+def _row_hash(conn: duckdb.DuckDBPyConnection, table: str, alias: str = "") -> str:
+    """``hash(CAST(<alias>.c AS type), …)`` over ``table``'s columns, in order."""
+    cols = conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+        "ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    prefix = f"{alias}." if alias else ""
+    return "hash(" + ", ".join(f'CAST({prefix}"{c}" AS {t})' for c, t in cols) + ")"
+
+
+def dedupe(conn: duckdb.DuckDBPyConnection, proj: Projection) -> Deduped:
+    """Apply ``proj``'s policy to its whole table at once: of the rows sharing a key, keep the
+    first (``first``: lowest ``(kafka_partition, kafka_offset)``) or the last (``last``: highest)
+    and delete the others. The same rule as step 3 of the module docstring within one batch;
+    across batches the live runner keeps the first or last *written*, which is the same row for
+    keys that stay on one partition (keyed topics).
+
+    Set-based, so DuckDB may spill to its temporary directory under ``memory_limit``: a
+    ``GROUP BY`` of the key columns finds the repeated keys (usually few), and only their rows are
+    ranked. Idempotent (a second run deletes nothing). Runs in the caller's transaction, if any.
+
+    Raises:
+        duckdb.Error: the table is missing or the statement failed.
+    """
+    name, keys = proj.name, proj.key_columns
+    cols = ", ".join(f'"{k}"' for k in keys)
+    match = " AND ".join(f't."{k}" = d."{k}"' for k in keys)
+    by = ", ".join(f't."{k}"' for k in keys)
+    every = _row_hash(conn, name)
+    rows, row_sum, n_keys, checksum = conn.execute(
+        f"SELECT coalesce(sum(n), 0), coalesce(sum(r), 0), count(*), coalesce(sum(h), 0) FROM "
+        f'(SELECT count(*) AS n, sum({every}) AS r, hash({cols}) AS h FROM "{name}" GROUP BY {cols})'
+    ).fetchall()[0]
+    deleted, deleted_sum = 0, 0
+    if rows > n_keys:
+        order = "ASC" if proj.policy == "first" else "DESC"
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE bb_dedupe AS SELECT t.rowid AS rid, {_row_hash(conn, name, 't')} "
+            f'AS h FROM "{name}" t SEMI JOIN '
+            f'(SELECT {cols} FROM "{name}" GROUP BY {cols} HAVING count(*) > 1) d ON {match} '
+            f"QUALIFY row_number() OVER (PARTITION BY {by} "
+            f'ORDER BY t."{PARTITION_COL}" {order}, t."{OFFSET_COL}" {order}) > 1'
+        )
+        found = conn.execute("SELECT count(*), coalesce(sum(h), 0) FROM bb_dedupe").fetchall()[0]
+        deleted, deleted_sum = found
+        conn.execute(f'DELETE FROM "{name}" WHERE rowid IN (SELECT rid FROM bb_dedupe)')
+        conn.execute("DROP TABLE bb_dedupe")
+    return Deduped(int(rows), int(row_sum), int(n_keys), int(checksum), int(deleted), int(deleted_sum))
+
+
 def _store_rejects(
     conn: duckdb.DuckDBPyConnection, rejects: list[Reject], thresholds: Mapping[tuple[str, str, int], int]
 ) -> int:
@@ -164,9 +253,14 @@ def apply_batch(
     by_topic: Mapping[str, Projection],
     prepared: Prepared,
     identity: LogIdentity,
+    *,
+    append: bool = False,
+    on_written: Callable[[duckdb.DuckDBPyConnection, str, pa.Table], None] | None = None,
 ) -> Applied:
     """Write ``prepared`` in one transaction on ``conn`` (module docstring), lake files of
-    lake projections under ``lake_dir``.
+    lake projections under ``lake_dir``; ``append``: insert every row, no policy (step 5);
+    ``on_written(conn, table, rows)``: called in the transaction after each table's rows are
+    written, with the rows written (an exception rolls the batch back).
 
     Raises:
         duckdb.Error, OSError: the write failed; nothing of the batch is kept (rolled back,
@@ -185,8 +279,11 @@ def apply_batch(
             result.redelivered += table.num_rows - fresh.num_rows
             if fresh.num_rows == 0:
                 continue
-            new = _upsert(conn, _physical(conn, proj), fresh)
+            physical = _physical(conn, proj)
+            new = _append(conn, physical, fresh) if append else _upsert(conn, physical, fresh)
             result.applied[name] = new.num_rows
+            if on_written is not None:
+                on_written(conn, physical.name, new)
             result.duplicates += fresh.num_rows - new.num_rows
             if proj.lake and new.num_rows:
                 batch = lake.next_batch(conn, name)
@@ -213,4 +310,4 @@ def apply_batch(
     return result
 
 
-__all__ = ["Applied", "apply_batch"]
+__all__ = ["Applied", "Deduped", "apply_batch", "dedupe", "row_checksum"]

@@ -66,6 +66,24 @@ class Prepared:
     controls: int = 0
     filtered: int = 0
 
+    def merge(self, later: Prepared) -> Prepared:
+        """This batch followed by ``later`` (read after it) as one: tables concatenated per
+        projection (same schemas: the same preparer), rejects appended, ends and counts combined.
+
+        Raises:
+            pyarrow.ArrowInvalid: the two batches' tables of a projection differ in schema.
+        """
+        tables = dict(self.tables)
+        for name, table in later.tables.items():
+            tables[name] = pa.concat_tables([tables[name], table]) if name in tables else table
+        ends = dict(self.ends)
+        for key, end in later.ends.items():
+            ends[key] = max(end, ends.get(key, 0))
+        return Prepared(
+            tables, [*self.rejects, *later.rejects], ends, self.records + later.records,
+            self.controls + later.controls, self.filtered + later.filtered,
+        )  # fmt: skip
+
 
 class BatchPreparer:
     """Decodes and maps batches for the projections ``by_topic`` (source topic → projection).

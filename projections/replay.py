@@ -12,12 +12,15 @@ How a replay runs (:func:`replay`):
    partitions, or H1's Parquet archive through :func:`projections.archive.iter_archive`),
    decoded and mapped by the projection code itself (:class:`~projections.decoding.BatchPreparer`,
    :func:`~projections.apply.apply_batch` with the projection renamed to the build table; the
-   Parquet lake is not written by a replay: it is the live runner's history). Each batch is one
-   DuckDB transaction, written on a writer thread while the next batch is read and decoded; the
-   file stays open across batches (:class:`~projections.store.WriterSession`), closed whenever a
-   reader (``backbeat sql``) waits at the turnstile. The transaction also appends the key columns
-   of every row the batch mapped to the build's keys table ``<build table>__keys``
-   (:func:`keys_table`), for the verification.
+   Parquet lake is not written by a replay: it is the live runner's history). The build only
+   appends (``apply_batch(append=True)``): every mapped row goes in as it is, and the projection's
+   policy (first or last row of a key) is applied once at the end by
+   :func:`~projections.apply.dedupe`, so no batch scans the rows before it (the live runner's
+   per-batch upsert anti-joins the whole table: its cost and DuckDB's cache grow with the table).
+   Batches read are gathered into writes of at least :data:`WRITE_ROWS` rows, each one DuckDB
+   transaction (rows, rejects, offsets), written on a writer thread while the next records are
+   read and decoded; the file stays open across writes (:class:`~projections.store.WriterSession`),
+   closed whenever a reader (``backbeat sql``) waits at the turnstile.
 2. **Resume.** A replay killed mid-way leaves its build ``building``; running ``replay`` again for
    the same projection and version resumes it from its own stored offsets (same range).
 3. **Catch up.** Before switching, the build is extended to the live read model's stored offsets
@@ -29,14 +32,13 @@ How a replay runs (:func:`replay`):
    must match. Otherwise (mapping changed, another start, live elsewhere) a recount: the build
    must hold exactly one row per distinct key of the source range (count and ``sum(hash(key))``
    equal), the keys being those of every mapped record (row filter and row mapping applied,
-   rejects left out). They come from the keys table filled during the build (the mapped rows
-   before the upsert, in each batch's transaction, so they resume with the build), checked in
-   SQL at the end: memory stays flat and the range is read once. It checks what the write path
-   did (lost or repeated batches, keys dropped or duplicated by the upsert, rows altered), not the
-   decoding, which the rows and keys share. ``recount_source=True`` (and a build begun without a
-   keys table) reads and decodes the range a second time instead (:func:`_recount`). The keys
-   table is dropped at the switch or when the build fails. On a mismatch nothing is switched: the
-   build is marked ``failed`` and kept beside the live one.
+   rejects left out). They are counted by :func:`~projections.apply.dedupe` over the appended
+   rows (one per mapped record, written with their offsets in each transaction, so they resume
+   with the build) just before it deletes the repeated keys' extra rows, in SQL under DuckDB's
+   memory limit: memory stays flat and the range is read once. It checks what the write path did
+   (rows lost or left twice by the dedupe), not the decoding, which both counts share.
+   ``recount_source=True`` reads and decodes the range a second time instead (:func:`_recount`).
+   On a mismatch nothing is switched: the build is marked ``failed`` and kept beside the live one.
 5. **Switch.** In one DuckDB transaction: the first time, the live table is renamed
    ``<name>__v<old version>_b0`` (recorded as build 0); the name becomes
    ``CREATE OR REPLACE VIEW <name> AS SELECT * FROM <build table>``; the build becomes
@@ -73,7 +75,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 import fastavro
@@ -86,7 +88,7 @@ from events.offsets import high_watermarks
 from events.registry_client import registry_for
 from infra.errors import BackbeatError, ConfigError, InfraError, OffsetMismatchError
 from infra.settings import Settings
-from projections.apply import apply_batch
+from projections.apply import Deduped, apply_batch, dedupe, row_checksum
 from projections.decoding import BatchPreparer, MessageLike, Prepared
 from projections.readmodels import OFFSET_COL, PARTITION_COL, Projection, get_projection
 from projections.store import WriterSession, reader, writer
@@ -107,10 +109,21 @@ from projections.tracking import (
 SOURCES = ("kafka", "archive")
 _PARTITION_SPEC = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
 _IDLE_TIMEOUT_S = 30.0
-#: DuckDB's memory limit in a replay's process while building and verifying (its default is 80 %
-#: of RAM: with the file kept open, its block cache would grow with the build table). Above it,
-#: DuckDB evicts cached blocks and spills the verification's DISTINCT to disk.
+#: DuckDB's memory limit in a replay's process while building, deduplicating and verifying (its
+#: default is 80 % of RAM: with the file kept open, its block cache would grow with the build
+#: table). Above it, DuckDB evicts cached blocks and spills the dedupe's GROUP BY to disk.
 _DUCKDB_MEMORY = "256MB"
+#: Rows per build transaction, at least: DuckDB's row group size (122,880 rows, "Storage" in the
+#: DuckDB docs). An insert of a full row group is written straight to the database file
+#: ("optimistic writing") instead of the WAL and then again at the checkpoint; measured on the
+#: 1M-listens benchmark, 50k-row transactions spent a fifth of the build in COMMIT.
+WRITE_ROWS = 122_880
+#: The rows each build has written, as its writes committed them: ``(rows, sum(hash(every
+#: column)))`` per build table, added to in each write's transaction (kept less what the dedupe
+#: deleted). Checked against the build table before the dedupe (:func:`_verify`).
+TALLY_TABLE = "projection_build_tally"
+_TALLY_DDL = f"""CREATE TABLE IF NOT EXISTS {TALLY_TABLE} (
+  build_table VARCHAR PRIMARY KEY, "rows" BIGINT NOT NULL, row_sum HUGEINT NOT NULL)"""
 
 #: One batch of records read from a source and the next offset per partition after it.
 Batches = Iterator[tuple[Sequence[MessageLike], dict[int, int]]]
@@ -122,7 +135,7 @@ class ReplayError(BackbeatError):
 
 @dataclass(frozen=True)
 class ReplayProgress:
-    """Reported after every committed batch. ``phase``: ``build``, ``catch-up`` or ``verify``;
+    """Reported after every committed write. ``phase``: ``build``, ``catch-up`` or ``verify``;
     ``events``: records of the build's range read so far (a resumed build counts what it had);
     ``total``: records in the range; ``events_per_s``: records per second of this run; ``lag``:
     records left per partition; ``eta_s``: seconds left at this rate (``None`` before a rate)."""
@@ -545,7 +558,7 @@ def _open_build(
 ) -> _Build:
     """Resume the projection's build in progress, or start a new one (table, builds row)."""
     with writer(settings.duckdb_path, timeout_s) as conn:
-        for ddl in BOOKKEEPING_DDL:
+        for ddl in (*BOOKKEEPING_DDL, _TALLY_DDL):
             conn.execute(ddl)
         found = _building(conn, proj.name)
     if found is not None:
@@ -578,10 +591,8 @@ def _open_build(
         )
         table = f"{proj.name}__v{proj.version}_b{n}"
         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
-        conn.execute(f'DROP TABLE IF EXISTS "{keys_table(table)}"')
+        conn.execute(f"DELETE FROM {TALLY_TABLE} WHERE build_table = ?", [table])
         conn.execute(replace(proj, name=table).ddl)
-        cols = ", ".join(f'"{k}"' for k in proj.key_columns)
-        conn.execute(f'CREATE TABLE "{keys_table(table)}" AS SELECT {cols} FROM "{table}" LIMIT 0')
         conn.execute(
             f"INSERT INTO {BUILDS_TABLE} VALUES (?, ?, ?, ?, ?, ?, 'building', ?, ?, ?, NULL, NULL)",
             [proj.name, n, proj.version, table, proj.topic, source, _offsets_json(begin), _offsets_json(end),
@@ -611,31 +622,6 @@ def _replay_lock(db_path: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def keys_table(table: str) -> str:
-    """The keys table of build table ``table``: ``<table>__keys``, the key columns of every row
-    the build's batches produced (one row per mapped record, duplicates kept), appended in each
-    batch's transaction and dropped at the switch (or when the build is marked failed)."""
-    return f"{table}__keys"
-
-
-class _BeforeCommit:
-    """``conn`` whose ``commit()`` first runs ``hook(conn)``: adds statements to the transaction of
-    :func:`~projections.apply.apply_batch` (a failing hook rolls the whole batch back)."""
-
-    def __init__(
-        self, conn: duckdb.DuckDBPyConnection, hook: Callable[[duckdb.DuckDBPyConnection], None]
-    ) -> None:
-        self._conn = conn
-        self._hook = hook
-
-    def commit(self) -> duckdb.DuckDBPyConnection:
-        self._hook(self._conn)
-        return self._conn.commit()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-
 class _Builder:
     """Applies records of one build's range to its table, batch by batch, reporting progress."""
 
@@ -650,6 +636,7 @@ class _Builder:
         batch_size: int,
         timeout_s: float,
         progress: Callable[[ReplayProgress], None] | None,
+        write_rows: int = WRITE_ROWS,
     ) -> None:
         self.settings = settings
         self.proj = replace(proj, name=build.table, lake=False)  # the build's table and offsets key
@@ -657,13 +644,10 @@ class _Builder:
         self.read = read
         self.identity = identity
         self.batch_size = batch_size
+        self.write_rows = write_rows
         self.timeout_s = timeout_s
         self.progress = progress
         self.preparer = BatchPreparer({proj.topic: self.proj}, lookup)
-        self.keys: str | None = None  # the build's keys table; None: a build begun without one
-        with writer(settings.duckdb_path, timeout_s) as conn:
-            if _exists(conn, keys_table(build.table)) == "table":
-                self.keys = keys_table(build.table)
         self.records = 0
         self.started = time.monotonic()
 
@@ -676,16 +660,20 @@ class _Builder:
     def run(self, stop: Mapping[int, int], phase: str) -> dict[int, int]:
         """Apply ``[stored positions, stop)``; returns the positions reached (= ``stop``).
 
-        The DuckDB file stays open across batches (:class:`~projections.store.WriterSession`: it
-        closes and waits while a reader such as ``backbeat sql`` is at the turnstile), each batch
-        is written on a writer thread while the next one is read and decoded, and each batch's
-        keys go to the build's keys table in the batch's transaction (:func:`keys_table`).
+        The DuckDB file stays open across writes (:class:`~projections.store.WriterSession`: it
+        closes and waits while a reader such as ``backbeat sql`` is at the turnstile); batches
+        read are gathered until they hold ``write_rows`` rows (or the range ends), and each
+        write is appended on a writer thread while the next records are read and decoded, its
+        rows added to the build's tally (:data:`TALLY_TABLE`) in the same transaction.
         """
         positions = self.positions()
         target = {p: max(stop.get(p, 0), positions[p]) for p in positions}
         total = sum(target[p] - self.build.start.get(p, 0) for p in target)
         topic = self.proj.topic
         pending: tuple[Future[None], dict[int, int], int] | None = None
+        gathered: Prepared | None = None  # batches read, not yet submitted
+        gathered_at: dict[int, int] = {}
+        gathered_records = 0
 
         def settle() -> None:
             nonlocal pending
@@ -702,39 +690,48 @@ class _Builder:
             WriterSession(self.settings.duckdb_path, self.timeout_s) as session,
             ThreadPoolExecutor(1, thread_name_prefix="bb-replay-writer") as pool,
         ):
+
+            def submit() -> None:
+                nonlocal pending, gathered, gathered_records
+                if gathered is None:
+                    return
+                settle()
+                pending = (pool.submit(self._write, session, gathered), dict(gathered_at), gathered_records)
+                gathered, gathered_records = None, 0
+
             for msgs, reached in self.read(self.settings, topic, positions, target, self.batch_size):
                 if msgs:
                     prepared = self.preparer.prepare(msgs)
-                    settle()
-                    pending = (pool.submit(self._write, session, prepared), dict(reached), len(msgs))
-                else:
+                    gathered = prepared if gathered is None else gathered.merge(prepared)
+                    gathered_at.update(reached)
+                    gathered_records += len(msgs)
+                    if sum(t.num_rows for t in gathered.tables.values()) >= self.write_rows:
+                        submit()
+                elif gathered is None:
                     settle()
                     positions.update(reached)
                     self._report(phase, positions, target, total)
+                else:
+                    gathered_at.update(reached)
+            submit()
             settle()
             pool.submit(self._finish, session, positions).result()
         self._report(phase, positions, target, total)
         return positions
 
     def _write(self, session: WriterSession, prepared: Prepared) -> None:
-        """One batch transaction (writer thread): rows, rejects, offsets and the batch's keys."""
-        rows = prepared.tables.get(self.build.table)
-        keys = self.proj.key_columns
-
-        def add_keys(conn: duckdb.DuckDBPyConnection) -> None:
-            if rows is None or rows.num_rows == 0:
-                return
-            conn.register("bb_build_keys", rows.select(list(keys)))
-            try:
-                cols = ", ".join(f'"{k}"' for k in keys)
-                conn.execute(f'INSERT INTO "{self.keys}" SELECT {cols} FROM bb_build_keys')
-            finally:
-                conn.unregister("bb_build_keys")
-
+        """One write transaction (writer thread): rows appended, rejects, offsets."""
         with session.connection() as conn:
             conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")  # the file stays open: bound its cache
-            hooked = cast(duckdb.DuckDBPyConnection, _BeforeCommit(conn, add_keys) if self.keys else conn)
-            apply_batch(hooked, self.settings.lake_dir, {self.proj.topic: self.proj}, prepared, self.identity)
+            apply_batch(
+                conn,
+                self.settings.lake_dir,
+                {self.proj.topic: self.proj},
+                prepared,
+                self.identity,
+                append=True,
+                on_written=_tally,
+            )
 
     def _finish(self, session: WriterSession, positions: Mapping[int, int]) -> None:
         """Store the end positions (past the last data record: markers, EOF) and close the file."""
@@ -849,7 +846,7 @@ def drop_old_versions(
             ).fetchall()
             for build, table in rows:
                 conn.execute(f'DROP TABLE IF EXISTS "{table}"')
-                conn.execute(f'DROP TABLE IF EXISTS "{keys_table(table)}"')
+                conn.execute(f"DELETE FROM {TALLY_TABLE} WHERE build_table = ?", [table])
                 for book in (OFFSETS_TABLE, REJECTS_TABLE):
                     conn.execute(f"DELETE FROM {book} WHERE projection = ?", [table])
                 conn.execute(f"DELETE FROM {BUILDS_TABLE} WHERE projection = ? AND build = ?", [name, build])
@@ -878,16 +875,19 @@ def replay(
     db_timeout_s: float = 120.0,
     switch_tries: int = 5,
     recount_source: bool = False,
+    write_rows: int = WRITE_ROWS,
 ) -> ReplayResult:
     """Rebuild read model ``name`` blue/green (module docstring): build, verify, switch.
 
     ``source``: ``kafka`` or ``archive``; ``start``/``stop``: ``earliest`` | ``latest`` | ISO time
     | ``P:O,…`` (default: the start of the log and the high watermarks at start, from Fetch
     responses); ``projection``: the projection to build (default ``PROJECTIONS[name]``; a changed
-    mapping with a bumped ``version``, or another topic); ``batch_size``: records per transaction;
+    mapping with a bumped ``version``, or another topic); ``batch_size``: records per read (a write
+    gathers reads up to ``write_rows`` rows, default :data:`WRITE_ROWS`);
     ``progress``: called after every batch; ``drop_old``: drop the non-current versions after a
     switch; ``recount_source``: verify against a second read and decode of the source range
-    instead of the keys collected while building (slower: reads everything twice). A build in
+    instead of the keys counted over the rows appended while building (slower: reads everything
+    twice). A build in
     progress for the same version, topic and source is resumed.
 
     Returns the :class:`ReplayResult`; ``verified=False`` (nothing switched, the build kept as
@@ -925,7 +925,9 @@ def replay(
             return offsets_at_time(settings, proj, when, marks, read, lookup)[0]
 
         build = _open_build(settings, proj, source, start, stop, marks, at_time, db_timeout_s)
-        builder = _Builder(settings, proj, build, read, lookup, identity, batch_size, db_timeout_s, progress)
+        builder = _Builder(
+            settings, proj, build, read, lookup, identity, batch_size, db_timeout_s, progress, write_rows
+        )
         end = builder.run(build.stop, "build")
         verification: Verification | None = None
         for _ in range(max(1, switch_tries)):
@@ -933,8 +935,9 @@ def replay(
                 live = _live_offsets(conn, name, proj.topic)
             if any(live.get(p, 0) > end.get(p, 0) for p in live):  # the live runner is further: catch up
                 end = builder.run({p: max(end.get(p, 0), live.get(p, 0)) for p in end}, "catch-up")
+            tally, appended = _dedupe(settings, proj, build, db_timeout_s)
             verification = _verify(
-                settings, proj, build, end, live, read, lookup, batch_size, db_timeout_s, builder.keys,
+                settings, proj, build, end, live, read, lookup, batch_size, db_timeout_s, tally, appended,
                 recount_source,
             )  # fmt: skip
             with writer(settings.duckdb_path, db_timeout_s) as conn:
@@ -957,7 +960,6 @@ def replay(
                     )
                 else:
                     _switch(conn, proj, build, live_version[0] if live_version else None)
-                conn.execute(f'DROP TABLE IF EXISTS "{keys_table(build.table)}"')
                 conn.commit()
             break
         else:
@@ -1004,6 +1006,44 @@ def _compare_live(conn: duckdb.DuckDBPyConnection, proj: Projection, build: _Bui
     return Verification("live", ok, expected, got, detail)
 
 
+def _tally(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    """Add ``rows`` (just written to build table ``table``) to its tally, in the write's transaction."""
+    conn.register("bb_tally", rows)
+    try:
+        n, row_sum = row_checksum(conn, "bb_tally", table)
+    finally:
+        conn.unregister("bb_tally")
+    conn.execute(
+        f'INSERT INTO {TALLY_TABLE} VALUES (?, ?, ?) ON CONFLICT (build_table) DO UPDATE SET "rows" = '
+        f'{TALLY_TABLE}."rows" + excluded."rows", row_sum = {TALLY_TABLE}.row_sum + excluded.row_sum',
+        [table, n, row_sum],
+    )
+
+
+def _dedupe(
+    settings: Settings, proj: Projection, build: _Build, timeout_s: float
+) -> tuple[tuple[int, int], Deduped]:
+    """Apply ``proj``'s policy to the build's appended rows (:func:`~projections.apply.dedupe`),
+    in one transaction under :data:`_DUCKDB_MEMORY`; returns the build's tally as it was (the rows
+    written, ``(rows, row checksum)``) and what the dedupe counted before deleting. The tally
+    then loses the deleted rows, so a dedupe run again (a resumed replay) finds them equal again."""
+    with writer(settings.duckdb_path, timeout_s) as conn:
+        conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
+        conn.execute(_TALLY_DDL)
+        conn.begin()
+        found = conn.execute(
+            f'SELECT "rows", row_sum FROM {TALLY_TABLE} WHERE build_table = ?', [build.table]
+        ).fetchall()
+        tally = (int(found[0][0]), int(found[0][1])) if found else (0, 0)
+        deduped = dedupe(conn, replace(proj, name=build.table))
+        conn.execute(
+            f"INSERT OR REPLACE INTO {TALLY_TABLE} VALUES (?, ?, ?)",
+            [build.table, tally[0] - deduped.deleted, tally[1] - deduped.deleted_checksum],
+        )
+        conn.commit()
+    return tally, deduped
+
+
 def _verify(
     settings: Settings,
     proj: Projection,
@@ -1014,14 +1054,17 @@ def _verify(
     lookup: Callable[[int], dict[str, Any]],
     batch_size: int,
     timeout_s: float,
-    keys: str | None,
+    tally: tuple[int, int],
+    appended: Deduped,
     recount_source: bool,
 ) -> Verification:
     """The live comparison when it applies (checked again under the writer by the caller), else the
-    build's rows against the distinct keys of the source range: from the build's keys table
-    (``keys``), or from a second read of the source (``recount_source``, or a build begun
-    without a keys table)."""
+    build's rows against the distinct keys of the source range: as counted over the appended rows
+    by the dedupe (``appended``), or from a second read of the source (``recount_source``). Either
+    way the appended rows must first be the rows the build's writes committed (``tally``: count
+    and checksum of every column)."""
     with reader(settings.duckdb_path, timeout_s) as conn:
+        conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
         live_version = _live_version(conn, proj.name)
         same = (
             live_version == (build.version, proj.topic)
@@ -1029,18 +1072,24 @@ def _verify(
             and all(live.get(p, 0) == end.get(p, 0) for p in {*live, *end})
             and _exists(conn, proj.name) is not None
         )
+        if tally != (appended.rows, appended.row_checksum):
+            return Verification(
+                "recount", False, tally, (appended.rows, appended.row_checksum),
+                f"the build table held {appended.rows:,} rows (row checksum {appended.row_checksum}) before "
+                f"the dedupe, but its writes had committed {tally[0]:,} (row checksum {tally[1]}): rows "
+                "were lost, repeated or altered outside the replay",
+            )  # fmt: skip
         if same:
             return Verification(
                 "live", True, (0, 0), (0, 0), "compared with the live read model at the switch"
             )
         got = _build_keys(conn, proj, build.table)
-        if keys is not None and not recount_source:
-            conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
-            expected = _distinct_keys(conn, proj, keys)
-            how = "collected from the mapped records while building"
+        if not recount_source:
+            expected = (appended.keys, appended.checksum)
+            how = f"counted over the {appended.rows:,} rows appended while building"
         else:
             rejected = _rejected(conn, build.table)
-    if keys is None or recount_source:
+    if recount_source:
         expected = _recount(settings, proj, read, build.start, end, lookup, rejected, batch_size)
         how = "recounted by a second read of the source"
     ok = expected == got
@@ -1058,21 +1107,14 @@ def _verify(
     return Verification("recount", ok, expected, got, detail)
 
 
-def _distinct_keys(conn: duckdb.DuckDBPyConnection, projection: Projection, keys: str) -> tuple[int, int]:
-    """``(distinct keys, sum of hash(key))`` of the build's keys table (same figures as :func:`_recount`)."""
-    cols = ", ".join(f'"{c}"' for c in projection.key_columns)
-    got = conn.execute(
-        f'SELECT count(*), coalesce(sum(hash({cols})), 0) FROM (SELECT DISTINCT {cols} FROM "{keys}")'
-    ).fetchall()[0]
-    return int(got[0]), int(got[1])
-
-
 __all__ = [
     "SOURCES",
     "ReplayError",
     "ReplayProgress",
     "ReplayResult",
+    "TALLY_TABLE",
     "Verification",
+    "WRITE_ROWS",
     "archive_batches",
     "drop_old_versions",
     "kafka_batches",

@@ -59,7 +59,7 @@ def test_replay_equals_fresh_build_then_runner_writes_new_version(settings: Sett
     run(settings, proj)
     before = rows(settings, f"SELECT {CONTENT} FROM listens ORDER BY event_id")
     seen: list[ReplayProgress] = []
-    result = replay(settings, "listens", projection=proj, batch_size=50, progress=seen.append)
+    result = replay(settings, "listens", projection=proj, batch_size=50, write_rows=50, progress=seen.append)
     assert result.verified and result.switched and result.verification.mode == "live"
     assert (result.version, result.build, result.table) == (1, 1, "listens__v1_b1")
     assert (
@@ -98,7 +98,7 @@ def test_version_bump_changes_shape_without_downtime(settings: Settings, unique)
             Column("played_ms", LISTENS.columns[6].type, field="ms_played", nullable=True),
         ),
     )
-    result = replay(settings, "listens", projection=v2, batch_size=40)
+    result = replay(settings, "listens", projection=v2, batch_size=40, write_rows=40)
     assert result.verified and result.verification.mode == "recount" and result.version == 2
     assert result.verification.got == result.verification.expected and result.verification.got[0] == 120
     cols = [r[0] for r in rows(settings, "DESCRIBE listens")]
@@ -129,10 +129,16 @@ def test_tampered_build_is_not_switched(settings: Settings, unique):
             raise Stop
 
     with pytest.raises(Stop):
-        replay(settings, "listens", projection=proj, batch_size=30, progress=stop_early)
+        replay(settings, "listens", projection=proj, batch_size=30, write_rows=30, progress=stop_early)
+    from projections.apply import row_checksum  # noqa: PLC0415
+
     with writer(settings.duckdb_path) as conn:
         conn.execute("UPDATE listens__v1_b1 SET track_id = 'tampered' WHERE rowid = 0")
-    result = replay(settings, "listens", projection=proj, batch_size=30)
+        # the tally kept in step (a write path that tallied what it wrote wrongly): only the
+        # comparison with the live read model can tell
+        n, row_sum = row_checksum(conn, "listens__v1_b1", "listens__v1_b1")
+        conn.execute("UPDATE projection_build_tally SET rows = ?, row_sum = ?", [n, row_sum])
+    result = replay(settings, "listens", projection=proj, batch_size=30, write_rows=30)
     assert result.resumed and not result.verified and not result.switched
     assert result.verification.mode == "live" and "checksum" in result.verification.detail
     assert result.verification.expected[0] == result.verification.got[0] == 150
@@ -142,8 +148,9 @@ def test_tampered_build_is_not_switched(settings: Settings, unique):
     ) == [("BASE TABLE",)]  # readers still on the live table
 
 
-def test_recount_uses_keys_collected_while_building(settings: Settings, unique):
+def test_recount_counts_the_appended_rows_and_checks_their_tally(settings: Settings, unique):
     _, proj = setup_listens(settings, unique, 150)  # 165 records, 150 distinct event ids
+    run(settings, proj)  # the live runner's upsert, to compare the dedupe with
 
     class Stop(Exception):
         pass
@@ -154,28 +161,40 @@ def test_recount_uses_keys_collected_while_building(settings: Settings, unique):
 
     v2 = dataclasses.replace(proj, version=2)  # no live read model of version 2: a recount
     with pytest.raises(Stop):
-        replay(settings, "listens", projection=v2, batch_size=30, progress=stop_early)
-    assert rows(settings, "SELECT count(*) FROM listens__v2_b1__keys")[0][0] >= 60
-    result = replay(settings, "listens", projection=v2, batch_size=30)  # the keys resume with the build
+        replay(settings, "listens", projection=v2, batch_size=30, write_rows=30, progress=stop_early)
+    appended = rows(settings, "SELECT count(*) FROM listens__v2_b1")[0][0]
+    assert appended >= 60  # every mapped row appended as it is, repeated keys included
+    assert rows(settings, "SELECT rows FROM projection_build_tally WHERE build_table = 'listens__v2_b1'") == [
+        (appended,)
+    ]
+    result = replay(settings, "listens", projection=v2, batch_size=30, write_rows=30)  # resumes
     v = result.verification
-    assert result.resumed and result.verified and v.mode == "recount" and "while building" in v.detail
+    assert result.resumed and result.verified and v.mode == "recount" and "appended" in v.detail
     assert v.expected == v.got and v.got[0] == 150
-    keys_left = "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE '%\\_\\_keys' ESCAPE '\\'"
-    assert rows(settings, keys_left) == [(0,)]
-    # a build whose rows no longer match the keys it was built from is not switched
+    assert rows(settings, "SELECT count(*), count(DISTINCT event_id) FROM listens") == [(150, 150)]
+    # the first of each repeated key is kept (policy "first"), as the live runner keeps it
+    kept = "SELECT event_id, kafka_partition, kafka_offset FROM {} ORDER BY ALL"
+    assert rows(settings, kept.format("listens")) == rows(settings, kept.format("listens__v1_b0"))
+    # a build whose rows no longer match what its writes committed is not switched
     v3 = dataclasses.replace(proj, version=3)
     with pytest.raises(Stop):
-        replay(settings, "listens", projection=v3, batch_size=30, progress=stop_early)
+        replay(settings, "listens", projection=v3, batch_size=30, write_rows=30, progress=stop_early)
     with writer(settings.duckdb_path) as conn:
-        conn.execute("UPDATE listens__v3_b2 SET event_id = 'tampered' WHERE rowid = 0")
-    failed = replay(settings, "listens", projection=v3, batch_size=30)
+        conn.execute("UPDATE listens__v3_b2 SET track_name = 'tampered' WHERE rowid = 0")
+    failed = replay(settings, "listens", projection=v3, batch_size=30, write_rows=30)
     assert not failed.verified and failed.verification.mode == "recount"
-    assert failed.verification.got != failed.verification.expected
+    assert failed.verification.got != failed.verification.expected and "altered" in failed.verification.detail
     assert rows(settings, "SELECT version FROM projection_versions") == [(2,)]
     # the optional second read of the source gives the same figures
     again = replay(settings, "listens", projection=v3, batch_size=50, recount_source=True)
     assert again.verified and "second read" in again.verification.detail
     assert again.verification.got == v.got
+    # a dedupe run again (a replay killed after it) finds its tally equal
+    from projections.apply import dedupe  # noqa: PLC0415
+
+    table = rows(settings, "SELECT table_name FROM projection_builds WHERE state = 'current'")[0][0]
+    with writer(settings.duckdb_path) as conn:
+        assert dedupe(conn, dataclasses.replace(v3, name=table)).deleted == 0
 
 
 def test_killed_replay_resumes_and_sql_answers_meanwhile(settings: Settings, unique, tmp_path: Path):
@@ -185,7 +204,7 @@ def test_killed_replay_resumes_and_sql_answers_meanwhile(settings: Settings, uni
     with log.open("w") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "infra.cli", "replay", "listens", "--topic", topic, "--yes",
-             "--batch-size", "100"],
+             "--batch-size", "100", "--write-rows", "100"],
             cwd=REPO_ROOT, env=env_for(settings), stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
         try:
