@@ -86,13 +86,15 @@ def replay_cmd(
     read model you suspect, or to rebuild one from a point in time, without downtime.
 
     **How:** the build gets its own table (`<name>__v<version>_b<n>`) and its own offsets; it reads
-    `--from`…`--to` with the projection's own code, then catches up with the live read model's
-    offsets. **Verification** before the switch: when the live version is the same and stands at the
-    same offsets, row counts and an order-independent checksum of every column must match; otherwise
-    (mapping changed, other range) the source range is read again and the build must hold exactly one
-    row per distinct key. On a mismatch nothing is switched, both versions are kept and the command
-    exits 1. **Switch:** the read model's name becomes a view over the new table; 'backbeat project'
-    then writes into it. Old versions are kept until --drop-old / --drop-only.
+    `--from`…`--to` with the projection's own code, appending every mapped row (each write tallied
+    in its transaction), then catches up with the live read model's offsets and applies the
+    projection's policy once (one row per key). **Verification** before the switch: the rows appended
+    must be exactly the rows tallied; then, when the live version is the same and stands at the same
+    offsets, row counts and an order-independent checksum of every column must match; otherwise
+    (mapping changed, other range) the build must hold exactly one row per distinct key of the range.
+    On a mismatch nothing is switched, both versions are kept and the command exits 1. **Switch:**
+    the read model's name becomes a view over the new table; 'backbeat project' then writes into
+    it. Old versions are kept until --drop-old / --drop-only.
 
     A replay interrupted (Ctrl-C, kill) resumes where it was when run again. The stateful read
     model (recommendations) is rebuilt whole (--from earliest only) in a separate DuckDB file,
