@@ -79,3 +79,75 @@ def test_failed_batch_leaves_nothing(db: Path, tmp_path: Path):
         assert conn.execute("SELECT count(*) FROM listens").fetchall() == [(0,)]
         assert conn.execute("SELECT count(*) FROM lake_files").fetchall() == [(0,)]
     assert not list(lake_dir.rglob("*.parquet"))
+
+
+def _batches() -> list[Prepared]:
+    """Three batches over two partitions, keys repeated within and across batches (each key on
+    one partition, as on a keyed topic)."""
+    return [
+        batch("listens", [listen(1), listen(2), listen(1, source="again")], [0, 1, 2]),
+        batch("listens", [listen(5), listen(5, source="p1"), listen(6)], [0, 1, 2], partition=1),
+        batch("listens", [listen(2, source="later"), listen(4)], [3, 4]),
+    ]
+
+
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_append_then_dedupe_keeps_what_the_upsert_keeps(tmp_path: Path, policy: str):
+    """The replay's write path (append every row, apply the policy once) against the live
+    runner's (upsert per batch), for keys that stay on one partition."""
+    import dataclasses
+
+    from projections.apply import dedupe, row_checksum
+
+    proj = dataclasses.replace(LISTENS, policy=policy)
+    results = {}
+    for mode in ("upsert", "append"):
+        path = tmp_path / f"{mode}.duckdb"
+        with writer(path) as conn:
+            ensure_tables(conn, proj)
+            for prepared in _batches():
+                apply_batch(conn, tmp_path, {proj.topic: proj}, prepared, IDENT, append=mode == "append")
+            if mode == "append":
+                before = row_checksum(conn, "listens", "listens")
+                assert before[0] == 8  # every row, repeated keys included
+                done = dedupe(conn, proj)
+                assert (done.rows, done.row_checksum, done.keys, done.deleted) == (8, before[1], 5, 3)
+                assert row_checksum(conn, "listens", "listens") == (5, before[1] - done.deleted_checksum)
+                again = dedupe(conn, proj)  # idempotent
+                assert again.deleted == 0 and again.keys == done.keys and again.checksum == done.checksum
+            results[mode] = conn.execute(
+                "SELECT event_id, source, kafka_partition, kafka_offset FROM listens ORDER BY ALL"
+            ).fetchall()
+    assert results["append"] == results["upsert"]
+    kept = dict((e, s) for e, s, _, _ in results["append"])
+    want = {"e1": "again", "e2": "later", "e5": "p1"} if policy == "last" else {}
+    assert {e: kept[e] for e in ("e1", "e2", "e5")} == {e: want.get(e, "30music") for e in ("e1", "e2", "e5")}
+
+
+def test_dedupe_with_a_key_of_several_columns(tmp_path: Path):
+    import dataclasses
+
+    from projections.apply import dedupe
+
+    proj = dataclasses.replace(LISTENS, key=("user_id", "artist_id"), policy="last")
+    with writer(tmp_path / "k.duckdb") as conn:
+        ensure_tables(conn, proj)
+        events = [listen(i) for i in range(12)]  # user u0..u2 × artist a0..a1: 6 keys
+        apply_batch(conn, tmp_path, {proj.topic: proj}, batch("listens", events, list(range(12))), IDENT,
+                    append=True)  # fmt: skip
+        done = dedupe(conn, proj)
+        assert (done.rows, done.keys, done.deleted) == (12, 6, 6)
+        got = conn.execute("SELECT user_id, artist_id, kafka_offset FROM listens ORDER BY ALL").fetchall()
+    assert got == [("u0", "a0", 6), ("u0", "a1", 9), ("u1", "a0", 10), ("u1", "a1", 7), ("u2", "a0", 8),
+                   ("u2", "a1", 11)]  # fmt: skip
+
+
+def test_prepared_batches_merge_in_order():
+    a = batch(
+        "listens", [listen(1), listen(2)], [0, 1], rejects=[Reject("listens", "playback.listens", 0, 2, "x")]
+    )
+    b = batch("listens", [listen(3)], [5], filtered=2)
+    merged = a.merge(b)
+    assert merged.tables["listens"].column("event_id").to_pylist() == ["e1", "e2", "e3"]
+    assert merged.ends == {("playback.listens", 0): 6} and merged.records == 3 and merged.filtered == 2
+    assert [r.offset for r in merged.rejects] == [2]
