@@ -123,8 +123,9 @@ _BUILD_MEMORY = "64MB"
 #: 1M-listens benchmark, 50k-row transactions spent a fifth of the build in COMMIT.
 WRITE_ROWS = 122_880
 #: The rows each build has written, as its writes committed them: ``(rows, sum(hash(every
-#: column)))`` per build table, added to in each write's transaction (kept less what the dedupe
-#: deleted). Checked against the build table before the dedupe (:func:`_verify`).
+#: column)))`` per build table, created with the build, added to in each write's transaction
+#: (kept less what the dedupe deleted). Checked against the build table before the dedupe
+#: (:func:`_verify`).
 TALLY_TABLE = "projection_build_tally"
 _TALLY_DDL = f"""CREATE TABLE IF NOT EXISTS {TALLY_TABLE} (
   build_table VARCHAR PRIMARY KEY, "rows" BIGINT NOT NULL, row_sum HUGEINT NOT NULL)"""
@@ -596,6 +597,7 @@ def _open_build(
         table = f"{proj.name}__v{proj.version}_b{n}"
         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
         conn.execute(f"DELETE FROM {TALLY_TABLE} WHERE build_table = ?", [table])
+        conn.execute(f"INSERT INTO {TALLY_TABLE} VALUES (?, 0, 0)", [table])
         conn.execute(replace(proj, name=table).ddl)
         conn.execute(
             f"INSERT INTO {BUILDS_TABLE} VALUES (?, ?, ?, ?, ?, ?, 'building', ?, ?, ?, NULL, NULL)",
@@ -1017,19 +1019,19 @@ def _tally(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
         n, row_sum = row_checksum(conn, "bb_tally", table)
     finally:
         conn.unregister("bb_tally")
-    conn.execute(
-        f'INSERT INTO {TALLY_TABLE} VALUES (?, ?, ?) ON CONFLICT (build_table) DO UPDATE SET "rows" = '
-        f'{TALLY_TABLE}."rows" + excluded."rows", row_sum = {TALLY_TABLE}.row_sum + excluded.row_sum',
-        [table, n, row_sum],
+    conn.execute(  # no row: a build begun by an older backbeat, which kept no tally
+        f'UPDATE {TALLY_TABLE} SET "rows" = "rows" + ?, row_sum = row_sum + ? WHERE build_table = ?',
+        [n, row_sum, table],
     )
 
 
 def _dedupe(
     settings: Settings, proj: Projection, build: _Build, timeout_s: float
-) -> tuple[tuple[int, int], Deduped]:
+) -> tuple[tuple[int, int] | None, Deduped]:
     """Apply ``proj``'s policy to the build's appended rows (:func:`~projections.apply.dedupe`),
     in one transaction under :data:`_DUCKDB_MEMORY`; returns the build's tally as it was (the rows
-    written, ``(rows, row checksum)``) and what the dedupe counted before deleting. The tally
+    written, ``(rows, row checksum)``; ``None`` for a build begun by an older backbeat, which kept
+    none) and what the dedupe counted before deleting. The tally
     then loses the deleted rows, so a dedupe run again (a resumed replay) finds them equal again."""
     with writer(settings.duckdb_path, timeout_s) as conn:
         conn.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
@@ -1038,12 +1040,13 @@ def _dedupe(
         found = conn.execute(
             f'SELECT "rows", row_sum FROM {TALLY_TABLE} WHERE build_table = ?', [build.table]
         ).fetchall()
-        tally = (int(found[0][0]), int(found[0][1])) if found else (0, 0)
+        tally = (int(found[0][0]), int(found[0][1])) if found else None
         deduped = dedupe(conn, replace(proj, name=build.table))
-        conn.execute(
-            f"INSERT OR REPLACE INTO {TALLY_TABLE} VALUES (?, ?, ?)",
-            [build.table, tally[0] - deduped.deleted, tally[1] - deduped.deleted_checksum],
-        )
+        if tally is not None:
+            conn.execute(
+                f'UPDATE {TALLY_TABLE} SET "rows" = ?, row_sum = ? WHERE build_table = ?',
+                [tally[0] - deduped.deleted, tally[1] - deduped.deleted_checksum, build.table],
+            )
         conn.commit()
     return tally, deduped
 
@@ -1058,7 +1061,7 @@ def _verify(
     lookup: Callable[[int], dict[str, Any]],
     batch_size: int,
     timeout_s: float,
-    tally: tuple[int, int],
+    tally: tuple[int, int] | None,
     appended: Deduped,
     recount_source: bool,
 ) -> Verification:
@@ -1076,7 +1079,7 @@ def _verify(
             and all(live.get(p, 0) == end.get(p, 0) for p in {*live, *end})
             and _exists(conn, proj.name) is not None
         )
-        if tally != (appended.rows, appended.row_checksum):
+        if tally is not None and tally != (appended.rows, appended.row_checksum):
             return Verification(
                 "recount", False, tally, (appended.rows, appended.row_checksum),
                 f"the build table held {appended.rows:,} rows (row checksum {appended.row_checksum}) before "
@@ -1091,6 +1094,8 @@ def _verify(
         if not recount_source:
             expected = (appended.keys, appended.checksum)
             how = f"counted over the {appended.rows:,} rows appended while building"
+            if tally is None:
+                how += "; a build begun by an older backbeat: no tally to check them against"
         else:
             rejected = _rejected(conn, build.table)
     if recount_source:

@@ -197,6 +197,26 @@ def test_recount_counts_the_appended_rows_and_checks_their_tally(settings: Setti
         assert dedupe(conn, dataclasses.replace(v3, name=table)).deleted == 0
 
 
+def test_build_without_a_tally_resumes_on_the_recount_alone(settings: Settings, unique):
+    _, proj = setup_listens(settings, unique, 60)
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(p: ReplayProgress) -> None:
+        if p.events >= 20:
+            raise Stop
+
+    v2 = dataclasses.replace(proj, version=2)
+    with pytest.raises(Stop):
+        replay(settings, "listens", projection=v2, batch_size=20, write_rows=20, progress=stop_early)
+    with writer(settings.duckdb_path) as conn:  # as a build begun by an older backbeat left it
+        conn.execute("DELETE FROM projection_build_tally")
+    result = replay(settings, "listens", projection=v2, batch_size=20, write_rows=20)
+    assert result.resumed and result.verified and result.verification.got[0] == 60
+    assert "older backbeat" in result.verification.detail
+
+
 def test_killed_replay_resumes_and_sql_answers_meanwhile(settings: Settings, unique, tmp_path: Path):
     topic, proj = setup_listens(settings, unique, 6000)
     run(settings, proj)
