@@ -7,13 +7,21 @@ import contextlib
 import re
 import resource
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import fastavro
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from fastavro import schemaless_reader
+
 from events.importers.base import dedupe_and_order
 from events.importers.listens import parse_listens_file, without_line
+from events.offsets import high_watermarks
+from events.schemas import get_schema
 from infra import services
 from infra.processes import free_port
 from infra.settings import REPO_ROOT, Settings
@@ -47,9 +55,7 @@ def replayed_listens(copies: int, path: Path = LISTENS_30MUSIC) -> list[dict[str
     out: list[dict[str, Any]] = []
     for k in range(copies):
         suffix = f"#{k}"
-        out.extend(
-            {**r, "user_id": r["user_id"] + suffix, "event_id": r["event_id"] + suffix} for r in base
-        )
+        out.extend({**r, "user_id": r["user_id"] + suffix, "event_id": r["event_id"] + suffix} for r in base)
     return out
 
 
@@ -80,3 +86,34 @@ def process_peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return -1.0
+
+
+def raw_consume_decode(
+    settings: Settings, topic: str, total: int, event_type: str = "ListenRecorded"
+) -> float:
+    """events/s of consume + fastavro decode of the ``total`` records of ``topic``: the baseline the
+    projection and replay benchmarks divide by. A confluent consumer ``assign()``-ed to every
+    partition from the start, 50,000 messages per ``consume``, the writer schema parsed once
+    (fastavro's "already parsed" marker), the 5-byte Confluent header skipped.
+
+    Raises:
+        AssertionError: the topic does not hold exactly ``total`` records.
+    """
+    schema = fastavro.parse_schema(get_schema(event_type).parsed_plain)
+    marks = high_watermarks(settings, topic)
+    assert sum(marks.values()) == total, (marks, total)
+    consumer = Consumer(settings.consumer_conf(f"bench-raw-{topic}"))
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in marks])
+    decoded = 0
+    start = time.perf_counter()
+    while decoded < total:
+        for msg in consumer.consume(num_messages=50_000, timeout=1.0):
+            if msg.error() is not None:
+                continue
+            buf = BytesIO(msg.value())
+            buf.seek(5)
+            schemaless_reader(buf, schema, None, return_record_name=False)
+            decoded += 1
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return decoded / elapsed

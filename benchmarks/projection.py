@@ -14,22 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from io import BytesIO
 from pathlib import Path
-
-import fastavro
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from fastavro import schemaless_reader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import private_stack  # noqa: E402
+from benchmarks.common import private_stack, raw_consume_decode  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
-from events.offsets import high_watermarks  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
-from events.schemas import get_schema  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
@@ -59,29 +51,6 @@ def produce(settings: Settings, copies: int) -> int:
     return total
 
 
-def raw_consume_decode(settings: Settings, total: int) -> float:
-    """events/s of consume + fastavro decode (schema parsed once, with fastavro's marker)."""
-    schema = fastavro.parse_schema(get_schema("ListenRecorded").parsed_plain)
-    marks = high_watermarks(settings, TOPIC)
-    consumer = Consumer(settings.consumer_conf("bench-raw"))
-    consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in marks])
-    seen = 0
-    decoded = 0
-    start = time.perf_counter()
-    while seen < total:
-        for msg in consumer.consume(num_messages=50_000, timeout=1.0):
-            if msg.error() is not None:
-                continue
-            seen += 1
-            buf = BytesIO(msg.value())
-            buf.seek(5)
-            schemaless_reader(buf, schema, None, return_record_name=False)
-            decoded += 1
-    elapsed = time.perf_counter() - start
-    consumer.close()
-    return decoded / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=8)
@@ -91,7 +60,7 @@ def main() -> None:
     with private_stack() as settings:
         apply_topics(settings, [TopicSpec(TOPIC, 6)])
         total = produce(settings, args.copies)
-        raw_eps = raw_consume_decode(settings, total)
+        raw_eps = raw_consume_decode(settings, TOPIC, total)
         runner = ProjectionRunner(settings, [LISTENS.on_topic(TOPIC)], batch_size=args.batch_size)
         stats = runner.run(until_caught_up=True)
         proj_eps = stats.records / stats.elapsed_s

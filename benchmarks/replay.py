@@ -30,23 +30,17 @@ import os
 import subprocess
 import sys
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import fastavro
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from fastavro import schemaless_reader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import peak_rss_mib, private_stack, process_peak_rss_mb  # noqa: E402
+from benchmarks.common import peak_rss_mib, private_stack, process_peak_rss_mb, raw_consume_decode  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
-from events.offsets import high_watermarks  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
-from events.schemas import get_schema  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
@@ -78,29 +72,6 @@ def produce(settings: Settings, topic: str, events: int) -> tuple[int, int]:
         copy += 1
     producer.flush(300)
     return total, distinct
-
-
-def raw_consume_decode(settings: Settings, topic: str, total: int) -> float:
-    """events/s of consume + fastavro decode of ``topic`` (schema parsed once), as
-    ``benchmarks/projection.py`` measures it."""
-    schema = fastavro.parse_schema(get_schema("ListenRecorded").parsed_plain)
-    marks = high_watermarks(settings, topic)
-    assert sum(marks.values()) == total, (marks, total)
-    consumer = Consumer(settings.consumer_conf(f"bench-raw-{topic}"))
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in marks])
-    decoded = 0
-    start = time.perf_counter()
-    while decoded < total:
-        for msg in consumer.consume(num_messages=50_000, timeout=1.0):
-            if msg.error() is not None:
-                continue
-            buf = BytesIO(msg.value())
-            buf.seek(5)
-            schemaless_reader(buf, schema, None, return_record_name=False)
-            decoded += 1
-    elapsed = time.perf_counter() - start
-    consumer.close()
-    return decoded / elapsed
 
 
 def child(topic: str, batch_size: int) -> None:

@@ -756,15 +756,26 @@ class _Builder:
     def _report(
         self, phase: str, positions: Mapping[int, int], target: Mapping[int, int], total: int
     ) -> None:
-        if self.progress is None:
-            return
-        elapsed = time.monotonic() - self.started
-        rate = self.records / elapsed if elapsed > 0 else 0.0
-        lag = {p: max(0, target[p] - positions.get(p, 0)) for p in target}
-        left = sum(lag.values())
-        self.progress(
-            ReplayProgress(phase, max(0, total - left), total, rate, lag, left / rate if rate > 0 else None)
-        )
+        if self.progress is not None:
+            self.progress(progress_of(phase, self.records, self.started, positions, target, total))
+
+
+def progress_of(
+    phase: str,
+    records: int,
+    started: float,
+    positions: Mapping[int, int],
+    target: Mapping[int, int],
+    total: int,
+) -> ReplayProgress:
+    """The :class:`ReplayProgress` of a build that has read ``records`` since ``started``
+    (``time.monotonic()``, s), stands at ``positions`` and reads up to ``target`` (``{partition:
+    offset}``), ``total`` records in its whole range."""
+    elapsed = time.monotonic() - started
+    rate = records / elapsed if elapsed > 0 else 0.0
+    lag = {p: max(0, target[p] - positions.get(p, 0)) for p in target}
+    left = sum(lag.values())
+    return ReplayProgress(phase, max(0, total - left), total, rate, lag, left / rate if rate > 0 else None)
 
 
 def _rejected(conn: duckdb.DuckDBPyConnection, table: str) -> set[tuple[int, int]]:
@@ -1129,6 +1140,7 @@ __all__ = [
     "kafka_batches",
     "offsets_at_time",
     "parse_time",
+    "progress_of",
     "replay",
     "resolve_position",
     "table_checksum",

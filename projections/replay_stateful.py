@@ -209,17 +209,8 @@ class _StatefulBuilder:
     def _report(
         self, phase: str, positions: Mapping[int, int], target: Mapping[int, int], total: int
     ) -> None:
-        if self.progress is None:
-            return
-        elapsed = time.monotonic() - self.started
-        rate = self.records / elapsed if elapsed > 0 else 0.0
-        lag = {p: max(0, target[p] - positions.get(p, 0)) for p in target}
-        left = sum(lag.values())
-        self.progress(
-            rp.ReplayProgress(
-                phase, max(0, total - left), total, rate, lag, left / rate if rate > 0 else None
-            )
-        )
+        if self.progress is not None:
+            self.progress(rp.progress_of(phase, self.records, self.started, positions, target, total))
 
 
 # -- verification ------------------------------------------------------------------------------------

@@ -123,7 +123,11 @@ def test_sessions_dead_letters_and_counters(ingest_env):
     ]
     producer = EventProducer(settings)
     producer.send_many(
-        config.source_topic, "ListenRecorded", records, key_field="user_id", time_field="occurred_at",
+        config.source_topic,
+        "ListenRecorded",
+        records,
+        key_field="user_id",
+        time_field="occurred_at",
         source="/tests",
     )
     producer.produce_raw(config.source_topic, [b"not avro"], [b"u4"])
@@ -131,7 +135,11 @@ def test_sessions_dead_letters_and_counters(ingest_env):
     send_watermarks(settings, config.source_topic, T0 + 10 * GAP)
     late = listen("u3", T0 + 7000, "e8")  # after the watermark closed u3's session
     producer.send_many(
-        config.source_topic, "ListenRecorded", [late], key_field="user_id", time_field="occurred_at",
+        config.source_topic,
+        "ListenRecorded",
+        [late],
+        key_field="user_id",
+        time_field="occurred_at",
         source="/tests",
     )
     producer.flush()
@@ -171,43 +179,75 @@ def test_sessions_dead_letters_and_counters(ingest_env):
     assert stats["sessions_emitted"] == 4
 
 
+class RestartScenario:
+    """Listens of 12 users for a worker that is stopped between two phases (used by the SIGKILL
+    restart test and by ``tests/streams/test_worker_reset.py``). Phase 1: per user a closed
+    session of 3 listens and an open one of 2; phase 2: the open sessions continue, five phase-1
+    listens come again, then a watermark closes everything."""
+
+    def __init__(self, settings: Settings, config: IngestConfig) -> None:
+        self.settings, self.config = settings, config
+        self.producer = EventProducer(settings)
+        self.users = [f"r{i}" for i in range(12)]
+        self.phase1 = [
+            listen(u, T0 + i * 60_000, f"{u}-a{i}", f"x{i % 2}") for u in self.users for i in range(3)
+        ]
+        self.phase1 += [
+            listen(u, T0 + 3 * GAP + i * 60_000, f"{u}-b{i}", f"y{i}") for u in self.users for i in range(2)
+        ]
+        self.phase2 = [
+            listen(u, T0 + 3 * GAP + (2 + i) * 60_000, f"{u}-b{2 + i}", "y0")
+            for u in self.users
+            for i in range(2)
+        ]
+        self.phase2 += self.phase1[:5]  # a re-import of old events changes nothing
+        self.expected: dict[str, dict] = {}
+        for u in self.users:
+            self.expected.update([session(u, T0, T0 + 120_000, 3, 2)])
+            self.expected.update([session(u, T0 + 3 * GAP, T0 + 3 * GAP + 3 * 60_000, 4, 2)])
+
+    def send(self, records: list[dict]) -> None:
+        self.producer.send_many(
+            self.config.source_topic, "ListenRecorded", records, key_field="user_id",
+            time_field="occurred_at", source="/tests",
+        )  # fmt: skip
+        self.producer.flush()
+
+    def run_phase1(self, worker: Worker, readers: list) -> TopicReader:
+        """Send phase 1, start ``worker``, wait until every user's first session is out and the
+        worker counted every listen; returns the reader of the sessions topic."""
+        self.send(sorted(self.phase1, key=lambda r: r["occurred_at"]))
+        worker.start()
+        sessions = TopicReader(self.settings, self.config.sessions_topic, 6)
+        readers.append(sessions)
+        wait_for(
+            lambda: len(decode_sessions(self.settings, sessions.poll(worker))) >= len(self.users),
+            90,
+            "phase 1",
+        )
+        wait_for(
+            lambda: (s := worker.last_stats()) and s["listens_in"] == len(self.phase1), 30, "phase 1 stats"
+        )
+        return sessions
+
+    def send_phase2(self) -> None:
+        self.send(self.phase2)
+        send_watermarks(self.settings, self.config.source_topic, T0 + 20 * GAP)
+
+
 def test_sigkill_restart_keeps_sessions_exact(ingest_env):
     settings: Settings = ingest_env["settings"]
-    config: IngestConfig = ingest_env["config"]
     worker: Worker = ingest_env["worker"]
-    producer = EventProducer(settings)
-
-    def send(records: list[dict]) -> None:
-        producer.send_many(
-            config.source_topic, "ListenRecorded", records, key_field="user_id",
-            time_field="occurred_at", source="/tests",
-        )
-        producer.flush()
-
-    users = [f"r{i}" for i in range(12)]
-    # phase 1: every user has a closed session and an open one
-    phase1 = [listen(u, T0 + i * 60_000, f"{u}-a{i}", f"x{i % 2}") for u in users for i in range(3)]
-    phase1 += [listen(u, T0 + 3 * GAP + i * 60_000, f"{u}-b{i}", f"y{i}") for u in users for i in range(2)]
-    send(sorted(phase1, key=lambda r: r["occurred_at"]))
-    worker.start()
-    sessions = TopicReader(settings, config.sessions_topic, 6)
-    ingest_env["readers"].append(sessions)
-    wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(users), 90, "phase 1")
-    wait_for(lambda: (s := worker.last_stats()) and s["listens_in"] == len(phase1), 30, "phase 1 stats")
+    scenario = RestartScenario(settings, ingest_env["config"])
+    sessions = scenario.run_phase1(worker, ingest_env["readers"])
     worker.kill(signal.SIGKILL)
 
     # phase 2, while the worker is down: the open sessions continue, then everything closes
-    phase2 = [listen(u, T0 + 3 * GAP + (2 + i) * 60_000, f"{u}-b{2 + i}", "y0") for u in users for i in range(2)]
-    phase2 += phase1[:5]  # a re-import of old events changes nothing
-    send(phase2)
-    send_watermarks(settings, config.source_topic, T0 + 20 * GAP)
+    scenario.send_phase2()
     worker.start()
-    expected = {}
-    for u in users:
-        expected.update([session(u, T0, T0 + 120_000, 3, 2)])
-        expected.update([session(u, T0 + 3 * GAP, T0 + 3 * GAP + 3 * 60_000, 4, 2)])
+    expected = scenario.expected
     wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(expected), 90, "phase 2")
     assert decode_sessions(settings, sessions.records) == expected
     # the second run started from the checkpointed state, not from scratch
     restored = re.findall(r"partition \d+: restored (\d+) users", worker.log.read_text(errors="replace"))
-    assert sum(int(n) for n in restored) >= len(users)
+    assert sum(int(n) for n in restored) >= len(scenario.users)

@@ -16,14 +16,13 @@ from types import SimpleNamespace
 import pytest
 
 from events.offsets import high_watermarks
-from events.producer import EventProducer
 from infra.errors import InfraError
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
 from streams.config import TABLE, IngestConfig
 from streams.reset import reset_local_state
 from tests.conftest import env_for, wait_for
-from tests.streams.test_ingest_agent import GAP, T0, decode_sessions, listen, send_watermarks, session
+from tests.streams.test_ingest_agent import RestartScenario, decode_sessions
 from tests.streams.workers import TopicReader, Worker
 
 pytestmark = pytest.mark.integration
@@ -98,24 +97,9 @@ def test_reset_state_rebuilds_corrupted_rocksdb_tables(rocks_env):
     config: IngestConfig = rocks_env["config"]
     worker: CliWorker = rocks_env["worker"]
     tabledir: Path = rocks_env["tabledir"]
-    producer = EventProducer(settings)
-
-    def send(records: list[dict]) -> None:
-        producer.send_many(
-            config.source_topic, "ListenRecorded", records, key_field="user_id",
-            time_field="occurred_at", source="/tests",
-        )
-        producer.flush()
-
-    users = [f"r{i}" for i in range(12)]
-    phase1 = [listen(u, T0 + i * 60_000, f"{u}-a{i}", f"x{i % 2}") for u in users for i in range(3)]
-    phase1 += [listen(u, T0 + 3 * GAP + i * 60_000, f"{u}-b{i}", f"y{i}") for u in users for i in range(2)]
-    send(sorted(phase1, key=lambda r: r["occurred_at"]))
-    worker.start()
-    sessions = TopicReader(settings, config.sessions_topic, 6)
-    rocks_env["readers"].append(sessions)
-    wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(users), 90, "phase 1")
-    wait_for(lambda: (s := worker.last_stats()) and s["listens_in"] == len(phase1), 30, "phase 1 stats")
+    scenario = RestartScenario(settings, config)
+    users = scenario.users
+    sessions = scenario.run_phase1(worker, rocks_env["readers"])
 
     # a reset while the worker holds its RocksDB stores is refused and removes nothing
     stores = sorted(p.name for p in tabledir.iterdir())
@@ -133,20 +117,14 @@ def test_reset_state_rebuilds_corrupted_rocksdb_tables(rocks_env):
             if f.is_file() and (f.name == "CURRENT" or f.name.startswith("MANIFEST")):
                 f.write_bytes(b"garbage\n")
     (tabledir / "stray.tmp").write_bytes(b"x" * 10)
-    phase2 = [listen(u, T0 + 3 * GAP + (2 + i) * 60_000, f"{u}-b{2 + i}", "y0") for u in users for i in range(2)]
-    phase2 += phase1[:5]  # re-delivered old events change nothing
-    send(phase2)
-    send_watermarks(settings, config.source_topic, T0 + 20 * GAP)
+    scenario.send_phase2()
     records, live_keys = changelog_state(settings, config.changelog_topic)
     assert records > 0 and live_keys > 0
 
     offset = len(worker.log.read_bytes())
     worker.reset = True
     worker.start()
-    expected = {}
-    for u in users:
-        expected.update([session(u, T0, T0 + 120_000, 3, 2)])
-        expected.update([session(u, T0 + 3 * GAP, T0 + 3 * GAP + 3 * 60_000, 4, 2)])
+    expected = scenario.expected
     wait_for(lambda: len(decode_sessions(settings, sessions.poll(worker))) >= len(expected), 120, "phase 2")
     assert decode_sessions(settings, sessions.records) == expected  # = an uninterrupted run's output
     # phase 2's new listens were sessionised; phase 1's were sessionised again only on partitions
@@ -155,8 +133,12 @@ def test_reset_state_rebuilds_corrupted_rocksdb_tables(rocks_env):
     stats = wait_for(
         lambda: (s := worker.last_stats()) and s["sessions_emitted"] == len(users) and s, 30, "phase 2 stats"
     )
-    assert 2 * len(users) <= stats["sessionised"] <= 2 * len(users) + len(phase1)
-    assert stats["listens_in"] == stats["sessionised"] + stats["duplicates"] + stats["late"] >= len(phase2)
+    assert 2 * len(users) <= stats["sessionised"] <= 2 * len(users) + len(scenario.phase1)
+    assert (
+        stats["listens_in"]
+        == stats["sessionised"] + stats["duplicates"] + stats["late"]
+        >= len(scenario.phase2)
+    )
 
     log = worker.log.read_bytes()[offset:].decode(errors="replace")
     removed = re.search(r"reset-state: removed (\d+) table stores", log)
