@@ -448,10 +448,15 @@ def _content_columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     return [c for c in cols if c not in (PARTITION_COL, OFFSET_COL)]
 
 
-def table_checksum(conn: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str]) -> tuple[int, int]:
-    """``(rows, sum of hash(columns))`` of ``table``: an order-independent fingerprint."""
+def table_checksum(
+    conn: duckdb.DuckDBPyConnection, relation: str, columns: Sequence[str] | None = None
+) -> tuple[int, int]:
+    """``(rows, sum of hash(columns))`` of ``relation`` (SQL: a quoted, possibly qualified table
+    name), every column when ``columns`` is ``None``: an order-independent fingerprint."""
+    if columns is None:
+        columns = [str(r[0]) for r in conn.execute(f"DESCRIBE {relation}").fetchall()]
     cols = ", ".join(f'"{c}"' for c in columns)
-    row = conn.execute(f'SELECT count(*), coalesce(sum(hash({cols})), 0) FROM "{table}"').fetchall()[0]
+    row = conn.execute(f"SELECT count(*), coalesce(sum(hash({cols})), 0) FROM {relation}").fetchall()[0]
     return int(row[0]), int(row[1])
 
 
@@ -1011,8 +1016,8 @@ def replay(
 def _compare_live(conn: duckdb.DuckDBPyConnection, proj: Projection, build: _Build) -> Verification:
     """Rows and checksum of the live read model against the build (same version, same offsets)."""
     cols = _content_columns(conn, build.table)
-    expected = table_checksum(conn, proj.name, cols)
-    got = table_checksum(conn, build.table, cols)
+    expected = table_checksum(conn, f'"{proj.name}"', cols)
+    got = table_checksum(conn, f'"{build.table}"', cols)
     ok = expected == got
     detail = (
         f"{got[0]:,} rows, checksum equal to the live read model's"

@@ -214,13 +214,6 @@ class _StatefulBuilder:
 
 
 # -- verification ------------------------------------------------------------------------------------
-def _checksum(conn: duckdb.DuckDBPyConnection, table: str) -> tuple[int, int]:
-    """``(rows, sum of hash(all columns))`` of ``table`` (a qualified, quoted name)."""
-    cols = ", ".join(f'"{r[0]}"' for r in conn.execute(f"DESCRIBE {table}").fetchall())
-    row = conn.execute(f"SELECT count(*), coalesce(sum(hash({cols})), 0) FROM {table}").fetchall()
-    return int(row[0][0]), int(row[0][1])
-
-
 def _well_formed(conn: duckdb.DuckDBPyConnection, db: str) -> str | None:
     """Why the build's lists are malformed, or ``None``."""
     bad = conn.execute(
@@ -248,7 +241,8 @@ def _compare_live(conn: duckdb.DuckDBPyConnection) -> rp.Verification:
     expected = [0, 0]
     got = [0, 0]
     for table in STABLE_TABLES:
-        e, g = _checksum(conn, f'main."{table}"'), _checksum(conn, f'{_ATTACHED}.main."{table}"')
+        e = rp.table_checksum(conn, f'main."{table}"')
+        g = rp.table_checksum(conn, f'{_ATTACHED}.main."{table}"')
         expected = [expected[0] + e[0], expected[1] ^ e[1]]
         got = [got[0] + g[0], got[1] ^ g[1]]
         if e != g:
