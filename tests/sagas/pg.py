@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -149,16 +148,24 @@ def start_postgres(
                 "full_page_writes = off\n"
                 "max_connections = 200\n"
             )
-        deadline = time.monotonic() + timeout_s
         for _attempt in range(3):  # another process may take the free port before the server binds it
             port = free_port()
             log.unlink(missing_ok=True)
-            _run(
-                [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", f"-p {port}", "-W", "start"],
-                base, "pg_ctl start",
+            # `pg_ctl -w` waits until the postmaster reports itself ready in postmaster.pid (the
+            # pg_ctl documentation, "-w"), so no connection is tried while it is still starting up.
+            proc = subprocess.run(
+                _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", f"-p {port}",
+                                 "-w", "-t", str(max(1, int(timeout_s))), "start"]),
+                cwd=base, capture_output=True, text=True, check=False,
             )  # fmt: skip
-            if _wait_ready(port, log, deadline):
+            if proc.returncode == 0:
+                _create_database(port)
                 break
+            if not _port_taken(log):
+                raise PostgresUnavailable(
+                    f"PostgreSQL on 127.0.0.1:{port} did not start (pg_ctl exit {proc.returncode}): "
+                    f"{proc.stderr.strip() or proc.stdout.strip()}\n{_tail(log)}"
+                )
         else:
             raise PostgresUnavailable(f"PostgreSQL could not bind a free port 3 times:\n{_tail(log)}")
     except BaseException:
@@ -171,29 +178,24 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:] if log.exists() else "(no server log)"
 
 
-def _wait_ready(port: int, log: Path, deadline: float) -> bool:
-    """Poll until the server on ``port`` accepts connections, then create the test database.
+def _port_taken(log: Path) -> bool:
+    """Whether the server log says the port was taken (then another port is tried)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "could not bind" in text or "could not create any TCP/IP sockets" in text
 
-    Returns False when the server exited because the port was taken (try another port).
+
+def _create_database(port: int) -> None:
+    """Create the test database on the (ready) server listening on ``port``.
 
     Raises:
-        PostgresUnavailable: the server failed otherwise, or ``deadline`` (monotonic s) passed.
+        PostgresUnavailable: the server refused the connection or the statement.
     """
     admin = f"postgresql://{_SERVER_USER}@127.0.0.1:{port}/postgres"
-    while True:
-        try:
-            with psycopg.connect(admin, connect_timeout=2, autocommit=True) as conn:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_DATABASE)))
-            return True
-        except psycopg.OperationalError as exc:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            if "could not bind" in text or "could not create any TCP/IP sockets" in text:
-                return False
-            if "FATAL:" in text or time.monotonic() > deadline:
-                raise PostgresUnavailable(
-                    f"PostgreSQL on 127.0.0.1:{port} did not start: {exc}\n{_tail(log)}"
-                ) from None
-            time.sleep(0.05)
+    try:
+        with psycopg.connect(admin, connect_timeout=10, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_DATABASE)))
+    except psycopg.Error as exc:
+        raise PostgresUnavailable(f"PostgreSQL on 127.0.0.1:{port} is up but refused: {exc}") from None
 
 
 def create_database(url: str, prefix: str = "t") -> tuple[str, Callable[[], None]]:
