@@ -125,8 +125,9 @@ def _append(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -
 class Deduped:
     """What :func:`dedupe` found: ``rows`` before it and ``row_checksum`` (``sum(hash(every
     column))`` over them), ``keys`` (distinct keys) and ``checksum`` (``sum(hash(key columns))``
-    over the distinct keys), and ``deleted`` (rows removed: ``rows - keys`` when it worked).
-    Hashes are DuckDB's ``hash`` (64-bit), summed as HUGEINT."""
+    over the distinct keys), ``deleted`` (rows removed: ``rows - keys`` when it worked) and
+    ``deleted_checksum`` (``sum(hash(every column))`` over the removed rows, so a tally of the
+    rows written can be kept in step). Hashes are DuckDB's ``hash`` (64-bit), summed as HUGEINT."""
 
     rows: int
     row_checksum: int
