@@ -17,7 +17,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from events.schemas import EventSchema, get_schema, subject_for
 from events.serde import AvroDecoder, AvroEncoder, plain_times
-from infra.errors import RegistryError
+from infra.errors import RegistryError, TransientError
 from infra.settings import Settings
 
 
@@ -56,19 +56,34 @@ class Registry:
             ) from exc
 
     def parsed_schema_by_id(self, schema_id: int) -> dict[str, Any]:
-        """The fastavro-parsed schema of ``schema_id`` (cached), time logical types decoded as
+        """The fastavro-parsed schema of ``schema_id`` (cached once found; a "not found" answer
+        is never cached, since the id may be registered later), time logical types decoded as
         plain numbers (:func:`events.serde.plain_times`).
 
         Raises:
-            RegistryError: the id is unknown or the registry cannot be reached.
+            RegistryError: the registry answered; ``not_found`` tells "no such id" (404).
+            TransientError: the registry cannot be reached, timed out or answered 5xx (retry).
         """
         parsed = self._parsed.get(schema_id)
         if parsed is None:
             try:
                 schema = self.client.get_schema(schema_id)
             except SchemaRegistryError as exc:
+                status = exc.http_status_code or 500
+                if status >= 500 or status in (408, 429):
+                    raise TransientError(
+                        f"schema registry at {self.url} answered {status} for schema id {schema_id}: "
+                        f"{exc.error_message}"
+                    ) from exc
                 raise RegistryError(
-                    f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
+                    f"schema id {schema_id}: {exc.error_message}",
+                    error_code=exc.error_code,
+                    http_status=status,
+                ) from exc
+            except Exception as exc:  # httpx connect/read errors, timeouts
+                raise TransientError(
+                    f"schema registry at {self.url} cannot be reached for schema id {schema_id} ({exc}); "
+                    "is it running? ('backbeat up' starts the embedded one)"
                 ) from exc
             raw = plain_times(json.loads(schema.schema_str))
             parsed = fastavro.parse_schema(raw)

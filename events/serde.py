@@ -21,7 +21,7 @@ try:  # fastavro's compiled record writer; the public schemaless_writer re-parse
 except ImportError:  # pragma: no cover - pure-Python fastavro builds
     _write_data = None
 
-from infra.errors import DecodeError, SchemaError
+from infra.errors import DecodeError, RegistryError, SchemaError, TransientError
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -109,10 +109,24 @@ def plain_times(schema: Any) -> Any:
 
 
 class AvroDecoder:
-    """Decodes framed payloads, resolving the writer schema by id through ``lookup``
-    (usually :meth:`events.registry_client.Registry.parsed_schema_by_id`), and optionally
-    reading into a ``reader_schema`` (Avro spec, "Schema Resolution"). Schemas given to it
-    should be passed through :func:`plain_times` first so times decode as ms."""
+    """The one decoder of Confluent-framed Avro payloads (every consumer of the log uses it).
+
+    Resolves writer schemas by id through ``lookup`` (usually
+    :meth:`events.registry_client.Registry.parsed_schema_by_id`) and optionally reads into a
+    ``reader_schema`` (Avro spec, "Schema Resolution"). Schemas given to it should be passed
+    through :func:`plain_times` first so times decode as ms.
+
+    Errors come in two kinds, and only one of them is about the record:
+
+    * **permanent** (:class:`~infra.errors.DecodeError`): bad framing, a schema id the registry
+      answered 404 for, a body that is not valid Avro for its schema, trailing bytes, a schema
+      that is not a record. The record goes to a dead-letter topic (or ``projection_rejects``).
+    * **transient** (:class:`~infra.errors.TransientError`): the registry cannot be reached, timed
+      out or answered 5xx. Nothing is rejected; the caller retries the batch and waits it out.
+
+    Found schemas are cached for the life of the decoder; a "not found" answer is never cached
+    (the id may be registered a moment later), except within one :meth:`decode_many` call.
+    """
 
     def __init__(self, lookup: SchemaLookup, reader_schema: dict[str, Any] | None = None) -> None:
         self._lookup = lookup
@@ -120,28 +134,50 @@ class AvroDecoder:
         self._cache: dict[int, dict[str, Any]] = {}
 
     def writer_schema(self, schema_id: int) -> dict[str, Any]:
-        """The parsed writer schema of ``schema_id`` (cached).
+        """The parsed writer schema of ``schema_id`` (cached once found).
 
         Raises:
-            DecodeError: the registry does not know the id.
+            DecodeError: the registry answered that it does not know the id (permanent).
+            TransientError: the registry cannot be asked now (retry later).
         """
         schema = self._cache.get(schema_id)
         if schema is None:
             try:
                 schema = self._lookup(schema_id)
+            except TransientError:
+                raise
+            except RegistryError as exc:
+                if exc.not_found:
+                    raise DecodeError(f"schema id {schema_id} is not in the registry") from exc
+                raise TransientError(f"the registry cannot resolve schema id {schema_id}: {exc}") from exc
             except Exception as exc:
-                raise DecodeError(f"schema id {schema_id} cannot be resolved: {exc}") from exc
+                raise TransientError(f"schema id {schema_id} cannot be resolved now: {exc}") from exc
+            if "__fastavro_parsed" not in schema:
+                # without fastavro's "already parsed" marker it re-parses on every record
+                schema = parse_schema(schema)
             self._cache[schema_id] = schema
         return schema
+
+    def type_of(self, schema_id: int) -> str:
+        """The full name (``namespace.Name``) of the writer schema ``schema_id``.
+
+        Raises:
+            DecodeError, TransientError: as :meth:`writer_schema`.
+        """
+        return str(self.writer_schema(schema_id).get("name"))
 
     def decode(self, payload: bytes) -> dict[str, Any]:
         """Decode one framed payload into a dict.
 
         Raises:
             DecodeError: bad framing, unknown schema id, or the body is not valid Avro for it.
+            TransientError: the registry cannot be asked for the schema now.
         """
         schema_id = schema_id_of(payload)
         writer = self.writer_schema(schema_id)
+        return self._body(payload, schema_id, writer)
+
+    def _body(self, payload: bytes, schema_id: int, writer: dict[str, Any]) -> dict[str, Any]:
         buf = BytesIO(payload)
         buf.seek(HEADER_SIZE)
         try:
@@ -160,20 +196,49 @@ class AvroDecoder:
         self, payloads: Sequence[bytes | None]
     ) -> tuple[list[dict[str, Any] | None], list[tuple[int, str]]]:
         """Decode a batch. Returns ``(records, errors)`` where ``records[i]`` is ``None`` for a
-        payload that failed and ``errors`` lists ``(index, reason)`` for those; never raises for a
-        bad payload, so a batch is never lost to one bad record."""
+        payload with a permanent error and ``errors`` lists ``(index, reason)`` for those; a bad
+        payload never fails the batch.
+
+        Raises:
+            TransientError: the registry cannot be asked for a schema the batch needs (nothing of
+                the batch is decided; retry it).
+        """
         out: list[dict[str, Any] | None] = []
         errors: list[tuple[int, str]] = []
-        decode = self.decode
+        add = out.append
+        cache = self._cache
+        reader = self._reader
+        missing: dict[int, str] = {}  # "not found" answers, for this batch only
         for i, payload in enumerate(payloads):
-            if payload is None:
-                out.append(None)
-                errors.append((i, "tombstone: the record has no value"))
+            if not payload:
+                add(None)
+                errors.append((i, "tombstone: the record has no value" if payload is None else "empty value"))
                 continue
+            if payload[0] == MAGIC and len(payload) > HEADER_SIZE:  # the hot path
+                schema_id = int.from_bytes(payload[1:5], "big")
+                writer = cache.get(schema_id)
+                if writer is not None:
+                    buf = BytesIO(payload)
+                    buf.seek(HEADER_SIZE)
+                    try:
+                        record = schemaless_reader(buf, writer, reader, return_record_name=False)
+                        if buf.tell() == len(payload) and type(record) is dict:
+                            add(record)
+                            continue
+                    except Exception:  # noqa: S110 - the careful path below says why
+                        pass
             try:
-                out.append(decode(payload))
+                schema_id = schema_id_of(payload)
+                if schema_id in missing:
+                    raise DecodeError(missing[schema_id])
+                try:
+                    writer = self.writer_schema(schema_id)
+                except DecodeError as exc:
+                    missing[schema_id] = str(exc)
+                    raise
+                add(self._body(payload, schema_id, writer))
             except DecodeError as exc:
-                out.append(None)
+                add(None)
                 errors.append((i, str(exc)))
         return out, errors
 

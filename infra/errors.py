@@ -18,6 +18,12 @@ class InfraError(BackbeatError):
     """The embedded broker or registry could not be started, reached or stopped."""
 
 
+class TransientError(InfraError):
+    """A service the work depends on (the broker, the schema registry) is unreachable, timed out
+    or answered with a server error. The work is retried with backoff and waited out: a record
+    is never dead-lettered, rejected or dropped because of it."""
+
+
 class SchemaError(BackbeatError):
     """An Avro schema is missing, invalid, or a record does not match it."""
 
@@ -29,6 +35,12 @@ class RegistryError(BackbeatError):
         super().__init__(message)
         self.error_code = error_code
         self.http_status = http_status
+
+    @property
+    def not_found(self) -> bool:
+        """The registry answered "no such subject / version / schema id" (HTTP 404, Confluent
+        error codes 40401-40403): a definite answer about *now*, never cached as permanent."""
+        return self.http_status == 404 or self.error_code in (40401, 40402, 40403)
 
 
 class DecodeError(BackbeatError):

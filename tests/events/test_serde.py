@@ -8,7 +8,7 @@ from events.cloudevents import ce_headers, header_value, rfc3339_ms
 from events.control import is_control, watermark_headers, watermark_of
 from events.schemas import get_schema, load_schemas, subject_for
 from events.serde import AvroDecoder, AvroEncoder, frame, schema_id_of
-from infra.errors import DecodeError, SchemaError
+from infra.errors import DecodeError, RegistryError, SchemaError, TransientError
 
 LISTEN = {
     "event_id": "e1",
@@ -62,7 +62,7 @@ def test_bad_payloads_are_reported_not_raised_in_batches():
 
     def lookup(schema_id: int) -> dict:
         if schema_id != 1:
-            raise KeyError(schema_id)
+            raise RegistryError(f"Schema {schema_id} not found", error_code=40403, http_status=404)
         return schema.parsed_plain
 
     records, errors = AvroDecoder(lookup).decode_many(
@@ -79,6 +79,47 @@ def test_bad_payloads_are_reported_not_raised_in_batches():
     assert "trailing bytes" in reasons[6]
     with pytest.raises(DecodeError):
         AvroDecoder(lookup).decode(b"")
+
+
+def test_an_unreachable_registry_is_transient_and_nothing_is_decided():
+    """Defect: a registry that is briefly down turned valid events into dead letters."""
+    schema = get_schema("ListenRecorded")
+    good = AvroEncoder(schema.parsed, 1).encode(LISTEN)
+    up = False
+
+    def lookup(schema_id: int) -> dict:
+        if not up:
+            raise ConnectionError("connection refused")
+        return schema.parsed_plain
+
+    decoder = AvroDecoder(lookup)
+    with pytest.raises(TransientError):
+        decoder.decode_many([good, b"junk"])
+    up = True
+    records, errors = decoder.decode_many([good, b"junk"])
+    assert records[0] == LISTEN and [i for i, _ in errors] == [1]
+
+
+def test_not_found_is_never_cached_across_batches():
+    """Defect: "schema id N is not in the registry" was cached for the life of the process."""
+    schema = get_schema("ListenRecorded")
+    good = AvroEncoder(schema.parsed, 2).encode(LISTEN)
+    registered: set[int] = set()
+    asked: list[int] = []
+
+    def lookup(schema_id: int) -> dict:
+        asked.append(schema_id)
+        if schema_id not in registered:
+            raise RegistryError(f"Schema {schema_id} not found", error_code=40403, http_status=404)
+        return schema.parsed_plain
+
+    decoder = AvroDecoder(lookup)
+    records, errors = decoder.decode_many([good, good, good])
+    assert records == [None, None, None] and "not in the registry" in errors[0][1]
+    assert asked == [2]  # asked once per batch, not once per record
+    registered.add(2)
+    records, errors = decoder.decode_many([good])
+    assert records == [LISTEN] and errors == []
 
 
 def test_cloudevents_headers_binary_mode():
