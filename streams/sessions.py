@@ -34,8 +34,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-#: Listens more than this far in the future (ms, against the caller's clock) are invalid.
-MAX_FUTURE_MS = 24 * 3600 * 1000
+from events.validation import MAX_FUTURE_MS, validate_listen
+
 #: Default size of the per-partition FIFO of recently accepted event ids.
 RECENT_IDS = 100_000
 
@@ -45,28 +45,6 @@ _NOTHING: tuple[ClosedSession, ...] = ()
 def session_event_id(user_id: str, session_start_ms: int) -> str:
     """Deterministic ``SessionEnded.event_id``: 32 hex chars of sha256(``user|start_ms``)."""
     return hashlib.sha256(f"{user_id}|{session_start_ms}".encode()).hexdigest()[:32]
-
-
-def validate_listen(record: Mapping[str, Any], now_ms: int | None = None) -> str | None:
-    """Why a decoded ``ListenRecorded`` breaks a domain rule, or ``None`` when it is valid.
-
-    Rules: ``event_id``, ``user_id``, ``track_id``, ``artist_id`` are non-blank strings;
-    ``occurred_at`` (ms since the epoch) is > 0 and at most :data:`MAX_FUTURE_MS` after
-    ``now_ms`` (default: no future check); ``ms_played`` is ``None`` or >= 0.
-    """
-    for name in ("event_id", "user_id", "track_id", "artist_id"):
-        value = record.get(name)
-        if not isinstance(value, str) or not value.strip():
-            return f"{name} is empty"
-    occurred = record.get("occurred_at")
-    if not isinstance(occurred, int) or occurred <= 0:
-        return f"occurred_at={occurred!r} is not a positive ms timestamp"
-    if now_ms is not None and occurred > now_ms + MAX_FUTURE_MS:
-        return f"occurred_at={occurred} is more than a day in the future"
-    played = record.get("ms_played")
-    if played is not None and played < 0:
-        return f"ms_played={played} is negative"
-    return None
 
 
 class ClosedSession(NamedTuple):
