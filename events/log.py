@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from events.offsets import high_watermarks, partitions_of
 from infra.errors import OffsetMismatchError, TransientError
@@ -91,18 +91,25 @@ def read_range(
 ) -> Iterator[list[Message]]:
     """Every record of ``ranges`` (``(topic, partition)`` → ``[start, end)`` offsets), in
     batches of at most ``batch`` records, each partition in offset order; ends once every
-    partition reached its ``end`` (records at or after it are not yielded).
+    partition reached its ``end`` (records at or after it are not yielded). A negative
+    ``start`` means the partition's first record (``OFFSET_BEGINNING``: on a compacted or
+    retention-trimmed topic the first offset is not 0).
 
     Raises:
         OffsetMismatchError: a range no longer fits the log (offset out of range, topic gone).
         TransientError: no record or end came for ``idle_timeout_s`` s (broker unreachable).
     """
-    todo = {tp: (start, end) for tp, (start, end) in ranges.items() if end > start}
+    todo = {tp: (start, end) for tp, (start, end) in ranges.items() if end > max(start, 0)}
     if not todo:
         return
     consumer = Consumer(reader_conf(settings, purpose))
     try:
-        consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in todo.items()])
+        consumer.assign(
+            [
+                TopicPartition(t, p, start if start >= 0 else OFFSET_BEGINNING)
+                for (t, p), (start, _) in todo.items()
+            ]
+        )
         ends = {tp: end for tp, (_, end) in todo.items()}
         last_progress = time.monotonic()
         while ends:
