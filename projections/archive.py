@@ -50,7 +50,6 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from io import BytesIO
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,14 +57,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, Message
 from confluent_kafka.admin import AdminClient, ConfigResource
-from fastavro import schemaless_reader
 
 from events.catalog import load_catalogue
+from events.log import LogReader, read_batches
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
-from infra.errors import InfraError, RegistryError
+from events.serde import AvroDecoder
+from infra.errors import InfraError
 from infra.settings import Settings
 
 log = logging.getLogger("backbeat.archive")
@@ -86,7 +86,6 @@ ARCHIVE_SCHEMA = pa.schema(
 )
 RAW_COLUMNS = ["partition", "offset", "timestamp_ms", "key", "value", "headers"]
 _FILE_RE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
-_NOT_FOUND = frozenset({40401, 40402, 40403})
 META_FILE = "_topic.json"
 
 
@@ -332,53 +331,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-class PayloadDecoder:
-    """Avro wire-format value → JSON text, with writer schemas from the registry (cached).
-    An unknown schema id or bad bytes give ``None``; a registry that cannot be asked raises."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._registry = registry_for(settings.registry_url)
-        self._schemas: dict[int, dict[str, Any] | None] = {}
-
-    def _schema(self, schema_id: int) -> dict[str, Any] | None:
-        if schema_id not in self._schemas:
-            try:
-                self._schemas[schema_id] = self._registry.parsed_schema_by_id(schema_id)
-            except RegistryError as exc:
-                if exc.error_code not in _NOT_FOUND and exc.http_status != 404:
-                    raise InfraError(
-                        f"the schema registry cannot be asked for id {schema_id}: {exc}"
-                    ) from exc
-                self._schemas[schema_id] = None
-            except Exception as exc:
-                raise InfraError(
-                    f"the schema registry at {self._registry.url} cannot be asked for schema id "
-                    f"{schema_id} ({exc}); is it running?"
-                ) from exc
-        return self._schemas[schema_id]
-
-    def decode(self, value: bytes | None) -> dict[str, Any] | None:
-        """The decoded record, or ``None`` when ``value`` is not decodable Avro.
-
-        Raises:
-            InfraError: the registry cannot be reached.
-        """
-        if not value or len(value) <= 5 or value[0] != 0:
-            return None
-        schema = self._schema(int.from_bytes(value[1:5], "big"))
-        if schema is None:
-            return None
-        buf = BytesIO(value)
-        buf.seek(5)
-        try:
-            record = schemaless_reader(buf, schema, None, return_record_name=False)
-        except Exception:  # fastavro raises several types for bad bytes
-            return None
-        if buf.tell() != len(value) or not isinstance(record, dict):
-            return None
-        return record
-
-
 @dataclass
 class _Buffer:
     offsets: list[int] = field(default_factory=list)
@@ -408,16 +360,17 @@ def _header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | 
     return None
 
 
-def build_table(partition: int, buf: _Buffer, decoder: PayloadDecoder) -> tuple[pa.Table, int]:
-    """The Arrow table of a buffered chunk and how many values could not be decoded.
+def build_table(partition: int, buf: _Buffer, decoder: AvroDecoder) -> tuple[pa.Table, int]:
+    """The Arrow table of a buffered chunk and how many values could not be decoded (not
+    Confluent-framed Avro of a schema the registry knows: archived raw, ``payload_json`` NULL).
 
     Raises:
-        InfraError: the registry cannot be reached.
+        TransientError: the registry cannot be reached (nothing is written; try again later).
     """
     types, ids, payloads = [], [], []
     undecoded = 0
-    for value, hdrs in zip(buf.values, buf.headers, strict=True):
-        record = decoder.decode(value)
+    records, _ = decoder.decode_many(buf.values)
+    for record, hdrs in zip(records, buf.headers, strict=True):
         types.append(_header(hdrs, "ce_type"))
         event_id = _header(hdrs, "ce_id")
         if record is None:
@@ -584,20 +537,11 @@ class Archiver:
         self.settings = settings
         self.chunk_records = chunk_records
         self.chunk_bytes = chunk_bytes
-        self.decoder = PayloadDecoder(settings)
+        self.decoder = registry_for(settings.registry_url).decoder()
         self.stats = ArchiveStats()
         self.buffers: dict[tuple[str, int], _Buffer] = {}
         self.positions: dict[tuple[str, int], int] = {}
         self.checks: dict[tuple[str, int], ArchivedMessage] = {}
-        self.consumer = Consumer(
-            settings.consumer_conf(
-                f"bb-archive-{uuid.uuid4().hex[:8]}",
-                **{"enable.partition.eof": True, "fetch.wait.max.ms": 100},
-            )
-        )
-
-    def close(self) -> None:
-        self.consumer.close()
 
     # preparing a topic: metadata, positions, continuity, identity
     def prepare(
@@ -643,12 +587,13 @@ class Archiver:
             out[topic] = starts
         return out
 
-    def start_partition(self, topic: str, partition: int) -> TopicPartition:
-        """Where to start reading: the last archived record (to check continuity) or 0."""
+    def start_offset(self, topic: str, partition: int) -> int | None:
+        """Where to start reading: the last archived record (to check continuity), the next
+        one, or ``None`` (the beginning of the partition) when nothing is archived yet."""
         nxt = self.positions[(topic, partition)]
         if (topic, partition) in self.checks:
-            return TopicPartition(topic, partition, nxt - 1)
-        return TopicPartition(topic, partition, OFFSET_BEGINNING if nxt == 0 else nxt)
+            return nxt - 1
+        return None if nxt == 0 else nxt
 
     def handle(self, msg: Message) -> tuple[str, int]:
         """Buffer one consumed record (skipping what is archived already).
@@ -685,7 +630,7 @@ class Archiver:
         """Write the buffered records of ``tp`` as one file.
 
         Raises:
-            InfraError: the registry cannot be reached (the buffer is kept).
+            TransientError: the registry cannot be reached (the buffer is kept).
         """
         buf = self.buffers.get(tp)
         if buf is None or not buf.offsets:
@@ -702,18 +647,6 @@ class Archiver:
         for d in (self.buffers, self.positions, self.checks):
             for tp in [tp for tp in d if tp[0] == topic]:
                 del d[tp]
-
-
-def _raise_error(msg: Message) -> bool:
-    """True for a partition-EOF event, False (logged) for a transient error; raise for a fatal
-    one."""
-    err = msg.error()
-    if err.code() == KafkaError._PARTITION_EOF:
-        return True
-    if err.fatal():
-        raise InfraError(f"archiver cannot read {msg.topic()}[{msg.partition()}]: {err}")
-    log.warning("archiver consumer: %s", err)
-    return False
 
 
 def archive_once(
@@ -753,43 +686,24 @@ def archive_once(
             archiver.stats.per_topic.setdefault(topic, 0)
             if not todo:
                 continue
-            archiver.consumer.assign([archiver.start_partition(topic, p) for p in sorted(todo)])
-            last_seen = time.monotonic()
-            while todo:
-                msgs = archiver.consumer.consume(10_000, 0.5)
-                if not msgs:
-                    if time.monotonic() - last_seen > stall_timeout_s:
-                        raise InfraError(f"archiving {topic}: nothing arrived for {stall_timeout_s:.0f} s")
-                    continue
-                last_seen = time.monotonic()
-                before = archiver.stats.per_topic[topic] + sum(
-                    len(b.offsets) for tp, b in archiver.buffers.items() if tp[0] == topic
-                )
+            ranges = {(topic, p): (archiver.start_offset(topic, p) or 0, marks[topic][p]) for p in todo}
+            for msgs, positions in read_batches(
+                settings, ranges, purpose=f"archive {topic}", batch=10_000, idle_timeout_s=stall_timeout_s,
+                conf={"fetch.wait.max.ms": 100},
+            ):  # fmt: skip
                 for msg in msgs:
-                    p = msg.partition()
-                    if msg.error() is not None:
-                        if _raise_error(msg) and msg.offset() >= marks[topic][p] and p in todo:
-                            archiver.flush((topic, p))
-                            todo.discard(p)
-                        continue
-                    if p not in todo:
-                        continue
                     archiver.handle(msg)
-                    if archiver.positions[(topic, p)] >= marks[topic][p]:
-                        archiver.flush((topic, p))
-                        todo.discard(p)
-                after = archiver.stats.per_topic[topic] + sum(
-                    len(b.offsets) for tp, b in archiver.buffers.items() if tp[0] == topic
-                )
-                done += after - before
+                done += sum(1 for m in msgs if m.offset() >= st[m.partition()])
+                for p in [p for p in todo if positions[(topic, p)] >= marks[topic][p]]:
+                    archiver.flush((topic, p))
+                    todo.discard(p)
                 if progress is not None:
                     progress(ArchiveProgress(topic, done, total))
-            archiver.consumer.unassign()
+            for p in todo:
+                archiver.flush((topic, p))
         archiver.stats.seconds = time.monotonic() - t0
         return archiver.stats
     finally:
-        if archiver is not None:
-            archiver.close()
         lock.release()
 
 
@@ -805,7 +719,9 @@ def run_archiver(
 ) -> ArchiveStats:
     """Archive continuously until ``stop_event`` is set, then write what is buffered and return.
 
-    One consumer stays ``assign()``-ed to every partition (no group). A partition's records are
+    One :class:`events.log.LogReader` stays ``assign()``-ed to every partition (no group). A
+    topic whose log changes under it (deleted, offsets out of range) is dropped with its buffers
+    and taken up again at the next refresh, where its continuity is checked. A partition's records are
     written when ``chunk_records`` are buffered (so files hold ``chunk_records`` records under
     load) or when its oldest buffered record waited ``max_delay_s`` seconds (small files on idle
     topics; at most that much is lost from the archive if the machine dies). New topics are picked
@@ -817,10 +733,20 @@ def run_archiver(
     lock = ArchiveLock(settings)
     if not lock.acquire(wait=True, stop=stop_event):
         return ArchiveStats()
-    archiver: Archiver | None = None
+    changed: set[str] = set()
+
+    def on_fatal(topic: str, partition: int, err: KafkaError) -> None:
+        log.error(
+            "archiver: reading %s[%d] failed: %s; the log changed under the archiver, the topic is "
+            "dropped and checked again at the next refresh", topic, partition, err.str(),
+        )  # fmt: skip
+        changed.add(topic)
+
+    reader: LogReader | None = None
     try:
         remove_temp_files(settings)
         archiver = Archiver(settings, chunk_records=chunk_records)
+        reader = LogReader(settings, "archive", conf={"fetch.wait.max.ms": 100}, on_fatal=on_fatal)
         assigned: set[str] = set()
         next_refresh = 0.0
         while not stop_event.is_set():
@@ -828,31 +754,30 @@ def run_archiver(
             if now >= next_refresh:
                 next_refresh = now + refresh_s
                 try:
-                    _assign_new(settings, archiver, topics, assigned)
+                    _assign_new(settings, archiver, reader, topics, assigned)
                 except InfraError as exc:
                     log.error("archiver: %s", exc)
-            msgs = archiver.consumer.consume(10_000, interval_s) if assigned else []
+            msgs = reader.poll(10_000, interval_s) if assigned else []
             if not assigned:
                 stop_event.wait(interval_s)
+            while changed:
+                _unassign(archiver, reader, changed.pop(), assigned)
             for msg in msgs:
-                if msg.error() is not None:
-                    _raise_error(msg)
-                    continue
                 if msg.topic() not in assigned:
                     continue
                 try:
                     archiver.handle(msg)
                 except ArchiveMismatchError as exc:
                     log.error("archiver: %s", exc)
-                    _unassign(archiver, msg.topic(), assigned)
+                    _unassign(archiver, reader, msg.topic(), assigned)
             _flush_due(archiver, max_delay_s)
         for tp in list(archiver.buffers):
             archiver.flush(tp)
         archiver.stats.seconds = time.monotonic() - t0
         return archiver.stats
     finally:
-        if archiver is not None:
-            archiver.close()
+        if reader is not None:
+            reader.close()
         lock.release()
 
 
@@ -866,16 +791,18 @@ def _flush_due(archiver: Archiver, max_delay_s: float) -> None:
                 log.warning("archiver: cannot write %s[%d] yet: %s", tp[0], tp[1], exc)
 
 
-def _unassign(archiver: Archiver, topic: str, assigned: set[str]) -> None:
-    parts = [TopicPartition(topic, p) for (t, p) in archiver.positions if t == topic]
-    if parts:
-        archiver.consumer.incremental_unassign(parts)
+def _unassign(archiver: Archiver, reader: LogReader, topic: str, assigned: set[str]) -> None:
+    reader.unassign([tp for tp in reader.positions if tp[0] == topic])
     archiver.drop_topic(topic)
     assigned.discard(topic)
 
 
 def _assign_new(
-    settings: Settings, archiver: Archiver, topics: Sequence[str] | None, assigned: set[str]
+    settings: Settings,
+    archiver: Archiver,
+    reader: LogReader,
+    topics: Sequence[str] | None,
+    assigned: set[str],
 ) -> None:
     new = [t for t in topics_to_archive(settings, topics) if t not in assigned]
     for topic in new:
@@ -888,9 +815,7 @@ def _assign_new(
             continue
         if topic not in starts:
             continue
-        archiver.consumer.incremental_assign(
-            [archiver.start_partition(topic, p) for p in sorted(starts[topic])]
-        )
+        reader.assign({(topic, p): archiver.start_offset(topic, p) for p in sorted(starts[topic])})
         assigned.add(topic)
         log.info("archiving %s (%d partitions)", topic, len(starts[topic]))
 

@@ -67,26 +67,23 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import fastavro
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from events.control import is_control
+from events.log import read_batches, wait_out
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
-from infra.errors import BackbeatError, ConfigError, InfraError, OffsetMismatchError
+from events.serde import AvroDecoder
+from infra.errors import BackbeatError, ConfigError, InfraError
 from infra.settings import Settings
 from projections.apply import Deduped, apply_batch, dedupe, row_checksum
 from projections.decoding import BatchPreparer, MessageLike, Prepared
@@ -265,75 +262,20 @@ def resolve_position(
 def kafka_batches(
     settings: Settings, topic: str, start: Mapping[int, int], stop: Mapping[int, int], batch_size: int
 ) -> Batches:
-    """Records ``[start[p], stop[p])`` of ``topic`` in batches of at most ``batch_size``, read by a
-    consumer ``assign()``-ed to the partitions (no group). Yields ``(records, next offsets)``; a
-    partition whose remaining offsets hold no data records (transaction markers) ends at ``stop``
-    once the consumer reaches the end of the log.
+    """Records ``[start[p], stop[p])`` of ``topic`` in batches of at most ``batch_size``, read by
+    :func:`events.log.read_batches` (a reader ``assign()``-ed to the partitions, no group). Yields
+    ``(records, next offsets)``; a partition whose remaining offsets hold no data records
+    (transaction markers) ends at ``stop`` once the reader reaches the end of the log.
 
     Raises:
         OffsetMismatchError: an offset is out of range or the topic vanished (the log changed).
-        InfraError: no progress for 30 s.
+        TransientError: no progress for 30 s.
     """
-    positions = {p: int(start.get(p, 0)) for p in stop}
-    todo = {p for p in stop if positions[p] < stop[p]}
-    if not todo:
-        return
-    consumer = Consumer(
-        settings.consumer_conf(
-            f"bb-replay-{uuid.uuid4().hex[:8]}",
-            **{"enable.partition.eof": True, "auto.offset.reset": "error", "enable.auto.offset.store": False},
-        )
-    )
-    try:
-        consumer.assign([TopicPartition(topic, p, positions[p]) for p in sorted(todo)])
-        last = time.monotonic()
-
-        def finish(p: int) -> None:
-            todo.discard(p)
-            positions[p] = max(positions[p], stop[p])
-            consumer.incremental_unassign([TopicPartition(topic, p)])
-
-        while todo:
-            got = consumer.consume(num_messages=batch_size, timeout=0.5)
-            out: list[MessageLike] = []
-            moved = False
-            for msg in got:
-                p = msg.partition()
-                if p not in todo:
-                    continue
-                err = msg.error()
-                if err is None:
-                    off = msg.offset()
-                    if off < stop[p]:
-                        out.append(msg)
-                        positions[p] = off + 1
-                    if off + 1 >= stop[p]:
-                        finish(p)
-                    moved = True
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    if msg.offset() >= stop[p]:
-                        finish(p)
-                        moved = True
-                elif err.code() in (
-                    KafkaError.OFFSET_OUT_OF_RANGE,
-                    KafkaError._AUTO_OFFSET_RESET,
-                    KafkaError.UNKNOWN_TOPIC_OR_PART,
-                    KafkaError._UNKNOWN_PARTITION,
-                ):
-                    raise OffsetMismatchError(
-                        f"replaying {topic}[{p}] failed: {err.str()}; the log changed (broker restarted "
-                        "empty, topic recreated); the build's offsets no longer fit it"
-                    )
-            if moved:
-                last = time.monotonic()
-                yield out, dict(positions)
-            elif time.monotonic() - last > _IDLE_TIMEOUT_S:
-                raise InfraError(
-                    f"replaying {topic}: no records for {_IDLE_TIMEOUT_S:.0f} s with partitions "
-                    f"{sorted(todo)} short of {dict(stop)} (at {positions})"
-                )
-    finally:
-        consumer.close()
+    ranges = {(topic, p): (int(start.get(p, 0)), int(end)) for p, end in stop.items()}
+    for msgs, positions in read_batches(
+        settings, ranges, purpose="replay", batch=batch_size, idle_timeout_s=_IDLE_TIMEOUT_S
+    ):
+        yield msgs, {p: o for (_, p), o in positions.items()}
 
 
 def archive_batches(
@@ -474,24 +416,19 @@ def _recount(
     raw pass over the source (Avro decoded here; the row filter and row mapping applied)."""
     keys = [next(c for c in projection.columns if c.name == k) for k in projection.key_columns]
     values: list[list[Any]] = [[] for _ in keys]
-    schemas: dict[int, dict[str, Any]] = {}
+    decoder = AvroDecoder(lookup)
     for msgs, _ in read(settings, projection.topic, start, stop, batch_size):
-        for msg in msgs:
-            value = msg.value()
-            if not value or len(value) < 6 or value[0] != 0 or is_control(msg.headers()):
+        if rejected:
+            msgs = [m for m in msgs if (m.partition(), m.offset()) not in rejected]
+        payloads = [m.value() for m in msgs]
+        what = f"recount {projection.name}"
+        events, _ = wait_out(lambda p=payloads: decoder.decode_many(p), what=what)
+        for value, event in zip(payloads, events, strict=True):
+            if event is None:  # a reject of the build, or a control record (empty value)
                 continue
-            if (msg.partition(), msg.offset()) in rejected:
-                continue
-            sid = int.from_bytes(value[1:5], "big")
-            if sid not in schemas:
-                schemas[sid] = fastavro.parse_schema(lookup(sid))
-            schema = schemas[sid]
-            event_type = str(schema.get("name"))
+            event_type = decoder.type_of(int.from_bytes(value[1:5], "big"))  # type: ignore[index]
             if event_type not in projection.event_types:
                 continue
-            buf = BytesIO(value)
-            buf.seek(5)
-            event = fastavro.schemaless_reader(buf, schema, None, return_record_name=False)
             if projection.where is not None and not projection.where.accepts(event):
                 continue
             items = projection.rows(event_type, event) if projection.rows is not None else [event]
@@ -712,7 +649,9 @@ class _Builder:
 
             for msgs, reached in self.read(self.settings, topic, positions, target, self.batch_size):
                 if msgs:
-                    prepared = self.preparer.prepare(msgs)
+                    prepared = wait_out(
+                        lambda m=msgs: self.preparer.prepare(m), what=f"replay {self.proj.name}: decoding"
+                    )
                     gathered = prepared if gathered is None else gathered.merge(prepared)
                     gathered_at.update(reached)
                     gathered_records += len(msgs)

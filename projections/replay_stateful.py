@@ -44,6 +44,7 @@ from typing import Any, cast
 
 import duckdb
 
+from events.log import wait_out
 from events.offsets import high_watermarks
 from events.producer import EventProducer
 from infra.errors import ConfigError, InfraError
@@ -192,7 +193,9 @@ class _StatefulBuilder:
         with WriterSession(self.path, self.timeout_s) as session:
             for msgs, reached in self.read(self.settings, topic, positions, target, self.batch_size):
                 if msgs:
-                    prepared = self.preparer.prepare(msgs)
+                    prepared = wait_out(
+                        lambda m=msgs: self.preparer.prepare(m), what=f"replay {self.proj.name}: decoding"
+                    )
                     with session.connection() as conn:
                         self.write(conn, self.settings.lake_dir, {topic: self.proj}, prepared, self.identity)
                     self.records += len(msgs)

@@ -25,15 +25,15 @@ How:
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from events.catalog import load_catalogue
+from events.log import read_range
 from events.offsets import high_watermarks
 from infra.errors import InfraError
 from infra.provision import apply_topics
@@ -164,22 +164,18 @@ def check_contiguous(settings: Settings, topic: str) -> None:
 
 
 def _read_log(settings: Settings, topic: str, partition: int, stop: int, timeout_s: float = 60.0) -> list:
-    """The records ``0..stop-1`` of ``topic[partition]`` on the broker."""
-    consumer = Consumer(settings.consumer_conf(f"bb-restore-{uuid.uuid4().hex[:8]}"))
-    out = []
-    try:
-        consumer.assign([TopicPartition(topic, partition, 0)])
-        deadline = time.monotonic() + timeout_s
-        while (not out or out[-1].offset() < stop - 1) and time.monotonic() < deadline:
-            for msg in consumer.consume(10_000, 0.5):
-                if msg.error() is None:
-                    if msg.offset() < stop:
-                        out.append(msg)
-                elif msg.error().fatal():
-                    raise InfraError(f"cannot read {topic}[{partition}]: {msg.error()}")
-        return out
-    finally:
-        consumer.close()
+    """The records ``0..stop-1`` of ``topic[partition]`` on the broker (:func:`events.log.read_range`).
+
+    Raises:
+        OffsetMismatchError: the partition does not start at 0 or vanished.
+        TransientError: nothing arrived for ``timeout_s`` s.
+    """
+    ranges = {(topic, partition): (0, stop)}
+    return [
+        m
+        for batch in read_range(settings, ranges, purpose="restore", idle_timeout_s=timeout_s)
+        for m in batch
+    ]
 
 
 def check_prefix(settings: Settings, topic: str, marks: dict[int, int], ends: dict[int, int]) -> None:

@@ -9,14 +9,18 @@ How it runs:
    ``Projection.extra_ddl``), load the stored offsets and check them against the log
    (:func:`projections.tracking.check_offsets`, raising ``OffsetMismatchError``), and delete
    orphan lake files.
-2. A confluent-kafka consumer is ``assign()``-ed to every partition at its stored offset (no
-   consumer-group join, so no Tansu join delay; nothing is committed to Kafka: the offsets live
-   in DuckDB).
-3. Loop: consume up to ``batch_size`` records or ``linger_s`` seconds, decode and map them to
-   Arrow (:mod:`projections.decoding`), then write them in one DuckDB transaction with their
-   offsets (:func:`projections.apply.apply_batch`) on a writer thread while the next batch is
-   consumed (DuckDB and Parquet release the GIL). The database is opened per batch, so
-   ``backbeat sql`` can read in between (:mod:`projections.store`).
+2. A :class:`events.log.LogReader` is ``assign()``-ed to every partition at its stored offset
+   (no consumer-group join, so no Tansu join delay; nothing is committed to Kafka: the offsets
+   live in DuckDB). Its errors are classified once (:func:`events.log.classify`): the log changed
+   under the runner → ``OffsetMismatchError``; every broker down → the log identity is checked
+   again before the next batch is written.
+3. Loop: consume up to ``batch_size`` records or ``linger_s`` seconds, decode, validate and map
+   them to Arrow (:mod:`projections.decoding`), then write them in one DuckDB transaction with
+   their offsets (:func:`projections.apply.apply_batch`) on a writer thread while the next batch
+   is consumed (DuckDB and Parquet release the GIL). The database is opened per batch, so
+   ``backbeat sql`` can read in between (:mod:`projections.store`). A registry that cannot be
+   reached while decoding is waited out (:func:`events.log.wait_out`: backoff, a log line per
+   wait, ``RunStats.waits``): the batch is decoded again, nothing is rejected for it.
 4. Stop when every partition reached the high watermark taken at start
    (``until_caught_up=True``), or on :meth:`ProjectionRunner.stop` / SIGTERM / SIGINT, after the
    batch in flight is committed.
@@ -39,7 +43,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -48,11 +51,12 @@ from types import FrameType
 from typing import Any
 
 import duckdb
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from events.log import LogReader, wait_out
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
-from infra.errors import BackbeatError, ConfigError, OffsetMismatchError
+from events.serde import AvroDecoder
+from infra.errors import BackbeatError, ConfigError, OffsetMismatchError, TransientError
 from infra.settings import Settings
 from projections import lake
 from projections.apply import Applied, apply_batch
@@ -73,17 +77,6 @@ log = logging.getLogger("backbeat.projections")
 
 TopicPart = tuple[str, int]
 
-#: Consumer errors that mean the log changed under the runner (not transient).
-_FATAL_CODES = {
-    KafkaError._AUTO_OFFSET_RESET,
-    KafkaError.OFFSET_OUT_OF_RANGE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._UNKNOWN_PARTITION,
-    KafkaError._UNKNOWN_TOPIC,
-}
-#: Consumer errors after which the broker may have been restarted: re-check the log identity.
-_RECHECK_CODES = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
-
 
 @dataclass
 class RunStats:
@@ -91,7 +84,8 @@ class RunStats:
     ``per_projection``); ``duplicates``: events whose key was already applied (``first``) or
     superseded in their batch (``last``); ``redelivered``: records at offsets already applied;
     ``rejects``: records stored in ``projection_rejects``; ``controls``: control records skipped;
-    ``records``: every record consumed; ``elapsed_s``: wall time in seconds."""
+    ``records``: every record consumed; ``waits``: times a batch waited for an unreachable
+    registry; ``elapsed_s``: wall time in seconds."""
 
     records: int = 0
     applied: int = 0
@@ -101,6 +95,7 @@ class RunStats:
     controls: int = 0
     batches: int = 0
     lake_files: int = 0
+    waits: int = 0
     elapsed_s: float = 0.0
     per_projection: dict[str, int] = field(default_factory=dict)
 
@@ -173,7 +168,8 @@ class ProjectionRunner:
 
     ``batch_size``: most records per transaction; ``linger_s``: longest wait to fill a batch
     (seconds); ``progress``: called with a :class:`Progress` after each committed batch;
-    ``lookup``: schema id → parsed schema (default: the registry at ``settings.registry_url``).
+    ``lookup``: schema id → parsed schema (default: the registry at ``settings.registry_url``),
+    or the :class:`~events.serde.AvroDecoder` to decode with.
 
     ``write``: the batch step (default :func:`~projections.apply.apply_batch`; a stateful read
     model passes its own, see :data:`STATEFUL`).
@@ -191,7 +187,7 @@ class ProjectionRunner:
         batch_size: int = 50_000,
         linger_s: float = 0.5,
         progress: ProgressHook | None = None,
-        lookup: Callable[[int], dict[str, Any]] | None = None,
+        lookup: Callable[[int], dict[str, Any]] | AvroDecoder | None = None,
         db_timeout_s: float = 120.0,
         write: BatchWriter | None = None,
     ) -> None:
@@ -213,7 +209,6 @@ class ProjectionRunner:
         self.db_timeout_s = db_timeout_s
         self._lookup = lookup or registry_for(settings.registry_url).parsed_schema_by_id
         self._stop = threading.Event()
-        self._recheck = False
         self._apply: BatchWriter = write or apply_batch
 
     # -- control --------------------------------------------------------------------------------
@@ -253,61 +248,37 @@ class ProjectionRunner:
             starts[(topic, part)] = found.next_offset if found else None
         return identity, flat, starts
 
-    def _consumer(self, starts: dict[TopicPart, int | None]) -> Consumer:
-        conf = self.settings.consumer_conf(
-            f"bb-projections-{uuid.uuid4().hex[:8]}",
-            **{"enable.partition.eof": True, "auto.offset.reset": "error", "enable.auto.offset.store": False},
+    def _reader(self, starts: dict[TopicPart, int | None]) -> LogReader:
+        reader = LogReader(
+            self.settings,
+            "projections",
+            hint="Rebuild: re-import the data and run 'backbeat projections reset <name>', then run "
+            "the projections again",
         )
-        consumer = Consumer(conf)
-        consumer.assign(
-            [TopicPartition(t, p, OFFSET_BEGINNING if off is None else off) for (t, p), off in starts.items()]
-        )
-        return consumer
+        reader.assign(starts)
+        return reader
 
-    # -- the loop -------------------------------------------------------------------------------
-    def _error(self, msg: Message) -> None:
-        err = msg.error()
-        code = err.code()
-        if code in _FATAL_CODES or err.fatal():
-            raise OffsetMismatchError(
-                f"reading {msg.topic()}[{msg.partition()}] failed: {err.str()}. The log changed under "
-                "the runner (broker restarted empty, topic recreated, or records deleted); stored "
-                "offsets no longer fit it. Rebuild: re-import the data and run "
-                "'backbeat projections reset <name>', then run the projections again"
-            )
-        if code in _RECHECK_CODES:
-            self._recheck = True
-        log.warning("consumer: %s", err.str())
+    def _prepare(self, preparer: BatchPreparer, msgs: list[Any], stats: RunStats) -> Prepared | None:
+        """``preparer.prepare(msgs)``, waiting out an unreachable registry (``None``: stopped
+        while waiting; the batch is not written and is read again by the next run)."""
 
-    def _collect(
-        self, consumer: Consumer, positions: dict[TopicPart, int], caught_up: Callable[[], bool]
-    ) -> list[Message]:
-        """Consume up to ``batch_size`` data records within ``linger_s``; update ``positions``."""
-        out: list[Message] = []
-        deadline = time.monotonic() + self.linger_s
-        while len(out) < self.batch_size and not self._stop.is_set():
-            wait = deadline - time.monotonic()
-            if wait <= 0:
-                break
-            got = consumer.consume(num_messages=self.batch_size - len(out), timeout=wait)
-            for msg in got:
-                err = msg.error()
-                if err is None:
-                    out.append(msg)
-                    positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    tp = (msg.topic(), msg.partition())
-                    positions[tp] = max(positions[tp], msg.offset())
-                else:
-                    self._error(msg)
-            if caught_up():
-                break
-        return out
+        def waited(_exc: TransientError, _seconds: float) -> None:
+            stats.waits += 1
 
-    def _verify_identity(self, identity: LogIdentity) -> None:
-        if not self._recheck:
+        try:
+            return wait_out(
+                lambda: preparer.prepare(msgs), what=f"projections {', '.join(self.by_topic)}: decoding",
+                stop=self._stop, on_wait=waited, logger=log,
+            )  # fmt: skip
+        except TransientError:
+            if self._stop.is_set():
+                return None
+            raise
+
+    def _verify_identity(self, reader: LogReader, identity: LogIdentity) -> None:
+        if not reader.recheck:
             return
-        self._recheck = False
+        reader.recheck = False
         live = log_identity(self.settings, self.by_topic)
         if live != identity:
             raise OffsetMismatchError(
@@ -333,14 +304,14 @@ class ProjectionRunner:
         stats = RunStats()
         identity, marks, stored = self._start()
         starts = {tp: off or 0 for tp, off in stored.items()}
-        positions = dict(starts)
         targets = marks if until_caught_up else None
 
         def caught_up() -> bool:
             return targets is not None and all(positions[tp] >= t for tp, t in targets.items())
 
         preparer = BatchPreparer(self.by_topic, self._lookup)
-        consumer = self._consumer(stored)
+        reader = self._reader(stored)
+        positions = reader.positions
         restore = self._install_signals()
         pending: tuple[Future[Applied], int, int] | None = None
 
@@ -361,20 +332,22 @@ class ProjectionRunner:
                 ThreadPoolExecutor(1, thread_name_prefix="bb-projection-writer") as pool,
             ):
                 while not self._stop.is_set() and not caught_up():
-                    msgs = self._collect(consumer, positions, caught_up)
+                    msgs = reader.collect(self.batch_size, self.linger_s, stop=self._stop, until=caught_up)
                     if not msgs:  # idle: let readers have the file until records arrive
                         settle()
                         pool.submit(session.close).result()
                         continue
-                    prepared = preparer.prepare(msgs)
+                    prepared = self._prepare(preparer, msgs, stats)
+                    if prepared is None:
+                        break
                     settle()
-                    self._verify_identity(identity)
+                    self._verify_identity(reader, identity)
                     future = pool.submit(self._write, session, prepared, identity)
                     pending = (future, prepared.records, prepared.controls)
                 settle()
         finally:
             restore()
-            consumer.close()
+            reader.close()
         stats.elapsed_s = time.monotonic() - started
         return stats
 
@@ -417,6 +390,7 @@ def combine_stats(parts: Iterable[RunStats]) -> RunStats:
             "controls",
             "batches",
             "lake_files",
+            "waits",
         ):
             setattr(out, name, getattr(out, name) + getattr(s, name))
         out.elapsed_s = max(out.elapsed_s, s.elapsed_s)

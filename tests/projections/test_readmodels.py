@@ -11,7 +11,7 @@ import pytest
 from events.control import watermark_headers
 from events.schemas import get_schema
 from events.serde import AvroEncoder
-from infra.errors import ConfigError, OffsetMismatchError, RegistryError
+from infra.errors import ConfigError, OffsetMismatchError, RegistryError, TransientError
 from projections.decoding import BatchPreparer
 from projections.readmodels import (
     LISTENS,
@@ -242,9 +242,51 @@ def test_batch_preparer_decodes_skips_controls_and_rejects():
 
 
 def test_batch_preparer_raises_when_registry_is_down():
+    """A registry that cannot answer decides nothing: the batch raises TransientError (the runner
+    waits it out) instead of rejecting the record."""
+
     def down(_schema_id: int) -> dict:
         raise RegistryError("connection refused", error_code=50001, http_status=500)
 
     enc = AvroEncoder(get_schema("ListenRecorded").parsed_plain, 1)
-    with pytest.raises(RegistryError):
+    with pytest.raises(TransientError):
         BatchPreparer({"t": LISTENS.on_topic("t")}, down).prepare([FakeMsg(enc.encode(listen(1)), 0)])
+
+
+def test_batch_preparer_asks_again_for_a_schema_id_it_was_told_is_unknown():
+    """Defect 6: "schema id N is not in the registry" holds for one batch only; once the id is
+    registered, the next batch with it is applied."""
+    schema = get_schema("ListenRecorded").parsed_plain
+    known: dict[int, dict] = {}
+    prep = BatchPreparer({"t": LISTENS.on_topic("t")}, _lookup(known))
+    enc = AvroEncoder(schema, 7)
+    first = prep.prepare([FakeMsg(enc.encode(listen(1)), 0)])
+    assert [r.reason for r in first.rejects] == ["schema id 7 is not in the registry"]
+    known[7] = schema
+    second = prep.prepare([FakeMsg(enc.encode(listen(2)), 1)])
+    assert not second.rejects
+    assert second.tables["listens"].column("event_id").to_pylist() == ["e2"]
+
+
+def test_batch_preparer_rejects_listens_the_validator_refuses():
+    """Defect 4: the read model applies the agent's validator (events.validation)."""
+    schema = get_schema("ListenRecorded").parsed_plain
+    enc = AvroEncoder(schema, 1)
+    now = 1_397_982_525_000
+    day = 24 * 3600 * 1000
+    msgs = [
+        FakeMsg(enc.encode(listen(1)), 0),
+        FakeMsg(enc.encode(listen(2, user_id="  ")), 1),
+        FakeMsg(enc.encode(listen(3, ms_played=-5)), 2),
+        FakeMsg(enc.encode(listen(4, occurred_at=now + 2 * day)), 3),
+        FakeMsg(enc.encode(listen(5, occurred_at=now + day // 2)), 4),  # within a day: valid
+    ]
+    prep = BatchPreparer({"t": LISTENS.on_topic("t")}, _lookup({1: schema}), clock=lambda: now)
+    out = prep.prepare(msgs)
+    assert out.tables["listens"].column("event_id").to_pylist() == ["e1", "e5"]
+    reasons = {r.offset: r.reason for r in out.rejects}
+    assert set(reasons) == {1, 2, 3}
+    assert reasons[1] == "invalid: user_id is empty"
+    assert reasons[2] == "invalid: ms_played=-5 is negative"
+    assert "more than a day in the future" in reasons[3]
+    assert out.ends == {("t", 0): 5}
