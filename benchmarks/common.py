@@ -10,18 +10,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import fastavro
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from fastavro import schemaless_reader
 
 from events.importers.base import dedupe_and_order
 from events.importers.listens import parse_listens_file, without_line
+from events.log import reader_conf
 from events.offsets import high_watermarks
 from events.schemas import get_schema
+from events.serde import AvroDecoder
 from infra import services
 from infra.processes import free_port
 from infra.settings import REPO_ROOT, Settings
@@ -91,29 +91,29 @@ def process_peak_rss_mb(pid: int) -> float:
 def raw_consume_decode(
     settings: Settings, topic: str, total: int, event_type: str = "ListenRecorded"
 ) -> float:
-    """events/s of consume + fastavro decode of the ``total`` records of ``topic``: the baseline the
-    projection and replay benchmarks divide by. A confluent consumer ``assign()``-ed to every
-    partition from the start, 50,000 messages per ``consume``, the writer schema parsed once
-    (fastavro's "already parsed" marker), the 5-byte Confluent header skipped.
+    """events/s of consume + decode of the ``total`` records of ``topic``: the baseline the
+    projection and replay benchmarks divide by. Deliberately a plain loop (no positions, no
+    batching logic of :mod:`events.log`): one confluent consumer with the properties of backbeat's
+    readers (:func:`events.log.reader_conf`) ``assign()``-ed to every partition from the start,
+    50,000 messages per ``consume``, each batch decoded by the one decoder
+    (:meth:`events.serde.AvroDecoder.decode_many`) with the writer schema parsed once.
 
     Raises:
-        AssertionError: the topic does not hold exactly ``total`` records.
+        AssertionError: the topic does not hold exactly ``total`` records, or one does not decode.
     """
     schema = fastavro.parse_schema(get_schema(event_type).parsed_plain)
+    decoder = AvroDecoder(lambda _id: schema)
     marks = high_watermarks(settings, topic)
     assert sum(marks.values()) == total, (marks, total)
-    consumer = Consumer(settings.consumer_conf(f"bench-raw-{topic}"))
+    consumer = Consumer(reader_conf(settings, f"bench-raw-{topic}"))
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in marks])
     decoded = 0
     start = time.perf_counter()
     while decoded < total:
-        for msg in consumer.consume(num_messages=50_000, timeout=1.0):
-            if msg.error() is not None:
-                continue
-            buf = BytesIO(msg.value())
-            buf.seek(5)
-            schemaless_reader(buf, schema, None, return_record_name=False)
-            decoded += 1
+        values = [m.value() for m in consumer.consume(num_messages=50_000, timeout=1.0) if m.error() is None]
+        _, errors = decoder.decode_many(values)
+        assert not errors, errors[:3]
+        decoded += len(values)
     elapsed = time.perf_counter() - start
     consumer.close()
     return decoded / elapsed

@@ -24,13 +24,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from fastavro.validation import ValidationError as AvroValidationError
 from fastavro.validation import validate
 
 from events.catalog import load_catalogue
 from events.control import CONTROL_HEADER, watermark_of
-from events.offsets import high_watermarks, partitions_of
+from events.log import LogReader
+from events.offsets import high_watermarks, low_watermarks, partitions_of
 from events.producer import EventProducer
 from events.registry_client import Registry, registry_for
 from events.schemas import EventSchema, get_schema
@@ -370,19 +370,6 @@ def parse_start(start: str) -> StartPosition:
         ) from None
 
 
-def _low_watermarks(settings: Settings, topic: str, parts: list[int], timeout_s: float) -> dict[int, int]:
-    """The first offset of each partition (ListOffsets EARLIEST, right on Tansu too)."""
-    consumer = Consumer(settings.consumer_conf(f"bb-console-{uuid.uuid4().hex[:8]}"))
-    try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[0] for p in parts
-        }
-    except Exception as exc:
-        raise InfraError(f"cannot read the first offsets of {topic}: {exc}") from exc
-    finally:
-        consumer.close()
-
-
 def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "backslashreplace")
 
@@ -448,7 +435,7 @@ def consume(
             raise ConfigError(f"topic {topic} has partitions {parts}, not {unknown}")
         parts = sorted(position.offsets)
     ends = {p: h for p, h in high_watermarks(settings, topic, timeout_s).items() if p in parts}
-    lows = _low_watermarks(settings, topic, parts, timeout_s)
+    lows = low_watermarks(settings, topic, parts, timeout_s)
     starts: dict[int, int] = {}
     for p in parts:
         if position.kind == "latest":
@@ -485,45 +472,30 @@ def _read(
     # partitions still looking for their first record at or after ``since_ms``
     seeking = set(starts) if since_ms is not None else set()
     decoder = registry.decoder()
-    consumer = Consumer(
-        settings.consumer_conf(
-            f"bb-console-{uuid.uuid4().hex[:8]}",
-            **{"enable.partition.eof": True, "auto.offset.reset": "error"},
-        )
-    )
+    reader = LogReader(settings, "console")
     yielded = 0
     try:
         reading = starts if follow else {p: starts[p] for p in pending}
-        consumer.assign([TopicPartition(topic, p, o) for p, o in sorted(reading.items())])
+        reader.assign(
+            {(topic, p): o for p, o in sorted(reading.items())},
+            None if follow else {(topic, p): ends[p] for p in reading},
+        )
         last_progress = time.monotonic()
-        while follow or pending:
-            msgs = consumer.consume(500, 0.2)
-            if not msgs:
+        while follow or reader.open:
+            before = len(reader.open)
+            msgs = reader.poll(500, 0.2)
+            if not msgs and len(reader.open) == before:
                 if not follow and time.monotonic() - last_progress > timeout_s:
-                    got = {
-                        p: consumer.position([TopicPartition(topic, p)])[0].offset for p in sorted(pending)
-                    }
+                    got = {p: reader.positions[(t, p)] for t, p in sorted(reader.open)}
                     raise InfraError(
-                        f"{topic}: nothing read for {timeout_s:g} s while partitions {sorted(pending)} "
+                        f"{topic}: nothing read for {timeout_s:g} s while partitions {sorted(got)} "
                         f"are short of their end (at {got}, end {ends}); is the broker up?"
                     )
                 continue
             last_progress = time.monotonic()
             for msg in msgs:
                 p = msg.partition()
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        if msg.offset() >= ends.get(p, 0):
-                            pending.discard(p)
-                        continue
-                    raise InfraError(f"{topic}: reading partition {p} failed: {err}")
                 offset = msg.offset()
-                if not follow and offset >= ends[p]:
-                    pending.discard(p)  # past the end taken at the start: stop here
-                    continue
-                if offset + 1 >= ends[p]:
-                    pending.discard(p)
                 ts_type, ts = msg.timestamp()
                 timestamp = ts if ts_type != 0 else None  # 0 = TIMESTAMP_NOT_AVAILABLE
                 if p in seeking:
@@ -534,12 +506,10 @@ def _read(
                 yielded += 1
                 if limit is not None and yielded >= limit:
                     return
-                if not follow and not pending:
-                    return
     except KeyboardInterrupt:
         return
     finally:
-        consumer.close()
+        reader.close()
 
 
 def _record(msg: Any, topic: str, p: int, offset: int, timestamp: int | None, decoder: Any) -> dict[str, Any]:

@@ -5,7 +5,8 @@ watermark (TANSU.md §2), so ``get_watermark_offsets(cached=False)`` and everyth
 can be short. The high watermark in a *Fetch* response is right: :func:`high_watermarks` seeks a
 throw-away consumer to each partition's (possibly short) ListOffsets end minus one, fetches one
 record, and reads the cached high watermark of that Fetch. On real Kafka this returns what
-ListOffsets does.
+ListOffsets does. :func:`low_watermarks` (ListOffsets EARLIEST) and :func:`partitions_of` are
+right as they are. These are metadata look-ups; records are read through :mod:`events.log`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,26 @@ def partitions_of(settings: Settings, topic: str, timeout_s: float = 10.0) -> li
     if info is None or info.error is not None or not info.partitions:
         raise InfraError(f"topic {topic} does not exist; run 'backbeat topics apply'")
     return sorted(info.partitions)
+
+
+def low_watermarks(
+    settings: Settings, topic: str, parts: list[int], timeout_s: float = 10.0
+) -> dict[int, int]:
+    """``{partition: first offset}`` of ``parts`` of ``topic`` (ListOffsets EARLIEST, right on the
+    embedded broker too).
+
+    Raises:
+        InfraError: the broker cannot be reached.
+    """
+    consumer = Consumer(settings.consumer_conf(f"bb-meta-{uuid.uuid4().hex[:8]}"))
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[0] for p in parts
+        }
+    except Exception as exc:
+        raise InfraError(f"cannot read the first offsets of {topic}: {exc}") from exc
+    finally:
+        consumer.close()
 
 
 def high_watermarks(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:

@@ -37,14 +37,14 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from events.log import read_range
 from events.offsets import high_watermarks
 from events.registry_state import (
     AVRO,
@@ -118,7 +118,9 @@ def load_state(settings: Settings, timeout_s: float = 60.0) -> RegistryState:
     rebuild the registry state, the last value of each key winning (TANSU.md §6).
 
     Raises:
-        InfraError: the topic cannot be read to its end within ``timeout_s`` seconds.
+        InfraError: the topic cannot be found, or nothing of it arrives for ``timeout_s`` seconds
+            (``TransientError``).
+        OffsetMismatchError: the topic changed under the reader.
     """
     deadline = time.monotonic() + timeout_s
     while True:  # the metadata of a just-created topic can lag behind for a moment
@@ -133,26 +135,11 @@ def load_state(settings: Settings, timeout_s: float = 60.0) -> RegistryState:
     if end <= 0:
         log.info("%s is empty", SCHEMAS_TOPIC)
         return state
-    consumer = Consumer(
-        settings.consumer_conf(f"bb-registry-load-{uuid.uuid4().hex[:8]}", **{"enable.partition.eof": True})
-    )
     count = 0
-    try:
-        consumer.assign([TopicPartition(SCHEMAS_TOPIC, 0, 0)])
-        position = 0
-        while position < end:
-            if time.monotonic() > deadline:
-                raise InfraError(
-                    f"reading {SCHEMAS_TOPIC} stopped at offset {position} of {end} after {timeout_s:.0f} s"
-                )
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise InfraError(f"reading {SCHEMAS_TOPIC} failed: {msg.error()}")
-            position = msg.offset() + 1
+    ranges = {(SCHEMAS_TOPIC, 0): (0, end)}
+    idle_s = max(1.0, deadline - time.monotonic())
+    for msgs in read_range(settings, ranges, purpose="registry-load", idle_timeout_s=idle_s):
+        for msg in msgs:
             count += 1
             decoded = decode_record(msg.key(), msg.value())
             if decoded is None:
@@ -168,8 +155,6 @@ def load_state(settings: Settings, timeout_s: float = 60.0) -> RegistryState:
                 state.apply(record)
             except InvalidSchemaError as exc:
                 log.warning("skipping %s offset %d: %s", SCHEMAS_TOPIC, msg.offset(), exc)
-    finally:
-        consumer.close()
     log.info("loaded %d records of %s: %d subjects", count, SCHEMAS_TOPIC, len(state.subjects(True)))
     return state
 

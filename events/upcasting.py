@@ -29,7 +29,7 @@ import fastavro
 
 from events.schemas import get_schema
 from events.serde import AvroDecoder, plain_times, schema_id_of
-from infra.errors import DecodeError, SchemaError
+from infra.errors import SchemaError
 
 Record = dict[str, Any]
 Upcaster = Callable[[Record], Record]
@@ -135,7 +135,10 @@ class UpcastingDecoder:
     ``schema_text_by_id`` resolves a writer schema id to its text (e.g.
     :meth:`events.registry_client.Registry.schema_text_by_id`). A writer of an older known
     version that has upcasters is decoded with its own schema and upcast; anything else is read
-    with the current schema as reader schema (Avro resolution). Times decode as ms.
+    with the current schema as reader schema (Avro resolution). Times decode as ms. Decoding is
+    the one decoder's (:class:`events.serde.AvroDecoder`), errors by kind included: an id the
+    registry does not know is a :class:`~infra.errors.DecodeError`, a registry that cannot be
+    asked a :class:`~infra.errors.TransientError`.
     """
 
     def __init__(
@@ -147,33 +150,28 @@ class UpcastingDecoder:
         self.event_type = get_schema(event_type).full_name
         self._text = schema_text_by_id
         self._chain = chain
-        self._reader = fastavro.parse_schema(plain_times(json.loads(schema_history(event_type)[-1])))
+        reader = fastavro.parse_schema(plain_times(json.loads(schema_history(event_type)[-1])))
         self._versions: dict[int, int | None] = {}
-        self._parsed: dict[int, dict[str, Any]] = {}
+        self._own = AvroDecoder(self._writer)  # a writer's own shape, for its upcasters
+        self._resolved = AvroDecoder(self._writer, reader)  # Avro resolution into the current shape
 
     def _writer(self, schema_id: int) -> dict[str, Any]:
-        if schema_id not in self._parsed:
-            text = self._text(schema_id)
-            self._versions[schema_id] = version_of(self.event_type, text)
-            self._parsed[schema_id] = fastavro.parse_schema(plain_times(json.loads(text)))
-        return self._parsed[schema_id]
+        """The parsed writer schema of ``schema_id``, its version noted (AvroDecoder's lookup)."""
+        text = self._text(schema_id)
+        self._versions[schema_id] = version_of(self.event_type, text)
+        return fastavro.parse_schema(plain_times(json.loads(text)))
 
     def decode(self, payload: bytes) -> Record:
         """One payload → a record of the current version.
 
         Raises:
             DecodeError: bad framing, unknown id, or a body that does not decode.
+            TransientError: the registry cannot be asked for the writer schema now.
             SchemaError: an upcaster step is missing.
         """
         schema_id = schema_id_of(payload)
-        try:
-            writer = self._writer(schema_id)
-        except SchemaError:
-            raise
-        except Exception as exc:
-            raise DecodeError(f"schema id {schema_id} cannot be resolved: {exc}") from exc
+        self._own.writer_schema(schema_id)  # resolves (and caches) it, noting its version
         version = self._versions[schema_id]
         if version is not None and self._chain.has_steps_from(self.event_type, version):
-            record = AvroDecoder(lambda _id: writer).decode(payload)
-            return self._chain.upcast(self.event_type, version, record)
-        return AvroDecoder(lambda _id: writer, self._reader).decode(payload)
+            return self._chain.upcast(self.event_type, version, self._own.decode(payload))
+        return self._resolved.decode(payload)

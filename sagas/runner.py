@@ -4,11 +4,14 @@ relay the outbox.
 One process, one thread, so the application needs no locks:
 
 1. assign every partition of the process's input topics at the position its tracking records
-   give (no consumer-group offsets: positions live with the state, TANSU.md §1, §4);
+   give, with an :class:`events.log.LogReader` (no consumer-group offsets: positions live with
+   the state, TANSU.md §1, §4);
 2. decode each record (Confluent-framed Avro, writer schema from the registry); a record that
    cannot be decoded, or that the process rejects (:class:`RejectedRecord`), goes to the
    dead-letter topic ``sagas.dlq`` with ``dlq_*`` reason headers, and its position is recorded,
-   so counts reconcile: ``records = applied + ignored + dead_lettered + redelivered``;
+   so counts reconcile: ``records = applied + ignored + dead_lettered + redelivered``. A registry
+   that cannot be reached is waited out (:func:`events.log.wait_out`, ``RunStats.waits``): the
+   round is decoded again, nothing is dead-lettered for it;
 3. once it has caught up with the high watermarks seen at start (Fetch-based, TANSU.md §2),
    fire due deadlines: a reply that arrived while the process was down is applied before its
    step's timer can fire;
@@ -28,14 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
-
 from events.cloudevents import header_value
+from events.log import LogReader, wait_out
 from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import registry_for
 from events.serde import AvroDecoder, DecodeError
-from infra.errors import InfraError
+from infra.errors import InfraError, TransientError
 from infra.settings import Settings
 from sagas.messages import Inbound
 from sagas.outbox import OutboxRelay
@@ -60,7 +62,7 @@ class RejectedRecord(Exception):
 @dataclass
 class RunStats:
     """Counters of one run (this process's lifetime). ``records`` = ``applied`` + ``ignored``
-    + ``dead_lettered`` + ``redelivered``."""
+    + ``dead_lettered`` + ``redelivered``; ``waits``: rounds that waited for the registry."""
 
     records: int = 0
     applied: int = 0
@@ -69,6 +71,7 @@ class RunStats:
     redelivered: int = 0
     timers_fired: int = 0
     published: int = 0
+    waits: int = 0
     caught_up: bool = False
     started_at: float = field(default_factory=time.monotonic)
 
@@ -77,7 +80,7 @@ class RunStats:
         return (
             f"{name} stats: records={self.records} applied={self.applied} ignored={self.ignored} "
             f"dead_lettered={self.dead_lettered} redelivered={self.redelivered} "
-            f"timers_fired={self.timers_fired} published={self.published}"
+            f"timers_fired={self.timers_fired} published={self.published} waits={self.waits}"
         )
 
 
@@ -105,6 +108,18 @@ def _inbound(msg: Any, decoder: AvroDecoder) -> Inbound:
         causation_id=header_value(headers, "ce_causationid") or payload.get("causation_id"),
         timestamp_ms=int(ts or 0),
     )
+
+
+def _decoded(msg: Any, decoder: AvroDecoder) -> Inbound | DecodeError:
+    """``msg`` as an :class:`Inbound`, or the :class:`DecodeError` that makes it a dead letter.
+
+    Raises:
+        TransientError: the registry cannot be reached (decide nothing; retry).
+    """
+    try:
+        return _inbound(msg, decoder)
+    except DecodeError as exc:
+        return exc
 
 
 def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str, *, flush: bool = True) -> None:
@@ -164,18 +179,15 @@ class ProcessRunner:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
 
-    def _consumer(self) -> Consumer:
-        conf = self.settings.consumer_conf(
-            f"backbeat-sagas-{self.name}",
-            **{"enable.auto.commit": False, "enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
+    def _reader(self) -> LogReader:
+        reader = LogReader(
+            self.settings,
+            f"sagas-{self.name}",
+            conf={"fetch.wait.max.ms": 50},
+            hint="Run 'backbeat sagas reset' to start the sagas afresh",
         )
-        consumer = Consumer(conf)
-        assignment = [
-            TopicPartition(topic, p, self.app.next_offset(topic, p))
-            for topic, p in partitions_of(self.app.input_topics)
-        ]
-        consumer.assign(assignment)
-        return consumer
+        reader.assign({(t, p): self.app.next_offset(t, p) for t, p in partitions_of(self.app.input_topics)})
+        return reader
 
     def _targets(self) -> dict[tuple[str, int], int]:
         targets: dict[tuple[str, int], int] = {}
@@ -208,12 +220,17 @@ class ProcessRunner:
                 f"ends at {high}: the broker lost its log (the embedded broker keeps topics in memory). "
                 "Run 'backbeat sagas reset' to start the sagas afresh."
             )
-        consumer = self._consumer()
+        reader = self._reader()
         last_log = time.monotonic()
         try:
             while not self._stop.is_set():
-                messages = consumer.consume(self.batch, timeout=self.poll_timeout_s)
-                self._apply_round(messages)
+                messages = reader.poll(self.batch, self.poll_timeout_s)
+                try:
+                    self._apply_round(messages)
+                except TransientError:
+                    if self._stop.is_set():  # stopped while waiting: the round is read again next run
+                        break
+                    raise
                 if not self.stats.caught_up and self._caught_up(targets):
                     self.stats.caught_up = True
                 if self.stats.caught_up:
@@ -227,7 +244,7 @@ class ProcessRunner:
                 if until is not None and until(self.stats):
                     break
         finally:
-            consumer.close()
+            reader.close()
             self.producer.flush()
             log.info(self.stats.line(self.name))
         return self.stats
@@ -238,17 +255,20 @@ class ProcessRunner:
         holds a record the process rejects is applied record by record instead."""
         groups: dict[tuple[str, int], list[tuple[Any, Inbound | SkipRecord]]] = {}
         lettered = False
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("%s: consume error %s", self.name, err)
-                continue
+
+        def waited(_exc: TransientError, _seconds: float) -> None:
+            self.stats.waits += 1
+
+        decoded = wait_out(
+            lambda: [_decoded(msg, self.decoder) for msg in messages],
+            what=f"{self.name}: decoding", stop=self._stop, on_wait=waited, logger=log,
+        )  # fmt: skip
+        for msg, got in zip(messages, decoded, strict=True):
             self.stats.records += 1
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            try:
-                entry: Inbound | SkipRecord = _inbound(msg, self.decoder)
-            except DecodeError as exc:
+            entry: Inbound | SkipRecord
+            if isinstance(got, DecodeError):
+                exc = got
                 if offset >= self.app.next_offset(topic, partition):
                     _dead_letter(self.producer, msg, "undecodable", str(exc), flush=False)
                     lettered = True
@@ -261,6 +281,8 @@ class ProcessRunner:
                         exc,
                     )
                 entry = SkipRecord(topic, partition, offset)
+            else:
+                entry = got
             groups.setdefault((topic, partition), []).append((msg, entry))
         if lettered:
             self.producer.flush()  # dead letters reach the broker before their positions are recorded
