@@ -38,19 +38,26 @@ class Registry:
         """Register ``schema`` under ``<topic>-<full name>`` and return its id (idempotent).
 
         Raises:
-            RegistryError: the registry refused (e.g. 409 incompatible) or cannot be reached.
+            RegistryError: the registry refused (e.g. 409 incompatible).
+            TransientError: the registry cannot be reached, timed out or answered 5xx (retry).
         """
         subject = subject_for(topic, schema.full_name)
         try:
             return self.client.register_schema(subject, Schema(schema.schema_str, "AVRO"))
         except SchemaRegistryError as exc:
+            status = exc.http_status_code or 500
+            if status >= 500 or status in (408, 429):
+                raise TransientError(
+                    f"registering {subject}: the schema registry at {self.url} answered {status}: "
+                    f"{exc.error_message}"
+                ) from exc
             raise RegistryError(
                 f"registering {subject} at {self.url} failed: {exc.error_message}",
                 error_code=exc.error_code,
-                http_status=exc.http_status_code,
+                http_status=status,
             ) from exc
         except Exception as exc:
-            raise RegistryError(
+            raise TransientError(
                 f"schema registry at {self.url} cannot be reached ({exc}); is it running? "
                 "Start the embedded one with 'backbeat up' or set BACKBEAT_REGISTRY_URL"
             ) from exc

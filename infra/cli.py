@@ -358,31 +358,20 @@ def worker(
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="critical|error|warning|info|debug")
     ] = "info",
-    reset_state: Annotated[
-        bool,
-        typer.Option(
-            "--reset-state",
-            help="Delete the local table state (rocksdict stores under the data dir) and rebuild "
-            "every table from its changelog at start. Source topics are not reprocessed.",
-        ),
-    ] = False,
 ) -> None:
-    """Run the Faust worker of streams.app (the listening-ingest agent) until stopped.
+    """Run the stream agents (a Faust worker of streams.app) until stopped.
 
-    The same as 'faust -A streams.app worker -l info'. It reads playback.listens, dead-letters
-    bad records to playback.listens.dlq and emits SessionEnded events to listening.sessions;
-    its state is checkpointed to a changelog topic. Stop it with Ctrl-C or SIGTERM.
-    With --reset-state it first removes the tables' local stores (refused while another worker
-    holds them) and logs the changelog records and keys each table recovered."""
-    from streams.app import app as faust_app
-    from streams.app import run_worker
+    The same as 'faust -A streams.app worker -l info'. BACKBEAT_STREAMS_AGENTS chooses the agent
+    groups (ingest, features, ads; default all). Listening ingest reads playback.listens,
+    dead-letters bad records to playback.listens.dlq and emits SessionEnded events to
+    listening.sessions; every agent checkpoints its state to a changelog topic and restores it
+    from there at start (a crash loses nothing and publishes nothing twice). Stop it with Ctrl-C
+    or SIGTERM: the batch in flight is checkpointed first."""
+    from streams.app import create_app, run_worker
 
-    if reset_state:
-        from streams.reset import reset_local_state
-
-        err_console.print(reset_local_state(faust_app).describe(), markup=False)
+    faust_app = create_app()
     sys.argv = [sys.argv[0]]  # Faust's worker parses the command line itself
-    run_worker(loglevel)
+    run_worker(faust_app, loglevel)
 
 
 def _runner_progress(bar: object, task: object) -> object:

@@ -1,7 +1,7 @@
-"""``python -m streams``: run a Faust worker for :mod:`streams.app` (like ``faust -A streams.app
-worker -l info``)."""
+"""``python -m streams``: run a worker for the agents of the environment (like ``faust -A
+streams.app worker -l info``)."""
 
-from streams.app import run_worker
+from streams.app import create_app, run_worker
 
 if __name__ == "__main__":
-    run_worker()
+    run_worker(create_app())

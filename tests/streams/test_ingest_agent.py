@@ -170,7 +170,7 @@ def test_sessions_dead_letters_and_counters(ingest_env):
     assert reasons[b"u3"][0] == b"validation_error"
 
     stats = wait_for(
-        lambda: (s := worker.last_stats()) and s["listens_in"] == 11 and s["late"] == 1 and s,
+        lambda: (s := worker.last_stats()) and s["records_in"] == 11 and s["late"] == 1 and s,
         30,
         "stats",
     )
@@ -226,7 +226,7 @@ class RestartScenario:
             "phase 1",
         )
         wait_for(
-            lambda: (s := worker.last_stats()) and s["listens_in"] == len(self.phase1), 30, "phase 1 stats"
+            lambda: (s := worker.last_stats()) and s["records_in"] == len(self.phase1), 30, "phase 1 stats"
         )
         return sessions
 

@@ -1,0 +1,120 @@
+"""Per-partition state on a changelog topic: recovery at assignment and the runtime's own
+position record.
+
+An agent's state for source partition ``p`` lives in memory (its domain objects) and, durably,
+in partition ``p`` of the agent's changelog topic: the checkpoint records the agent writes
+(:meth:`streams.runtime.agent.BatchAgent.checkpoint`) followed by one record of the runtime,
+key :data:`POSITION_KEY`, value :class:`Position`: the source offset the checkpoint covers, the
+positions of the output partitions when it was written, and the partition's counters.
+
+Recovery reads the changelog partition from its first record to its high watermark taken
+from a Fetch response (the embedded broker's ListOffsets LATEST is short, TANSU.md §2; on a
+real cluster the two agree) and keeps the last value per key (the embedded broker never
+compacts, TANSU.md §6, so the changelog is the full history). The consumer then resumes the
+source partition at ``Position.offset``: the state and the position it covers come from the
+same place, so nothing is applied twice or skipped because a group commit was late or early.
+
+A crash can leave a checkpoint half written (some of its agent records, not its position
+record). The restored state is then newer than its position for some keys; the domain state
+machines skip records at or below each entry's own source offset, so replaying from the older
+position changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from events.log import read_range
+from events.offsets import high_watermarks
+from infra.settings import Settings
+
+#: The key of the runtime's position record in every changelog partition.
+POSITION_KEY = b"__position__"
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass
+class Position:
+    """What a changelog partition's last complete checkpoint covers.
+
+    ``offset``: the next source offset to read (``None``: never checkpointed; the consumer
+    group's committed offset, else the first record, is used). ``outputs``: for every output
+    partition (``"topic:partition"``), an offset no output written after the checkpoint can be
+    below (used to find what was published after it, :mod:`streams.runtime.published`).
+    ``counters``: the partition's counters (records in, dead-lettered, the agent's counts).
+    """
+
+    offset: int | None = None
+    outputs: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The record value (compact JSON)."""
+        return _dumps({"offset": self.offset, "outputs": self.outputs, "counters": self.counters}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Position:
+        """Inverse of :meth:`encode`; ``None`` → a partition never checkpointed.
+
+        Raises:
+            ValueError: the value is not a position record.
+        """
+        if raw is None:
+            return cls()
+        data = json.loads(raw)
+        return cls(data.get("offset"), dict(data.get("outputs") or {}), dict(data.get("counters") or {}))
+
+
+@dataclass
+class Recovered:
+    """One partition's recovered state: ``items`` (last value per key, position record and
+    tombstoned keys removed), its :class:`Position`, and how many changelog records were read."""
+
+    items: dict[bytes, bytes]
+    position: Position
+    records_read: int
+
+
+def recover(
+    settings: Settings, changelog: str, partitions: Iterable[int], marks: Mapping[int, int] | None = None
+) -> dict[int, Recovered]:
+    """Read ``partitions`` of ``changelog`` to their high watermarks (blocking); ``marks``: the
+    changelog's high watermarks when the caller has them (read from Fetch responses otherwise).
+
+    Raises:
+        InfraError: the changelog topic is missing or the broker cannot be reached.
+        OffsetMismatchError: the changelog changed while being read.
+        ValueError: a position record cannot be decoded.
+    """
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return {}
+    if marks is None:
+        marks = high_watermarks(settings, changelog)
+    items: dict[int, dict[bytes, bytes]] = {p: {} for p in wanted}
+    read = dict.fromkeys(wanted, 0)
+    # ``None``: from the partition's first record (compacted changelogs do not start at 0)
+    ranges = {(changelog, p): (None, marks.get(p, 0)) for p in wanted}
+    for batch in read_range(settings, ranges, purpose=f"recover-{changelog}"):  # type: ignore[arg-type]
+        for msg in batch:
+            p = msg.partition()
+            key = msg.key()
+            if key is None:
+                continue
+            value = msg.value()
+            if value is None:
+                items[p].pop(key, None)
+            else:
+                items[p][key] = value
+            read[p] += 1
+    out: dict[int, Recovered] = {}
+    for p in wanted:
+        position = Position.decode(items[p].pop(POSITION_KEY, None))
+        out[p] = Recovered(items[p], position, read[p])
+    return out
+
+
+__all__ = ["POSITION_KEY", "Position", "Recovered", "recover"]
