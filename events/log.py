@@ -13,7 +13,9 @@ TANSU.md §1; nothing is committed):
   events), the end each partition last reported, and collects batches within a linger time or until
   a stop event is set;
 * :func:`read_range` / :func:`read_batches`: every record of ``[start, end)`` ranges in batches;
-* :func:`read_to_end`: from start offsets to the high watermarks of now.
+* :func:`read_to_end`: from start offsets to the high watermarks of now;
+* :func:`log_identity`: which log this is (cluster id, topic ids), since offsets mean nothing
+  across logs (the embedded broker restarts empty).
 
 Errors a consumer reports (``Message.error()``) fall in one of four kinds (:func:`classify`):
 
@@ -42,14 +44,25 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import tenacity
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 from events.offsets import high_watermarks, partitions_of
-from infra.errors import OffsetMismatchError, TransientError
+from infra.broker import cluster_id_of
+from infra.errors import InfraError, OffsetMismatchError, TransientError
 from infra.settings import Settings
 
 log = logging.getLogger("backbeat.log")
@@ -370,6 +383,39 @@ def read_to_end(
     yield from read_range(settings, ranges, purpose=purpose, batch=batch, idle_timeout_s=idle_timeout_s)
 
 
+@dataclass(frozen=True)
+class LogIdentity:
+    """Which log is being read: the broker's ``cluster_id`` and ``{topic: topic id}``."""
+
+    cluster_id: str
+    topic_ids: Mapping[str, str]
+
+
+def log_identity(settings: Settings, topics: Iterable[str], timeout_s: float = 10.0) -> LogIdentity:
+    """The live identity of ``topics`` on ``settings.bootstrap_servers``: cluster id (random per
+    embedded-broker start) and topic ids (new when a topic is recreated). Offsets are only
+    meaningful within one identity. Topics that do not exist are left out of ``topic_ids`` (the
+    caller decides what that means).
+
+    Raises:
+        InfraError: the broker does not answer.
+    """
+    cluster = cluster_id_of(settings.bootstrap_servers, timeout_s)
+    names = sorted(set(topics))
+    admin = AdminClient(settings.kafka_common())
+    ids: dict[str, str] = {}
+    for name, future in admin.describe_topics(TopicCollection(names)).items():
+        try:
+            ids[name] = str(future.result(timeout=timeout_s).topic_id)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise InfraError(
+                f"topic {name} cannot be described on {settings.bootstrap_servers}: {exc}"
+            ) from exc
+    return LogIdentity(cluster, ids)
+
+
 def wait_out(
     work: Callable[[], T],
     *,
@@ -415,10 +461,12 @@ def wait_out(
 __all__ = [
     "ErrorKind",
     "FatalHandler",
+    "LogIdentity",
     "LogReader",
     "TopicPart",
     "classify",
     "high_watermarks",
+    "log_identity",
     "partitions_of",
     "read_batches",
     "read_range",

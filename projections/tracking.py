@@ -26,10 +26,8 @@ from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
-from confluent_kafka import KafkaError, KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient
 
-from infra.broker import cluster_id_of
+from events.log import LogIdentity, log_identity
 from infra.errors import InfraError, OffsetMismatchError
 from infra.settings import Settings
 from projections.lake import LAKE_FILES_DDL, LAKE_FILES_TABLE
@@ -86,14 +84,6 @@ _OFFSETS_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class LogIdentity:
-    """Which log is being read: the broker's ``cluster_id`` and ``{topic: topic id}``."""
-
-    cluster_id: str
-    topic_ids: Mapping[str, str]
-
-
-@dataclass(frozen=True)
 class StoredOffset:
     """One row of ``projection_offsets``: the next offset to read and the log it belongs to."""
 
@@ -108,30 +98,6 @@ class StoredOffset:
 def now_utc() -> datetime:
     """The current time as a naive UTC datetime (DuckDB ``TIMESTAMP`` convention here)."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def log_identity(settings: Settings, topics: Iterable[str], timeout_s: float = 10.0) -> LogIdentity:
-    """The live identity of ``topics`` on ``settings.bootstrap_servers``: cluster id (random per
-    embedded-broker start) and topic ids (new when a topic is recreated). Topics that do not
-    exist are left out of ``topic_ids`` (the caller decides what that means).
-
-    Raises:
-        InfraError: the broker does not answer.
-    """
-    cluster = cluster_id_of(settings.bootstrap_servers, timeout_s)
-    names = sorted(set(topics))
-    admin = AdminClient(settings.kafka_common())
-    ids: dict[str, str] = {}
-    for name, future in admin.describe_topics(TopicCollection(names)).items():
-        try:
-            ids[name] = str(future.result(timeout=timeout_s).topic_id)
-        except KafkaException as exc:
-            if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                continue
-            raise InfraError(
-                f"topic {name} cannot be described on {settings.bootstrap_servers}: {exc}"
-            ) from exc
-    return LogIdentity(cluster, ids)
 
 
 def check_topics_exist(stored: Iterable[StoredOffset], identity: LogIdentity, topics: Iterable[str]) -> None:
