@@ -609,6 +609,7 @@ _COMMAND_MODULES = (
     "infra.cli_sagas",
     "infra.cli_replay",
     "infra.cli_archive",
+    "infra.cli_dlq",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

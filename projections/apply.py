@@ -20,11 +20,18 @@ Failure semantics (what a crash at each step leaves behind):
 6. The new offsets (the offset after each partition's last record, control records and rejects
    included) are upserted with the log identity, and the transaction commits. A crash after the
    commit loses nothing: the next run starts after the batch.
+
+Rejected records re-applied once their cause is gone (:func:`apply_late`,
+:mod:`projections.rejects`) lie below the stored offsets, so they take another path: no
+redelivery filter and no offsets; ``first``-policy read models insert a key only where it is
+absent, ``last``-policy ones replace a key's row only with a later record (higher partition and
+offset), so a late record never undoes a newer one; their rows go to the lake like any others,
+and their ``projection_rejects`` rows are deleted in the same transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -228,6 +235,130 @@ def _store_rejects(
     return len(fresh)
 
 
+def _upsert_late(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -> pa.Table:
+    """Apply late ``rows`` (below the stored offsets) by ``proj``'s policy without undoing newer
+    rows (module docstring); returns the rows written."""
+    if proj.policy == "first":
+        return _upsert(conn, proj, rows)
+    name, keys = proj.name, proj.key_columns
+    match = " AND ".join(f't."{k}" = b."{k}"' for k in keys)
+    by = ", ".join(f'"{k}"' for k in keys)
+    conn.register("bb_batch", rows)
+    try:
+        new = conn.sql(
+            f"SELECT b.* FROM (SELECT * FROM bb_batch QUALIFY row_number() OVER (PARTITION BY {by} "
+            f'ORDER BY "{PARTITION_COL}" DESC, "{OFFSET_COL}" DESC) = 1) b '
+            f'WHERE NOT EXISTS (SELECT 1 FROM "{name}" t WHERE {match} AND '
+            f'(t."{PARTITION_COL}" > b."{PARTITION_COL}" OR (t."{PARTITION_COL}" = b."{PARTITION_COL}" '
+            f'AND t."{OFFSET_COL}" >= b."{OFFSET_COL}")))'
+        ).to_arrow_table()
+    finally:
+        conn.unregister("bb_batch")
+    if new.num_rows:
+        conn.register("bb_new", new)
+        try:
+            conn.execute(f'DELETE FROM "{name}" t WHERE EXISTS (SELECT 1 FROM bb_new b WHERE {match})')
+            conn.execute(f'INSERT INTO "{name}" SELECT * FROM bb_new')
+        finally:
+            conn.unregister("bb_new")
+    return new
+
+
+@dataclass
+class AppliedLate:
+    """What :func:`apply_late` did: rows ``applied`` (inserted or replaced), ``superseded``
+    (mapped but a key's row stayed: already there, or newer), ``lake_files`` written, and the
+    reject rows ``cleared`` (gone from ``projection_rejects``) and ``kept`` (still rejected,
+    reason updated)."""
+
+    applied: int = 0
+    superseded: int = 0
+    lake_files: int = 0
+    cleared: int = 0
+    kept: int = 0
+
+
+def _settle_rejects(
+    conn: duckdb.DuckDBPyConnection,
+    name: str,
+    records: Sequence[tuple[str, int, int]],
+    again: Mapping[tuple[str, int, int], str],
+) -> tuple[int, int]:
+    """In ``projection_rejects`` of ``name``: update the reason of ``again``'s records, delete the
+    other ``records``' rows (set-based). Returns ``(kept, cleared)``."""
+    late = pa.table(
+        {
+            "topic": pa.array([r[0] for r in records], pa.string()),
+            "partition": pa.array([r[1] for r in records], pa.int32()),
+            "offset": pa.array([r[2] for r in records], pa.int64()),
+            "kept": pa.array([r in again for r in records], pa.bool_()),
+            "reason": pa.array([again.get(tuple(r)) for r in records], pa.string()),  # type: ignore[arg-type]
+        }
+    )
+    match = 'l.topic = r.topic AND l."partition" = r."partition" AND l."offset" = r."offset"'
+    conn.register("bb_late", late)
+    try:
+        conn.execute(
+            f"DELETE FROM {REJECTS_TABLE} r WHERE r.projection = ? AND EXISTS "
+            f"(SELECT 1 FROM bb_late l WHERE {match} AND NOT l.kept)",
+            [name],
+        )
+        conn.execute(
+            f"UPDATE {REJECTS_TABLE} r SET reason = l.reason, rejected_at = ? FROM bb_late l "
+            f"WHERE r.projection = ? AND {match} AND l.kept",
+            [now_utc(), name],
+        )
+    finally:
+        conn.unregister("bb_late")
+    kept = sum(1 for r in records if r in again)
+    return kept, len(records) - kept
+
+
+def apply_late(
+    conn: duckdb.DuckDBPyConnection,
+    lake_dir: Path,
+    proj: Projection,
+    prepared: Prepared,
+    records: Sequence[tuple[str, int, int]],
+) -> AppliedLate:
+    """Re-apply ``records`` (``(topic, partition, offset)`` of ``proj``'s rejects, decoded again
+    into ``prepared``) in one transaction: the mapped rows by :func:`_upsert_late`, lake files
+    for a lake projection, and in ``projection_rejects`` the rows of ``records`` deleted except
+    those ``prepared`` rejects again (their reason and time updated).
+
+    Raises:
+        OffsetMismatchError: a replay switched the read model to another version.
+        duckdb.Error, OSError: the write failed; nothing is kept.
+    """
+    result = AppliedLate()
+    written: list[tuple[str, int]] = []
+    again = {(r.topic, r.partition, r.offset): r.reason for r in prepared.rejects}
+    conn.begin()
+    try:
+        table = prepared.tables.get(proj.name)
+        if table is not None and table.num_rows:
+            physical = _physical(conn, proj)
+            new = _upsert_late(conn, physical, table)
+            result.applied = new.num_rows
+            result.superseded = table.num_rows - new.num_rows
+            if proj.lake and new.num_rows:
+                batch = lake.next_batch(conn, proj.name)
+                files = lake.write_files(lake_dir, proj, new, batch)
+                written += files
+                lake.record_files(conn, proj.name, batch, files, now_utc())
+                result.lake_files = len(files)
+        result.kept, result.cleared = _settle_rejects(conn, proj.name, records, again)
+        conn.commit()
+    except BaseException:
+        lake.delete_files(lake_dir, written)
+        try:
+            conn.rollback()
+        except duckdb.Error:
+            pass
+        raise
+    return result
+
+
 def _physical(conn: duckdb.DuckDBPyConnection, proj: Projection) -> Projection:
     """``proj`` naming the table its rows go to: the current version's table of a replayed read
     model, else its own name.
@@ -311,4 +442,4 @@ def apply_batch(
     return result
 
 
-__all__ = ["Applied", "Deduped", "apply_batch", "dedupe", "row_checksum"]
+__all__ = ["Applied", "AppliedLate", "Deduped", "apply_batch", "apply_late", "dedupe", "row_checksum"]

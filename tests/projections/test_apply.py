@@ -151,3 +151,33 @@ def test_prepared_batches_merge_in_order():
     assert merged.tables["listens"].column("event_id").to_pylist() == ["e1", "e2", "e3"]
     assert merged.ends == {("playback.listens", 0): 6} and merged.records == 3 and merged.filtered == 2
     assert [r.offset for r in merged.rejects] == [2]
+
+
+def test_a_late_record_never_undoes_a_newer_row_and_settles_its_reject(db: Path, tmp_path: Path):
+    """apply_late (re-applied rejects): under 'last' a late record replaces only an older row of
+    its key; rows go in once; the reject rows are deleted, or kept with their new reason."""
+    from projections.apply import apply_late
+    from projections.tracking import REJECTS_TABLE, now_utc
+
+    lake_dir = tmp_path / "lake"
+    with writer(db) as conn:
+        apply_batch(conn, lake_dir, BY_TOPIC, batch("tracks", [track(1, name="v5"), track(2, name="old")], [5, 6]),
+                    IDENT)  # fmt: skip
+        for off in (3, 8, 9):
+            conn.execute(f"INSERT INTO {REJECTS_TABLE} VALUES ('tracks', 'catalog.tracks', 0, ?, 'was bad', ?)",
+                         [off, now_utc()])  # fmt: skip
+    # offset 3 (T1, older than the applied offset 5), 8 (T2, newer than 6), 9 still bad
+    late = batch("tracks", [track(1, name="v3"), track(2, name="v8")], [3, 8])
+    late.rejects.append(Reject("tracks", "catalog.tracks", 0, 9, "still bad"))
+    records = [("catalog.tracks", 0, 3), ("catalog.tracks", 0, 8), ("catalog.tracks", 0, 9)]
+    with writer(db) as conn:
+        done = apply_late(conn, lake_dir, TRACKS, late, records)
+    assert (done.applied, done.superseded, done.cleared, done.kept) == (1, 1, 2, 1)
+    with writer(db) as conn:
+        again = apply_late(conn, lake_dir, TRACKS, late, records)  # twice: nothing changes
+        assert again.applied == 0
+        assert conn.execute("SELECT track_id, name FROM tracks ORDER BY 1").fetchall() == [
+            ("T1", "v5"),
+            ("T2", "v8"),
+        ]
+        assert conn.execute(f'SELECT "offset", reason FROM {REJECTS_TABLE}').fetchall() == [(9, "still bad")]
