@@ -302,6 +302,7 @@ def run_demo(
     from projections.tracking import reset
     from streams.config import IngestConfig
     from streams.features_config import partials_topic
+    from streams.runtime.runner import group_id
 
     began = time.monotonic()
     console.rule("[bold]backbeat demo")
@@ -339,16 +340,17 @@ def run_demo(
         for reject in result.rejects[:5]:
             console.print(f"  rejected line {reject.line}: {reject.reason}", style="yellow")
 
-        group = IngestConfig.from_env().app_id
+        app_id = IngestConfig.from_env().app_id
         stages = [
-            ("agents: sessions, user features", "playback.listens"),
-            ("agent: track features", partials_topic(group)),
+            ("agent: sessions", "playback.listens", "listening-ingest"),
+            ("agent: user features", "playback.listens", "user-features"),
+            ("agent: track features", partials_topic(app_id), "track-features"),
         ]
-        for title, topic in stages:
+        for title, topic, agent in stages:
             with progress_bar() as bar:
                 task = bar.add_task(title, total=None)
                 wait_until(
-                    lambda topic=topic: group_progress(settings, group, topic),
+                    lambda topic=topic, group=group_id(app_id, agent): group_progress(settings, group, topic),
                     on_progress=lambda p, b=bar, t=task: b.update(t, completed=p.committed, total=p.end),
                     worker=worker,
                     timeout_s=agent_timeout_s,

@@ -150,6 +150,7 @@ def run_ads_demo(
     from projections.runner import run_projections
     from projections.tracking import reset
     from streams.config import IngestConfig
+    from streams.runtime.runner import group_id
 
     began = time.monotonic()
     console.rule("[bold]backbeat demo ads")
@@ -184,7 +185,7 @@ def run_ads_demo(
         for reject in result.rejects[:5]:
             console.print(f"  rejected line {reject.line}: {reject.reason}", style="yellow")
 
-        group = IngestConfig.from_env().app_id
+        group = group_id(IngestConfig.from_env().app_id, "ad-reporting")
         with progress_bar() as bar:
             task = bar.add_task("agent: ad reports", total=None)
             wait_until(

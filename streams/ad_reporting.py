@@ -213,10 +213,6 @@ class AdPartition:
         self.counters = Counters()
         self.dirty = Dirty()
         self._closed_up_to = -1
-        #: Where the outputs stood after the batch this state was checkpointed with
-        #: (``"topic:partition"`` → next offset): set by the agent, kept with the checkpoint, so a
-        #: restored partition can find what it published after it (opaque here).
-        self.output_offsets: dict[str, int] = {}
 
     # -- events ----------------------------------------------------------------------------------
     def is_late(self, t_ms: int) -> bool:
@@ -469,7 +465,6 @@ class AdPartition:
         ad_panes: dict[AdPaneKey, Pane],
         impressions: dict[str, Impression],
         budgets: dict[BudgetKey, Budget],
-        output_offsets: dict[str, int] | None = None,
     ) -> AdPartition:
         """A partition from checkpointed state (what the watermark has retired is dropped)."""
         ap = cls(partition, campaigns, grace_ms, attribution_ms)
@@ -478,7 +473,6 @@ class AdPartition:
         ap._closed_up_to = watermark
         ap.campaign_panes = dict(campaign_panes)
         ap.ad_panes = dict(ad_panes)
-        ap.output_offsets = dict(output_offsets or {})
         ap.impressions = dict(impressions)
         ap.budgets = dict(budgets)
         ap._retire(watermark)

@@ -9,8 +9,7 @@ Keys (UTF-8; ids come last so they may hold ``:``), values compact JSON:
 * ``c:<p>:<pane_start>:<campaign>`` → ``[offset, [counters…]]`` (``ad_reporting.FIELDS`` order);
 * ``a:<p>:<pane_start>:<position>:<ad>:<campaign>`` → ``[offset, [counters…]]`` (campaign ids
   hold no ``:``);
-* ``w:<p>`` → ``[watermark_ms, source_offset, {"topic:partition": next output offset}]``; then
-  tombstones of dropped entries.
+* ``w:<p>`` → ``[watermark_ms, source_offset]``; then tombstones of dropped entries.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def records(ap: AdPartition, offset: int) -> list[Record]:
     dropped = d.dropped_impressions or d.dropped_campaign_panes or d.dropped_ad_panes or d.dropped_budgets
     if out or d.watermark or dropped:
         ap.offset = max(ap.offset, offset)
-        out.append((f"w:{p}".encode(), _dumps([ap.watermark, ap.offset, ap.output_offsets]).encode()))
+        out.append((f"w:{p}".encode(), _dumps([ap.watermark, ap.offset]).encode()))
     out += [(f"m:{p}:{iid}".encode(), None) for iid in d.dropped_impressions]
     out += [(f"b:{p}:{day}:{c}".encode(), None) for c, day in d.dropped_budgets]
     out += [(f"c:{p}:{pane}:{c}".encode(), None) for c, pane in d.dropped_campaign_panes]
@@ -72,7 +71,6 @@ def restore(
         ValueError: a value of this partition cannot be decoded.
     """
     watermark, offset = -1, -1
-    outputs: dict[str, int] = {}
     cpanes: dict[tuple[str, int], Pane] = {}
     apanes: dict[tuple[str, str, int, int], Pane] = {}
     imps: dict[str, Impression] = {}
@@ -83,8 +81,7 @@ def restore(
         if raw is None:
             continue
         if raw_key == wkey:
-            watermark, offset, *rest_w = _loads(raw)
-            outputs = rest_w[0] if rest_w else {}
+            watermark, offset, *_ = _loads(raw)
             continue
         key = raw_key.decode()
         kind, rest = key[:1], key[1:]
@@ -117,5 +114,4 @@ def restore(
         apanes,
         imps,
         budgets,
-        outputs,
     )

@@ -32,7 +32,7 @@ from infra.settings import Settings
 from streams.config import IngestConfig
 from streams.features_config import FeaturesConfig
 from streams.runtime.agent import BatchAgent
-from streams.runtime.runner import AgentRunner, RunnerConfig
+from streams.runtime.runner import AgentRunner, RunnerConfig, group_id
 from streams.runtime.service import AgentService, RuntimeBoot
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class BackbeatApp(faust.App):
         """Register ``agent`` (started and stopped with the app) and the topics it needs."""
         c = self.ingest_config
         config = RunnerConfig(
-            group_id=f"{c.app_id}-{agent.name}",
+            group_id=group_id(c.app_id, agent.name),
             batch=c.batch,
             within_s=c.batch_within_s,
             stats_interval_s=c.stats_interval_s,

@@ -40,6 +40,7 @@ class ListenIngest(BatchAgent):
     name = "listening-ingest"
     stats_name = "ingest"
     source_uri = SOURCE_URI
+    count_names = ("sessionised", "duplicates", "replayed", "late", "sessions_emitted")
 
     def __init__(self, config: IngestConfig, gap_ms: int) -> None:
         self.config = config
@@ -140,7 +141,7 @@ class ListenIngest(BatchAgent):
         """Drop the partition's sessionizer."""
         self.partitions.pop(partition, None)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """Open sessions per assigned partition."""
         return {"open_sessions": {p: sz.open_sessions() for p, sz in sorted(self.partitions.items())}}
 

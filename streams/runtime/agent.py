@@ -111,6 +111,8 @@ class BatchAgent(abc.ABC):
     source_uri: ClassVar[str] = "/streams"
     #: ``False``: the source is not Avro (an internal topic); ``records`` are all ``None``.
     decodes: ClassVar[bool] = True
+    #: The names of the counts :meth:`process` returns (listed as 0 before the first batch).
+    count_names: ClassVar[tuple[str, ...]] = ()
 
     @property
     @abc.abstractmethod
@@ -163,8 +165,9 @@ class BatchAgent(abc.ABC):
     def revoke(self, partition: int) -> None:
         """Forget ``partition`` (it is rebuilt by :meth:`restore` when assigned again)."""
 
-    def stats(self) -> dict[str, Any]:
-        """Agent-specific figures for the stats line (e.g. open sessions per partition)."""
+    def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
+        """Agent-specific figures for the stats line (e.g. open sessions per partition, its
+        counters reshaped); ``counts`` are the summed counters of the assigned partitions."""
         return {}
 
     def reconciles(self, counts: Mapping[str, int]) -> bool | None:

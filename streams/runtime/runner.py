@@ -66,6 +66,12 @@ log = logging.getLogger("backbeat.streams.runtime")
 REFRESH_AFTER = 200_000
 
 
+def group_id(app_id: str, agent_name: str) -> str:
+    """The consumer group of an agent of app ``app_id``: ``<app id>-<agent name>`` (its committed
+    offsets show the agent's progress to lag tools and to ``backbeat demo``)."""
+    return f"{app_id}-{agent_name}"
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     """How an agent's loop runs: ``group_id``; ``batch`` max records per batch; ``within_s``
@@ -495,14 +501,18 @@ class AgentRunner:
             messages.append(msg)
         counts = {"records_in": len(values), "control_records": controls}
         if dead:
-            counts["dead_lettered"] = len(dead)
-            counts["dead_lettered_decode_error"] = len(dead) - invalid
-            counts["dead_lettered_validation_error"] = invalid
+            # an agent without a dead-letter topic (another agent of the same source owns it)
+            # counts its bad records as ``invalid`` instead
+            kind = "dead_lettered" if self.agent.dlq_topic is not None else "invalid"
+            counts[kind] = len(dead)
+            counts[f"{kind}_decode_error"] = len(dead) - invalid
+            counts[f"{kind}_validation_error"] = invalid
+            if self.agent.dlq_topic is None:
+                dead = []
         return Prepared(batch, dead, counts, msgs[-1].offset())
 
     def _dead_letter(self, msg: Message, reason: str, error: str) -> Raw:
-        dlq = self.agent.dlq_topic
-        assert dlq is not None, f"{self.agent.name} decodes but names no dead-letter topic"
+        dlq = self.agent.dlq_topic or ""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         headers = list(msg.headers() or ())
         headers += [
@@ -621,7 +631,8 @@ class AgentRunner:
     def snapshot(self) -> dict[str, Any]:
         """Counters, per-process figures, readiness and the agent's own figures."""
         counts = self.counters()
-        out: dict[str, Any] = {"records_in": 0, "control_records": 0, "dead_lettered": 0, **counts}
+        base = dict.fromkeys(("records_in", "control_records", "dead_lettered", *self.agent.count_names), 0)
+        out: dict[str, Any] = {**base, **counts}
         out.update(
             batches=self.stats.batches,
             busy_s=round(self.stats.busy_s, 3),
@@ -635,7 +646,7 @@ class AgentRunner:
             ready=self.ready.is_set(),
             stalled=self.stalled,
         )
-        out.update(self.agent.stats())
+        out.update(self.agent.stats(counts))
         rec = self.agent.reconciles(counts)
         if rec is not None:
             out["reconciles"] = rec
@@ -650,4 +661,4 @@ class AgentRunner:
         log.info("%s stats %s", self.agent.stats_name, json.dumps(self.snapshot(), sort_keys=True))
 
 
-__all__ = ["AgentRunner", "PartitionState", "ProcessStats", "RunnerConfig"]
+__all__ = ["AgentRunner", "PartitionState", "ProcessStats", "RunnerConfig", "group_id"]

@@ -15,7 +15,6 @@ import pytest
 from confluent_kafka import Producer
 
 from events.campaigns import CAMPAIGNS_FILE, load_campaigns
-from events.catalog import TopicSpec
 from events.control import END_OF_INPUT_MS, is_control, watermark_headers, watermark_of
 from events.importers.ads import ad_events, without_type
 from events.offsets import high_watermarks
@@ -24,7 +23,8 @@ from events.registry_client import registry_for
 from infra.demo import group_progress
 from infra.provision import apply_topics
 from infra.settings import Settings
-from streams.ads import AdsConfig, published_ids
+from streams.ads import AdsConfig
+from streams.runtime.runner import group_id
 from tests.conftest import DATA, env_for, wait_for
 from tests.streams import ad_reference as ref
 from tests.streams.test_ad_reporting import ATTRIBUTION, CAMPAIGNS, GRACE, make_rows
@@ -90,10 +90,10 @@ class AdSetup:
 
         def done() -> bool:
             stats = self.worker.last_stats("ads")
-            if stats is None or stats["events_in"] < total:
+            if stats is None or stats["records_in"] < total:
                 return False
             marks = list(stats["watermarks"].values())
-            if not marks or min(marks) < mark or not group_progress(self.settings, self.name, self.source).done:
+            if not marks or min(marks) < mark or not group_progress(self.settings, group_id(self.name, "ad-reporting"), self.source).done:
                 return False  # every offset committed (partitions without news are not restored)
             if seen and all(seen[-1][k] == stats[k] for k in ("reports", "exhausted", "batches")):
                 return True
@@ -214,7 +214,7 @@ def test_reports_equal_the_ground_truth_and_survive_sigkill(
     for share in (0.3, 0.6):
         wait_for(
             lambda share=share: ((s := crashed.worker.last_stats("ads")) is not None
-                                 and s["events_in"] >= share * stats["events_in"] and s["reports"] > 0),
+                                 and s["records_in"] >= share * stats["records_in"] and s["reports"] > 0),
             120, f"{share:.0%} of the events in",
         )  # fmt: skip
         crashed.worker.kill()
@@ -249,7 +249,7 @@ def test_the_real_open_bandit_file_gives_the_ground_truth_under_sigkill(
     for share in (0.3, 0.6):
         wait_for(
             lambda share=share: ((s := crashed.worker.last_stats("ads")) is not None
-                                 and s["events_in"] >= share * len(events) and s["reports"] > 0),
+                                 and s["records_in"] >= share * len(events) and s["reports"] > 0),
             120, f"{share:.0%} of the events in",
         )  # fmt: skip
         crashed.worker.kill()
@@ -260,23 +260,6 @@ def test_the_real_open_bandit_file_gives_the_ground_truth_under_sigkill(
     assert len(truth["reports"]) > 10_000 and truth["exhausted"]
     assert got == truth["reports"]
     assert exhausted == {k: (at, spent // 1_000_000) for k, (at, spent) in truth["exhausted"].items()}
-
-
-def test_published_ids_reads_from_the_checkpointed_positions_to_the_end(
-    stack: Settings, unique: Callable[[str], str]
-) -> None:
-    """What a restored partition uses to avoid publishing a report twice: the ``ce_id`` of every
-    record after the positions its checkpoint recorded, and nothing before them."""
-    topic = unique("ads-readback")
-    apply_topics(stack, [TopicSpec(topic, 3)])
-    raw = Producer(stack.producer_conf())
-    for i in range(30):
-        raw.produce(topic, value=b"x", partition=i % 3, headers=[("ce_id", f"id-{i}".encode())])
-    assert raw.flush(10) == 0
-    # partition 0 holds id-0, id-3, …; from offset 8 on: id-24, id-27; partition 1 from its end: none
-    found = published_ids(stack, {f"{topic}:0": 8, f"{topic}:1": 10})
-    assert found == {"id-24", "id-27"}
-    assert published_ids(stack, {}) == set()
 
 
 def test_bad_records_are_dead_lettered_with_their_reason_and_counts_reconcile(
@@ -299,7 +282,7 @@ def test_bad_records_are_dead_lettered_with_their_reason_and_counts_reconcile(
     assert raw.flush(10) == 0
     setup.worker.start()
     stats = setup.wait_done(T_BAD + END_OF_INPUT_MS, total=3)
-    assert (stats["events_in"], stats["impressions"], stats["dead_lettered"]) == (3, 1, 2)
+    assert (stats["records_in"], stats["impressions"], stats["dead_lettered"]) == (3, 1, 2)
     assert stats["reconciles"]
     dead = setup.read(setup.config.dlq_topic)
     reasons = sorted(dict(m.headers())["dlq_reason"].decode() for m in dead)
