@@ -185,7 +185,12 @@ def summarize(settings: Settings, topic: str, *, progress: ProgressHook | None =
     Raises:
         InfraError: the topic does not exist or the broker cannot be reached.
     """
-    done = RedriveState.load(settings, topic).done
+    state = RedriveState.load(settings, topic)
+    done = state.done
+    if state.exists:  # a state written for another log (broker restarted, topic recreated) says nothing
+        live = log_identity(settings, [topic])
+        if (live.cluster_id, live.topic_ids.get(topic)) != (state.cluster_id, state.topic_id):
+            done = set()
     by_reason: dict[str, ReasonSummary] = {}
     records = 0
     for batch in read_dead_letters(settings, topic, progress=progress):

@@ -17,6 +17,9 @@ from infra.errors import InfraError
 from infra.settings import get_settings
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+ReasonContains = Annotated[
+    str | None, typer.Option("--reason", "-r", help="Only rejects whose reason contains this text.")
+]
 
 dlq_app = typer.Typer(
     help="Dead-letter topics (*.dlq): what failed and why ('list'), and putting records back into "
@@ -136,9 +139,7 @@ def dlq_redrive(
 @rejects_app.command("list")
 def rejects_list(
     name: Annotated[str, typer.Argument(help="The read model, e.g. listens.")],
-    reason: Annotated[
-        str | None, typer.Option("--reason", "-r", help="Only rejects whose reason contains this text.")
-    ] = None,
+    reason: ReasonContains = None,
     limit: Annotated[int, typer.Option(help="Print at most this many rejects after the counts.")] = 20,
     as_json: JsonOption = False,
 ) -> None:
@@ -172,9 +173,7 @@ def rejects_list(
 @rejects_app.command("reapply")
 def rejects_reapply(
     name: Annotated[str, typer.Argument(help="The read model, e.g. listens.")],
-    reason: Annotated[
-        str | None, typer.Option("--reason", "-r", help="Only rejects whose reason contains this text.")
-    ] = None,
+    reason: ReasonContains = None,
     as_json: JsonOption = False,
 ) -> None:
     """Re-apply the rejects of read model NAME once their cause is gone (a schema registered,

@@ -31,7 +31,8 @@ and their ``projection_rejects`` rows are deleted in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -235,6 +236,40 @@ def _store_rejects(
     return len(fresh)
 
 
+@contextmanager
+def _transaction(conn: duckdb.DuckDBPyConnection, lake_dir: Path) -> Iterator[list[tuple[str, int]]]:
+    """One DuckDB transaction around a batch; yields the list of lake files the batch writes.
+    Commits at the end; on any error rolls back and deletes those files (step 1)."""
+    written: list[tuple[str, int]] = []
+    conn.begin()
+    try:
+        yield written
+        conn.commit()
+    except BaseException:
+        lake.delete_files(lake_dir, written)
+        try:
+            conn.rollback()
+        except duckdb.Error:
+            pass  # the connection is broken: nothing was committed either way
+        raise
+
+
+def _to_lake(
+    conn: duckdb.DuckDBPyConnection,
+    lake_dir: Path,
+    proj: Projection,
+    rows: pa.Table,
+    written: list[tuple[str, int]],
+) -> int:
+    """Write ``rows`` of lake projection ``proj`` as one lake batch (files recorded in the
+    transaction, added to ``written``); returns the number of files."""
+    batch = lake.next_batch(conn, proj.name)
+    files = lake.write_files(lake_dir, proj, rows, batch)
+    written += files
+    lake.record_files(conn, proj.name, batch, files, now_utc())
+    return len(files)
+
+
 def _upsert_late(conn: duckdb.DuckDBPyConnection, proj: Projection, rows: pa.Table) -> pa.Table:
     """Apply late ``rows`` (below the stored offsets) by ``proj``'s policy without undoing newer
     rows (module docstring); returns the rows written."""
@@ -331,31 +366,16 @@ def apply_late(
         duckdb.Error, OSError: the write failed; nothing is kept.
     """
     result = AppliedLate()
-    written: list[tuple[str, int]] = []
     again = {(r.topic, r.partition, r.offset): r.reason for r in prepared.rejects}
-    conn.begin()
-    try:
+    with _transaction(conn, lake_dir) as written:
         table = prepared.tables.get(proj.name)
         if table is not None and table.num_rows:
-            physical = _physical(conn, proj)
-            new = _upsert_late(conn, physical, table)
+            new = _upsert_late(conn, _physical(conn, proj), table)
             result.applied = new.num_rows
             result.superseded = table.num_rows - new.num_rows
             if proj.lake and new.num_rows:
-                batch = lake.next_batch(conn, proj.name)
-                files = lake.write_files(lake_dir, proj, new, batch)
-                written += files
-                lake.record_files(conn, proj.name, batch, files, now_utc())
-                result.lake_files = len(files)
+                result.lake_files = _to_lake(conn, lake_dir, proj, new, written)
         result.kept, result.cleared = _settle_rejects(conn, proj.name, records, again)
-        conn.commit()
-    except BaseException:
-        lake.delete_files(lake_dir, written)
-        try:
-            conn.rollback()
-        except duckdb.Error:
-            pass
-        raise
     return result
 
 
@@ -399,10 +419,8 @@ def apply_batch(
             its lake files deleted).
     """
     by_name = {p.name: p for p in by_topic.values()}
-    written: list[tuple[str, int]] = []
     result = Applied()
-    conn.begin()
-    try:
+    with _transaction(conn, lake_dir) as written:
         stored = {k: v.next_offset for k, v in load_offsets(conn, by_name).items()}
         for name, table in prepared.tables.items():
             proj = by_name[name]
@@ -418,11 +436,7 @@ def apply_batch(
                 on_written(conn, physical.name, new)
             result.duplicates += fresh.num_rows - new.num_rows
             if proj.lake and new.num_rows:
-                batch = lake.next_batch(conn, name)
-                files = lake.write_files(lake_dir, proj, new, batch)
-                written += files
-                lake.record_files(conn, name, batch, files, now_utc())
-                result.lake_files += len(files)
+                result.lake_files += _to_lake(conn, lake_dir, proj, new, written)
         result.rejects = _store_rejects(conn, prepared.rejects, stored)
         result.redelivered += len(prepared.rejects) - result.rejects
         next_offsets: dict[tuple[str, str, int], int] = {}
@@ -431,14 +445,6 @@ def apply_batch(
             if end > stored.get(key, 0):
                 next_offsets[key] = end
         save_offsets(conn, next_offsets, identity)
-        conn.commit()
-    except BaseException:
-        lake.delete_files(lake_dir, written)
-        try:
-            conn.rollback()
-        except duckdb.Error:
-            pass  # the connection is broken: nothing was committed either way
-        raise
     return result
 
 

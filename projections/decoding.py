@@ -110,13 +110,12 @@ class BatchPreparer:
         self._by_topic = dict(by_topic)
         self._decoder = decoder if isinstance(decoder, AvroDecoder) else AvroDecoder(decoder)
         self._clock = clock or (lambda: int(time.time() * 1000))
-        self._types: dict[int, str] = {}
-        self._validators: dict[str, Validator | None] = {}
+        # schema id (the 4 bytes of the frame) → (event type, its validator)
+        self._kinds: dict[bytes, tuple[str, Validator | None]] = {}
 
-    def _validator(self, event_type: str) -> Validator | None:
-        if event_type not in self._validators:
-            self._validators[event_type] = validator_for(event_type)
-        return self._validators[event_type]
+    @staticmethod
+    def _validator(event_type: str) -> Validator | None:
+        return validator_for(event_type)
 
     def prepare(self, messages: Sequence[MessageLike]) -> Prepared:
         """Decode, validate and map ``messages`` (data records only: no error events).
@@ -140,35 +139,34 @@ class BatchPreparer:
             p.name: ([], [], [], []) for p in self._by_topic.values()
         }
         by_topic = self._by_topic
-        types = self._types
-        type_of = self._decoder.type_of
+        kinds_of = self._kinds
         last_topic: str | None = None
         proj: Projection | None = None
         accepted: frozenset[str] = frozenset()
         where: RowFilter | None = None
-        checks: dict[str, Validator | None] = {}
         events: list[dict[str, Any]] = []
         parts: list[int] = []
         offs: list[int] = []
         kinds: list[str] = []
-        for i, msg in enumerate(messages):
+        for i, (msg, event, value) in enumerate(zip(messages, records, values, strict=True)):
             topic, part, off = msg.topic(), msg.partition(), msg.offset()
             ends[(topic, part)] = off + 1  # a partition's records arrive in offset order
             if topic != last_topic:
                 last_topic, proj = topic, by_topic[topic]
                 accepted, where = proj.event_types, proj.where
                 events, parts, offs, kinds = columns[proj.name]
-            event = records[i]
             if event is None:
                 if is_control(msg.headers()):
                     out.controls += 1
                 else:
                     rejects.append(Reject(proj.name, proj.topic, part, off, reasons[i]))
                 continue
-            schema_id = int.from_bytes(values[i][1:5], "big")  # type: ignore[index]
-            event_type = types.get(schema_id)
-            if event_type is None:
-                event_type = types[schema_id] = type_of(schema_id)
+            prefix = value[1:5]  # type: ignore[index]  # the schema id (decoded: framed)
+            kind = kinds_of.get(prefix)
+            if kind is None:
+                event_type = self._decoder.type_of(int.from_bytes(prefix, "big"))
+                kind = kinds_of[prefix] = (event_type, self._validator(event_type))
+            event_type, check = kind
             if event_type not in accepted:
                 reads = ", ".join(sorted(accepted))
                 rejects.append(
@@ -176,10 +174,6 @@ class BatchPreparer:
                            f"event type {event_type} is not {reads}, the type {proj.name} reads")
                 )  # fmt: skip
                 continue
-            if event_type in checks:
-                check = checks[event_type]
-            else:
-                check = checks[event_type] = self._validator(event_type)
             if check is not None:
                 problem = check(event, now_ms)
                 if problem is not None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from events.importers.listens import parse_30music
+from events.log import read_to_end
 from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import Registry
@@ -80,23 +80,12 @@ def send_raw(settings: Settings) -> None:
 
 def broker_records(settings: Settings, topic: str) -> dict[tuple[int, int], tuple]:
     """``{(partition, offset): (key, value, headers, timestamp)}`` of the whole topic."""
-    marks = high_watermarks(settings, topic)
-    consumer = Consumer(settings.consumer_conf("bb-test-read"))
-    out: dict[tuple[int, int], tuple] = {}
-    consumer.assign([TopicPartition(topic, p, 0) for p, h in marks.items() if h])
-    try:
-        want = sum(marks.values())
-        wait_for(lambda: _drain(consumer, out) >= want, 60, f"{want} records of {topic}")
-    finally:
-        consumer.close()
-    return out
-
-
-def _drain(consumer: Consumer, out: dict) -> int:
-    for m in consumer.consume(10_000, 0.2):
-        if m.error() is None:
-            out[(m.partition(), m.offset())] = (m.key(), m.value(), m.headers() or [], m.timestamp()[1])
-    return len(out)
+    starts = {(topic, p): 0 for p in high_watermarks(settings, topic)}
+    return {
+        (m.partition(), m.offset()): (m.key(), m.value(), m.headers() or [], m.timestamp()[1])
+        for batch in read_to_end(settings, starts, purpose="test-read")
+        for m in batch
+    }
 
 
 def archive_rows(settings: Settings, topic: str) -> list[dict]:
