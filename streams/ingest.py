@@ -46,6 +46,7 @@ class ListenIngest(BatchAgent):
         self.config = config
         self.gap = gap_ms
         self.partitions: dict[int, Sessionizer] = {}
+        self.chunks: dict[int, state.RecentChunks] = {}
         self._sessions_partitions = config.topic_specs()[1].partitions
 
     @property
@@ -79,7 +80,8 @@ class ListenIngest(BatchAgent):
 
     def restore(self, partition: int, items: Mapping[bytes, bytes]) -> None:
         """The partition's sessionizer from its checkpoint records."""
-        sz = state.restore(partition, items.items(), self.gap)
+        chunks = self.chunks[partition] = state.RecentChunks()
+        sz = state.restore(partition, items.items(), self.gap, chunks)
         self.partitions[partition] = sz
         log.info("partition %d: restored %d users, watermark %d", partition, len(sz.users), sz.watermark)
 
@@ -134,12 +136,14 @@ class ListenIngest(BatchAgent):
         return Result(emits=emits, counts=counts)
 
     def checkpoint(self, partition: int, offset: int) -> Iterable[ChangelogRecord]:
-        """The users changed since the last checkpoint, then the watermark (:mod:`streams.state`)."""
-        return state.checkpoint_records(partition, self.partitions[partition], offset)
+        """New recent ids, the users changed since the last checkpoint, then the watermark
+        (:mod:`streams.state`)."""
+        return state.checkpoint_records(partition, self.partitions[partition], offset, self.chunks[partition])
 
     def revoke(self, partition: int) -> None:
         """Drop the partition's sessionizer."""
         self.partitions.pop(partition, None)
+        self.chunks.pop(partition, None)
 
     def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """Open sessions per assigned partition."""

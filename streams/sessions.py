@@ -9,8 +9,8 @@ and the unit tests share it.
 Rules, with ``W`` the partition watermark (the largest event time seen, or a control watermark):
 
 * **duplicate**: the event id is in the user's open session, or among the last
-  ``recent_ids`` accepted ids of the partition (a bounded FIFO, not checkpointed: it only decides
-  whether a re-sent event is counted as a duplicate or as late).
+  ``recent_ids`` accepted ids of the partition (a bounded FIFO, checkpointed in chunks, so a
+  restored partition counts a re-sent event exactly as an uninterrupted one).
 * **late**: the event is at or before the end of the user's last closed session plus the gap (it
   would have extended a session already emitted), or no open session covers it and
   ``W - t > gap`` (a session holding only it would already be closed).
@@ -119,6 +119,8 @@ class Sessionizer:
         self._recent_cap = recent_ids
         self._recent: deque[str] = deque()
         self._recent_set: set[str] = set()
+        self._recent_new: list[str] = []  # accepted since :meth:`take_recent`
+        self._recent_offset = -1  # the restored FIFO holds the ids accepted up to this offset
         self._open_heap: list[tuple[int, str]] = []  # (session end, user); stale entries skipped
         self._evict_heap: list[tuple[int, str]] = []  # (last closed end, user)
 
@@ -200,12 +202,17 @@ class Sessionizer:
             st.offset = offset
         self.dirty.add(user)
         self.accepted += 1
+        if offset < 0 or offset > self._recent_offset:  # not already in a restored chunk
+            self._remember(eid)
+        return closed
+
+    def _remember(self, eid: str) -> None:
         recent = self._recent
         recent.append(eid)
         self._recent_set.add(eid)
+        self._recent_new.append(eid)
         if len(recent) > self._recent_cap:
             self._recent_set.discard(recent.popleft())
-        return closed
 
     def add_many(
         self, records: Iterable[Mapping[str, Any]], offsets: Iterable[int] | None = None
@@ -263,6 +270,20 @@ class Sessionizer:
         return session
 
     # -- checkpoints and stats -------------------------------------------------------------------
+    def take_recent(self) -> list[str]:
+        """The event ids accepted since the last call, in order (for a FIFO checkpoint chunk)."""
+        new, self._recent_new = self._recent_new, []
+        return new
+
+    def restore_recent(self, ids: Iterable[str], up_to_offset: int) -> None:
+        """Refill the FIFO of recent ids from checkpoint chunks (oldest first) that hold the ids
+        accepted up to source offset ``up_to_offset``; listens replayed at or below it are not
+        remembered twice."""
+        for eid in ids:
+            self._remember(eid)
+        self._recent_new = []
+        self._recent_offset = up_to_offset
+
     def take_dirty(self) -> tuple[list[tuple[str, UserState | None]], bool]:
         """The users changed since the last call (``None`` = forgotten) and whether the watermark
         changed; resets both."""

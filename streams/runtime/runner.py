@@ -55,6 +55,7 @@ from events.registry_client import registry_for
 from infra.errors import ConfigError, TransientError
 from infra.settings import Settings
 from streams.runtime.agent import BatchAgent, PartitionBatch, Raw
+from streams.runtime.failpoints import armed, failpoint
 from streams.runtime.producer import DeliveryFailed, OutputProducer
 from streams.runtime.published import published_since
 from streams.runtime.store import POSITION_KEY, Position, recover
@@ -306,11 +307,19 @@ class AgentRunner:
         readback: dict[str, int] = {}
         fresh: list[int] = []
         restored: dict[int, PartitionState] = {}
+        repairs: dict[int, list[tuple[bytes, bytes | None]]] = {}
         read = 0
         recovered = recover(self.settings, self.changelog, parts)
         for p in parts:
             rec = recovered.pop(p)  # its changelog items are dropped once the agent has its state
             read += rec.records_read
+            if rec.tail:
+                repairs[p] = rec.repair()
+                log.warning(
+                    "%s: partition %d: the last checkpoint was cut short (%d records after the last "
+                    "complete one); restoring the complete one and undoing the rest",
+                    self.agent.name, p, len(rec.tail),
+                )  # fmt: skip
             self.agent.revoke(p)
             self.agent.restore(p, rec.items)
             pos = rec.position
@@ -550,23 +559,34 @@ class AgentRunner:
         if raws:
             producer.send_raws(raws, skip)
         self.stats.suppressed += before - len(skip)
+        failpoint("outputs-produced")
         producer.acknowledge()  # 1. outputs on the broker
+        failpoint("outputs-acked")
         ends = dict(producer.ends)
         commits: list[TopicPartition] = []
+        first = True
         for p, prep in prepared.items():
             state = self.assigned[p]
             records = list(self.agent.checkpoint(p, prep.last_offset))
             state.next = prep.last_offset + 1
             state.outputs = ends
             records.append((POSITION_KEY, Position(state.next, ends, state.counters).encode()))
+            if first and armed():  # a checkpoint that reached the broker in part
+                half = records[: len(records) // 2]
+                producer.send_changelog(self.changelog, p, half)
+                producer.acknowledge()
+                failpoint("changelog-half")
+            first = False
             producer.send_changelog(self.changelog, p, records)
             commits.append(TopicPartition(self.source, p, state.next))
         self._refresh_idle(ends, set(prepared))
         producer.acknowledge()  # 2. checkpoints on the broker
+        failpoint("changelog-acked")
         try:  # 3. source offsets (lag tools read them; restarts use the position records)
             consumer.commit(offsets=commits, asynchronous=False)
         except KafkaException as exc:
             log.warning("%s: offset commit failed (positions are in the changelog): %s", self.agent.name, exc)
+        failpoint("committed")
         if skip and all((s.next or 0) >= s.skip_until for s in self.assigned.values()):
             skip.clear()  # every partition is past what it could emit again
 

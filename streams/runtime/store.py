@@ -14,10 +14,13 @@ compacts, TANSU.md §6, so the changelog is the full history). The consumer then
 source partition at ``Position.offset``: the state and the position it covers come from the
 same place, so nothing is applied twice or skipped because a group commit was late or early.
 
-A crash can leave a checkpoint half written (some of its agent records, not its position
-record). The restored state is then newer than its position for some keys; the domain state
-machines skip records at or below each entry's own source offset, so replaying from the older
-position changes nothing twice.
+A crash can leave a checkpoint half written: some of its agent records, not its position
+record. The position record is the checkpoint's commit marker: recovery applies the records up
+to the last position record and sets aside what follows it (the *tail*). The restored state is
+then exactly the last complete checkpoint, with the counters and position that belong to it, so
+replaying from there makes the same decisions and counts as an uninterrupted run. The runner
+then writes a *repair* (each tail key's committed value, or a tombstone, and the position again)
+before anything else, so that the tail never becomes part of a later checkpoint.
 """
 
 from __future__ import annotations
@@ -70,12 +73,23 @@ class Position:
 
 @dataclass
 class Recovered:
-    """One partition's recovered state: ``items`` (last value per key, position record and
-    tombstoned keys removed), its :class:`Position`, and how many changelog records were read."""
+    """One partition's recovered state: ``items`` (last value per key as of the last complete
+    checkpoint, position record and tombstoned keys removed), its :class:`Position`, how many
+    changelog records were read, and the keys of an incomplete checkpoint after it (``tail``)."""
 
     items: dict[bytes, bytes]
     position: Position
     records_read: int
+    tail: set[bytes] = field(default_factory=set)
+
+    def repair(self) -> list[tuple[bytes, bytes | None]]:
+        """The records that undo the tail: each tail key's committed value (a tombstone when it
+        had none), then the position record again. Empty when there is no tail."""
+        if not self.tail:
+            return []
+        out: list[tuple[bytes, bytes | None]] = [(k, self.items.get(k)) for k in sorted(self.tail)]
+        out.append((POSITION_KEY, self.position.encode()))
+        return out
 
 
 def recover(
@@ -95,6 +109,8 @@ def recover(
     if marks is None:
         marks = high_watermarks(settings, changelog)
     items: dict[int, dict[bytes, bytes]] = {p: {} for p in wanted}
+    # records after the last position record seen: committed when the next one comes
+    pending: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
     read = dict.fromkeys(wanted, 0)
     # ``None``: from the partition's first record (compacted changelogs do not start at 0)
     ranges = {(changelog, p): (None, marks.get(p, 0)) for p in wanted}
@@ -102,18 +118,23 @@ def recover(
         for msg in batch:
             p = msg.partition()
             key = msg.key()
+            read[p] += 1
             if key is None:
                 continue
-            value = msg.value()
-            if value is None:
-                items[p].pop(key, None)
-            else:
-                items[p][key] = value
-            read[p] += 1
+            tail = pending[p]
+            tail[key] = msg.value()
+            if key == POSITION_KEY:  # the commit marker: apply the checkpoint it ends
+                committed = items[p]
+                for k, v in tail.items():
+                    if v is None:
+                        committed.pop(k, None)
+                    else:
+                        committed[k] = v
+                tail.clear()
     out: dict[int, Recovered] = {}
     for p in wanted:
         position = Position.decode(items[p].pop(POSITION_KEY, None))
-        out[p] = Recovered(items[p], position, read[p])
+        out[p] = Recovered(items[p], position, read[p], set(pending[p]) - {POSITION_KEY})
     return out
 
 

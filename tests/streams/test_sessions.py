@@ -193,3 +193,30 @@ def test_checkpoint_deletes_forgotten_users_and_ignores_other_partitions():
     assert table[state.user_key(1, "u")] is None
     restored = state.restore(1, table.items(), GAP)
     assert restored.users == {} and restored.watermark == T0 + 5 * GAP
+
+
+def test_the_recent_ids_survive_a_restore_so_a_resent_event_counts_the_same():
+    """A re-sent event of a closed session is a duplicate while its id is in the FIFO; after a
+    restore from checkpoints the FIFO is the same, so it is not counted late instead."""
+    cap = 5
+    live = Sessionizer(GAP, recent_ids=cap)
+    chunks = state.RecentChunks(cap)
+    table: dict[bytes, bytes | None] = {}
+    events = [listen("u1", T0 + i * 60_000, f"e{i}") for i in range(4)]
+    events += [listen("u2", T0 + 3 * GAP + i * 60_000, f"f{i}") for i in range(4)]  # closes u1's session
+    for offset, e in enumerate(events):
+        live.add(e, offset)
+        if offset % 3 == 2:  # a checkpoint every third listen
+            table.update(state.checkpoint_records(0, live, offset, chunks))
+    live.advance_watermark()  # closes u1's session
+    table.update(state.checkpoint_records(0, live, len(events) - 1, chunks))
+    assert any(v is None for k, v in table.items() if k.startswith(b"r:0:")), "old chunks dropped"
+    restored = state.restore(0, {k: v for k, v in table.items() if v is not None}.items(), GAP,
+                             state.RecentChunks(cap))  # fmt: skip
+    restored._recent_cap = cap
+    for sz in (live, restored):
+        before = (sz.duplicates, sz.late)
+        sz.add(events[5], 100)  # f1 again: in the FIFO (the last 5 ids) -> duplicate
+        sz.add(events[1], 101)  # e1 again: left the FIFO, its session closed -> late
+        assert (sz.duplicates - before[0], sz.late - before[1]) == (1, 1)
+    assert list(restored._recent) == list(live._recent)
