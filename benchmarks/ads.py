@@ -1,10 +1,13 @@
-"""Benchmark: impressions/s through the ad-reporting agent, and the worker's peak RSS.
+"""Benchmark: events/s through the ad-reporting agent against raw consume + decode of the same
+topic, and the worker's peak RSS.
 
 The real Open Bandit file (``random/all/all.csv``) is turned into events by the importer's own
 function and replayed N times, each copy 8 days after the previous one with ids suffixed, into
-a private broker (not timed); then a worker running only the ad-reporting agent reads them. The
-time runs from its first partition restore to the stats line where every event is in and the
-counts stopped moving. Prints one JSON line.
+a private broker (not timed); the raw rate is a plain consume + decode of that topic
+(:func:`benchmarks.worker.raw_rate`); then a worker running only the ad-reporting agent reads
+it, its rate being records in over the runtime's ``active_s`` (first batch to the last
+checkpointed one). ``ratio_vs_raw`` = agent / raw (target >= 0.25, issue 13). Prints one JSON
+line.
 
     .venv/bin/python -m benchmarks.ads [--copies 10]
 """
@@ -13,15 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log_time, private_stack, process_peak_rss_mb
+from benchmarks.common import private_stack
+from benchmarks.worker import raw_rate, run_worker, settled
 from events.control import END_OF_INPUT_MS, watermark_headers
 from events.importers.ads import ad_events, without_type
 from events.offsets import partitions_of
@@ -32,6 +30,7 @@ from streams.ads import AdsConfig
 
 ADS_ALL = REPO_ROOT.parent / "shared" / "data" / "ads_open_bandit" / "random" / "all" / "all.csv"
 APP_ID = "bench-ads"
+SOURCE = "bench.ads"
 SHIFT_MS = 8 * 86_400_000
 
 
@@ -69,43 +68,6 @@ def produce(settings: Settings, source: str, evs: list[dict[str, Any]]) -> None:
     producer.flush()
 
 
-def run_worker(settings: Settings, total: int, log: Path) -> dict[str, Any]:
-    env = {
-        **os.environ, **settings.to_env(), "BACKBEAT_INGEST_APP_ID": APP_ID, "BACKBEAT_STREAMS_AGENTS": "ads",
-        "BACKBEAT_ADS_SOURCE_TOPIC": "bench.ads", "BACKBEAT_INGEST_STATS_INTERVAL_S": "0.25",
-    }  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info", "--without-web"],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 900
-        first_done: tuple[str, dict[str, Any]] | None = None
-        done = None
-        while done is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("worker died or timed out:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if "ads stats " in ln]
-            if not lines:
-                continue
-            stats = json.loads(lines[-1].split("ads stats ", 1)[1])
-            if stats["events_in"] < total:
-                continue
-            if first_done and first_done[1]["reports"] == stats["reports"] and first_done[0] != lines[-1]:
-                done = (first_done[0], stats)
-            elif not first_done or first_done[1]["reports"] != stats["reports"]:
-                first_done = (lines[-1], stats)
-        rss = process_peak_rss_mb(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    lines = log.read_text(errors="replace").splitlines()
-    start = next(ln for ln in lines if "ad reporting: partition" in ln)
-    return {"elapsed_s": round(log_time(done[0]) - log_time(start), 2), "peak_rss_mb": rss, "stats": done[1]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=10, help="replay the file N times (default 10)")
@@ -113,16 +75,27 @@ def main() -> None:
     evs = events(args.copies)
     impressions = sum(e["event_type"] == "AdImpressionServed" for e in evs)
     with private_stack() as settings:
-        apply_topics(settings, AdsConfig(source_topic="bench.ads").topic_specs(APP_ID))
-        produce(settings, "bench.ads", evs)
-        run = run_worker(settings, len(evs), settings.data_dir / "worker.log")
-    stats = run["stats"]
+        apply_topics(settings, AdsConfig(source_topic=SOURCE).topic_specs(APP_ID))
+        produce(settings, SOURCE, evs)
+        raw_n, raw = raw_rate(settings, SOURCE)
+        assert raw_n == len(evs), (raw_n, len(evs))
+        env = {"BACKBEAT_INGEST_APP_ID": APP_ID, "BACKBEAT_STREAMS_AGENTS": "ads",
+               "BACKBEAT_ADS_SOURCE_TOPIC": SOURCE}  # fmt: skip
+        every_in = settled(("reports", "exhausted", "batches"))
+        stats, rss = run_worker(
+            settings, env, ("ads",),
+            lambda st: st["ads"]["records_in"] >= len(evs) and every_in(st),
+            settings.data_dir / "worker.log",
+        )  # fmt: skip
+    run = stats["ads"]
+    rate = run["records_in"] / run["active_s"]
     print(json.dumps({
         "benchmark": "ads", "copies": args.copies, "events": len(evs), "impressions": impressions,
-        "elapsed_s": run["elapsed_s"], "impressions_per_s": round(impressions / run["elapsed_s"]),
-        "worker_peak_rss_mb": run["peak_rss_mb"], "reports": stats["reports"],
-        "exhausted": stats["exhausted"],
-        "reconciles": stats["reconciles"],
+        "raw_rate": round(raw), "agent_rate": round(rate), "ratio_vs_raw": round(rate / raw, 3),
+        "agent_active_s": run["active_s"], "agent_busy_s": run["busy_s"],
+        "impressions_per_s": round(impressions / run["active_s"]),
+        "worker_peak_rss_mb": rss, "reports": run["reports"], "exhausted": run["exhausted"],
+        "reconciles": run["reconciles"],
     }))  # fmt: skip
 
 

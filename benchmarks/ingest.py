@@ -1,18 +1,21 @@
-"""Benchmark: listens/s through the listening-ingest Faust agent against a minimal confluent-kafka
-loop doing the same work, on the 30Music 2014 listens replayed 10× (user ids suffixed ``#k``).
+"""Benchmark: listens/s through the listening-ingest agent (a worker on the shared runtime)
+against raw consume + decode of the same topic and against a minimal confluent-kafka loop doing
+the same job, on the 30Music 2014 listens replayed 10× (user ids suffixed ``#k``).
 
-Both read the same input topic from the start: decode (registry, fastavro), validate, de-duplicate
-and sessionise (:class:`streams.sessions.Sessionizer`, per partition) and emit ``SessionEnded``
-(encoded, CloudEvents headers) to a sessions topic; the agent also checkpoints its state to its
-changelog (that cost is the agent's). The agent's rate is measured from its first processed batch
-to the ``ingest stats`` line that shows every listen in (0.25 s resolution), so worker start-up
-and the group join are excluded. Starts its own broker and registry on free ports in a temporary
-data dir and stops them at the end. Prints ONE JSON line.
+* **raw**: consume + decode of every record of the input topic, nothing else
+  (:func:`benchmarks.worker.raw_rate`); ``ratio_vs_raw`` = agent / raw.
+* **plain**: one loop that reads the same topic from the start, decodes, validates,
+  de-duplicates and sessionises (:class:`streams.sessions.Sessionizer`, per partition) and emits
+  ``SessionEnded`` (encoded, CloudEvents headers) to a sessions topic, with no checkpoints;
+  ``ratio_vs_plain`` = agent / plain (run with the worker's GC tuning; ``plain_rate_default_gc``
+  is the same loop with CPython's defaults).
+* **agent**: ``faust -A streams.app worker`` with only listening ingest; its rate is records in
+  over the runtime's ``active_s`` (from its first batch to the end of its last checkpointed
+  batch), so worker start-up and the group join are excluded; it also writes its checkpoints.
 
-The baseline runs twice: first with CPython's default collector settings (what a minimal loop
-gets), then with the collector tuning every backbeat process applies (:mod:`infra.runtime`).
-``ratio`` compares the agent with the tuned baseline (the stricter figure);
-``ratio_vs_default_gc_baseline`` with the default one.
+Targets (issue 13): ``ratio_vs_raw`` >= 0.4 and ``ratio_vs_plain`` >= 0.7. Starts its own broker
+and registry on free ports in a temporary data dir and stops them at the end. Prints ONE JSON
+line.
 
     .venv/bin/python benchmarks/ingest.py [--copies 10] [--batch 20000]
 """
@@ -21,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
-from benchmarks.common import log_time, process_peak_rss_mb  # noqa: E402
+from benchmarks.worker import raw_rate, run_worker  # noqa: E402
 from events.catalog import TopicSpec  # noqa: E402
 from events.cloudevents import ce_headers  # noqa: E402
 from events.control import is_control, watermark_headers, watermark_of  # noqa: E402
@@ -41,13 +41,14 @@ from events.importers.base import event_id  # noqa: E402
 from events.importers.listens import parse_listens_file, without_line  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from events.registry_client import registry_for  # noqa: E402
+from events.validation import validate_listen  # noqa: E402
 from infra import services  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
 from streams.config import IngestConfig  # noqa: E402
-from streams.sessions import Sessionizer, validate_listen  # noqa: E402
+from streams.sessions import Sessionizer  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
 PARTITIONS = 6
@@ -153,45 +154,6 @@ def baseline(settings: Settings, source: str, sink: str, total: int) -> dict:
 
 
 
-def agent(settings: Settings, config: IngestConfig, env: dict[str, str], total: int, log: Path) -> dict:
-    """Run the worker until its stats show every listen in; rate from first batch to that line."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info"],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 600
-        done = None
-        while done is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("worker died or timed out:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.25)
-            for line in log.read_text(errors="replace").splitlines():
-                if "ingest stats " in line:
-                    stats = json.loads(line.split("ingest stats ", 1)[1])
-                    if stats["listens_in"] >= total and stats["control_records"] >= PARTITIONS:
-                        done = (line, stats)
-                        break
-        rss = process_peak_rss_mb(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    lines = log.read_text(errors="replace").splitlines()
-    first = next(ln for ln in lines if "restored" in ln and "partition" in ln)
-    elapsed = log_time(done[0]) - log_time(first)
-    stats = done[1]
-    return {
-        "elapsed_s": round(elapsed, 3),
-        "rate": round(total / elapsed),
-        "sessions": stats["sessions_emitted"],
-        "batches": stats["batches"],
-        "busy_s": stats["busy_s"],
-        "reconciles": stats["reconciles"],
-        "peak_rss_mb": rss,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=10)
@@ -226,20 +188,24 @@ def main() -> None:
             base_default = baseline(settings, config.source_topic, "bench.sessions.default-gc", total)
             tune_gc()
             base = baseline(settings, config.source_topic, "bench.sessions", total)
-            env = dict(os.environ)
-            env.update(
-                BACKBEAT_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-                BACKBEAT_REGISTRY_URL=settings.registry_url,
-                BACKBEAT_DATA_DIR=str(data_dir),
+            env = dict(
                 BACKBEAT_INGEST_APP_ID=config.app_id,
                 BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
                 BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
                 BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
                 BACKBEAT_INGEST_BATCH=str(args.batch),
-                BACKBEAT_INGEST_STATS_INTERVAL_S="0.25",
                 BACKBEAT_STREAMS_AGENTS="ingest",  # this benchmark measures listening ingest alone
             )
-            faust_run = agent(settings, config, env, total, data_dir / "worker.log")
+            raw_n, raw = raw_rate(settings, config.source_topic)
+            assert raw_n == total, (raw_n, total)
+            stats, rss = run_worker(
+                settings, env, ("ingest",),
+                lambda st: st["ingest"]["records_in"] >= total
+                and st["ingest"]["control_records"] >= PARTITIONS,
+                data_dir / "worker.log",
+            )  # fmt: skip
+            run = stats["ingest"]
+            agent_rate = total / run["active_s"]
         finally:
             services.down(settings)
     print(
@@ -249,20 +215,22 @@ def main() -> None:
                 "listens": total,
                 "copies": args.copies,
                 "produce_rate": round(total / produce_s),
-                "baseline_rate": base["rate"],
-                "agent_rate": faust_run["rate"],
-                "ratio": round(faust_run["rate"] / base["rate"], 3),
-                "baseline_rate_default_gc": base_default["rate"],
-                "ratio_vs_default_gc_baseline": round(faust_run["rate"] / base_default["rate"], 3),
-                "baseline_sessions": base["sessions"],
-                "baseline_counts": [base["accepted"], base["duplicates"], base["late"]],
-                "agent_sessions": faust_run["sessions"],
-                "agent_batches": faust_run["batches"],
-                "agent_elapsed_s": faust_run["elapsed_s"],
-                "agent_busy_s": faust_run["busy_s"],
-                "baseline_elapsed_s": base["elapsed_s"],
-                "agent_reconciles": faust_run["reconciles"],
-                "worker_peak_rss_mb": faust_run["peak_rss_mb"],
+                "raw_rate": round(raw),
+                "plain_rate": base["rate"],
+                "agent_rate": round(agent_rate),
+                "ratio_vs_raw": round(agent_rate / raw, 3),
+                "ratio_vs_plain": round(agent_rate / base["rate"], 3),
+                "plain_rate_default_gc": base_default["rate"],
+                "plain_sessions": base["sessions"],
+                "plain_counts": [base["accepted"], base["duplicates"], base["late"]],
+                "agent_sessions": run["sessions_emitted"],
+                "agent_counts": [run["sessionised"], run["duplicates"], run["late"]],
+                "agent_batches": run["batches"],
+                "agent_active_s": run["active_s"],
+                "agent_busy_s": run["busy_s"],
+                "plain_elapsed_s": base["elapsed_s"],
+                "agent_reconciles": run["reconciles"],
+                "worker_peak_rss_mb": rss,
                 "batch": args.batch,
             }
         )

@@ -121,6 +121,8 @@ class ProcessStats:
     transient_waits: int = 0
     suppressed: int = 0
     readback_records: int = 0
+    first_batch_at: float = 0.0  # wall clock (s) when the first batch's records arrived
+    last_batch_at: float = 0.0  # wall clock (s) when the last batch was checkpointed
 
 
 class AgentRunner:
@@ -416,6 +418,8 @@ class AgentRunner:
         if not by_part:
             return
         self._last_record = time.monotonic()
+        if not self.stats.first_batch_at:
+            self.stats.first_batch_at = time.time() - (time.perf_counter() - started)
         generation = self._generation
         prepared: dict[int, Prepared] = {}
         for attempt in self._retrying("the schema registry to decode a batch"):
@@ -449,6 +453,7 @@ class AgentRunner:
             return
         self.stats.batches += 1
         self.stats.busy_s += time.perf_counter() - started
+        self.stats.last_batch_at = time.time()
         self._check_ready()
 
     def _prepare(self, p: int, msgs: list[Message]) -> Prepared:
@@ -661,6 +666,8 @@ class AgentRunner:
             transient_waits=self.stats.transient_waits,
             suppressed=self.stats.suppressed,
             readback_records=self.stats.readback_records,
+            active_s=round(max(0.0, self.stats.last_batch_at - self.stats.first_batch_at), 3),
+            first_batch_at=round(self.stats.first_batch_at, 3),
             assigned=sorted(self.assigned),
             positions={p: s.next for p, s in sorted(self.assigned.items())},
             ready=self.ready.is_set(),

@@ -1,0 +1,114 @@
+"""Shared by the agent benchmarks: run a worker subprocess until its stats lines say it is done,
+its rate from the runtime's own clock, its peak RSS; the raw consume + decode rate of the same
+input topic (the baseline of ``ratio_vs_raw``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from benchmarks.common import process_peak_rss_mb
+from events.log import reader_conf
+from events.offsets import high_watermarks
+from events.registry_client import registry_for
+from infra.settings import REPO_ROOT, Settings
+
+Stats = dict[str, dict[str, Any]]
+
+
+def last_stats(log: Path, names: tuple[str, ...]) -> Stats:
+    """The last ``<name> stats {json}`` line of each of ``names`` in the worker's log."""
+    out: Stats = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for name in names:
+            marker = f" {name} stats "
+            if marker in line:
+                out[name] = json.loads(line.split(marker, 1)[1])
+    return out
+
+
+def run_worker(
+    settings: Settings,
+    env: dict[str, str],
+    names: tuple[str, ...],
+    done: Callable[[Stats], bool],
+    log: Path,
+    timeout_s: float = 1800,
+) -> tuple[Stats, float]:
+    """Start ``faust -A streams.app worker`` with ``env`` (on top of ``settings``), poll its
+    stats lines until ``done(stats)``, then kill it. Returns the final stats of each agent and
+    the worker's peak RSS in MB.
+
+    Raises:
+        RuntimeError: the worker died or did not finish in ``timeout_s`` s.
+    """
+    full = {**os.environ, **settings.to_env(), "BACKBEAT_INGEST_STATS_INTERVAL_S": "0.25", **env}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info", "--without-web"],
+            cwd=REPO_ROOT, env=full, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("worker died or timed out:\n" + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+            stats = last_stats(log, names)
+            if len(stats) == len(names) and done(stats):
+                break
+        rss = process_peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    return stats, rss
+
+
+def settled(keys: tuple[str, ...]) -> Callable[[Stats], bool]:
+    """A ``done`` that holds once two polls in a row show the same ``keys`` (summed over agents)."""
+    seen: list[tuple[int, ...]] = []
+
+    def check(stats: Stats) -> bool:
+        now = tuple(sum(int(s.get(k, 0)) for s in stats.values()) for k in keys)
+        if seen and seen[-1] == now:
+            return True
+        seen.append(now)
+        return False
+
+    return check
+
+
+def raw_rate(settings: Settings, topic: str) -> tuple[int, float]:
+    """``(data records, records/s)`` of a plain consume + decode of every record of ``topic``
+    (control records skipped): one confluent consumer ``assign()``-ed to every partition from
+    the start, 50,000 messages per ``consume``, the one decoder with the writer schemas cached.
+
+    Raises:
+        AssertionError: a data record does not decode.
+    """
+    decoder = registry_for(settings.registry_url).decoder()
+    marks = high_watermarks(settings, topic)
+    total = sum(marks.values())
+    consumer = Consumer(reader_conf(settings, f"bench-raw-{topic}"))
+    consumer.assign([TopicPartition(topic, p, 0) for p in marks])
+    seen = data = 0
+    start = time.perf_counter()
+    while seen < total:
+        msgs = [m for m in consumer.consume(num_messages=50_000, timeout=1.0) if m.error() is None]
+        seen += len(msgs)
+        values = [v for v in (m.value() for m in msgs) if v]
+        _, errors = decoder.decode_many(values)
+        assert not errors, errors[:3]
+        data += len(values)
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return data, data / elapsed
