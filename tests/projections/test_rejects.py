@@ -22,9 +22,12 @@ from events.registry_client import Registry, registry_for
 from events.schemas import get_schema, subject_for
 from events.serde import AvroEncoder, plain_times
 from infra.cli import app
+from infra.errors import TransientError
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
+from projections.readmodels import LISTENS
 from projections.rejects import list_rejects
+from projections.runner import ProjectionRunner
 from tests.conftest import env_for, wait_for
 from tests.projections.test_readmodels import listen
 from tests.projections.test_runner import _runner_cmd, lake_count, rows, run_listens, send
@@ -169,3 +172,26 @@ def test_listens_the_agent_dead_letters_are_rejected_by_the_read_model(
     listed = json.loads(cli(settings, "projections", "rejects", "list", "listens", "--json"))
     assert listed["rejects"] == 4 and sum(r["count"] for r in listed["reasons"]) == 4
     assert {f["offset"] for f in listed["first"]} == {r.offset for r in list_rejects(settings, "listens")}
+
+
+def test_an_unreachable_registry_is_waited_out_never_rejected(
+    settings: Settings, unique: Callable[[str], str]
+):
+    """Errors by kind: while the registry cannot be reached the runner waits (backoff, counted in
+    `waits`) and then applies the batch; nothing lands in projection_rejects."""
+    topic = unique("rej.listens")
+    apply_topics(settings, [TopicSpec(topic, 2)])
+    send(settings, topic, "ListenRecorded", [listen(i) for i in range(30)], "event_id", "occurred_at")
+    registry = registry_for(settings.registry_url)
+    failures = [3]
+
+    def flaky(schema_id: int) -> dict:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise TransientError(f"registry unreachable (schema id {schema_id})")
+        return registry.parsed_schema_by_id(schema_id)
+
+    stats = ProjectionRunner(settings, [LISTENS.on_topic(topic)], lookup=flaky).run(until_caught_up=True)
+    assert failures == [0] and stats.waits == 3
+    assert (stats.records, stats.applied, stats.rejects) == (30, 30, 0)
+    assert list_rejects(settings, "listens") == []
