@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean postgres
+.PHONY: demo test soak lint venv clean postgres
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -29,6 +29,10 @@ postgres:
 
 test: venv lint postgres
 	$(BIN)/python -m pytest
+
+# The long runs at full size (about 15 minutes): the 1M-event run with five SIGKILLs.
+soak: venv
+	$(BIN)/python -m pytest -m soak
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
