@@ -60,6 +60,7 @@ class BackbeatApp(faust.App):
             within_s=c.batch_within_s,
             stats_interval_s=c.stats_interval_s,
             fetch_wait_ms=c.fetch_wait_ms,
+            stall_after_s=c.stall_after_s,
         )
         service = AgentService(AgentRunner(agent, self.backbeat_settings, config), loop=self.loop)
         self.agent_services.append(service)

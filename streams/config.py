@@ -11,7 +11,9 @@ variable                               meaning (default)
 ``BACKBEAT_INGEST_BATCH``              max events per batch (``20000``)
 ``BACKBEAT_INGEST_BATCH_WITHIN_S``     max seconds to fill a batch (``0.2``)
 ``BACKBEAT_INGEST_STATS_INTERVAL_S``   seconds between ``ingest stats`` log lines (``10``)
-``BACKBEAT_INGEST_FETCH_WAIT_MS``      consumer fetch max wait, ms (``100``; Faust: 1500)
+``BACKBEAT_INGEST_FETCH_WAIT_MS``      consumer fetch max wait, ms (``100``)
+``BACKBEAT_STREAMS_STALL_AFTER_S``     report an agent as stalled when records wait but none
+                                       arrived for this long, seconds (``30``)
 ``BACKBEAT_STREAMS_AGENTS``            which agents the worker runs: ``ingest``,
                                        ``features``, ``ads``, comma-separated (all)
 =====================================  ===================================================
@@ -71,6 +73,7 @@ class IngestConfig:
     stats_interval_s: float = 10.0
     fetch_wait_ms: int = 100
     agents: tuple[str, ...] = AGENT_GROUPS
+    stall_after_s: float = 30.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> IngestConfig:
@@ -90,6 +93,7 @@ class IngestConfig:
             stats_interval_s=float(_num(env, "BACKBEAT_INGEST_STATS_INTERVAL_S", "10", float)),
             fetch_wait_ms=int(_num(env, "BACKBEAT_INGEST_FETCH_WAIT_MS", "100", int)),
             agents=_agents(env.get("BACKBEAT_STREAMS_AGENTS") or ",".join(AGENT_GROUPS)),
+            stall_after_s=float(_num(env, "BACKBEAT_STREAMS_STALL_AFTER_S", "30", float)),
         )
 
     @property

@@ -12,6 +12,9 @@ nothing flushed) the ``n``-th time it passes ``<name>`` (``n`` defaults to 1). T
 * ``changelog-acked``: checkpoints on the broker, source offsets not committed;
 * ``committed``: after the commit (the next batch's work is lost).
 
+One more is a behaviour, not an exit: ``stall`` keeps every assigned partition paused, as a
+consumer whose fetches return nothing would (the stall detector must report it).
+
 Unset (production), :func:`failpoint` is one dictionary lookup of a module constant.
 """
 
@@ -41,9 +44,14 @@ def failpoint(name: str) -> None:
         os._exit(137)
 
 
+def active(name: str) -> bool:
+    """True when the behaviour failpoint ``name`` is set (e.g. ``stall``)."""
+    return name in _ARMED
+
+
 def armed() -> bool:
     """True when a failpoint is set (tests check the variable reached the worker)."""
     return bool(_ARMED)
 
 
-__all__ = ["NAMES", "armed", "failpoint"]
+__all__ = ["NAMES", "active", "armed", "failpoint"]

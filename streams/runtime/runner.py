@@ -55,7 +55,7 @@ from events.registry_client import registry_for
 from infra.errors import ConfigError, TransientError
 from infra.settings import Settings
 from streams.runtime.agent import BatchAgent, PartitionBatch, Raw
-from streams.runtime.failpoints import armed, failpoint
+from streams.runtime.failpoints import active, armed, failpoint
 from streams.runtime.producer import DeliveryFailed, OutputProducer
 from streams.runtime.published import published_since
 from streams.runtime.store import POSITION_KEY, Position, recover
@@ -203,7 +203,7 @@ class AgentRunner:
         finally:
             self._waiting = False
             assignment = consumer.assignment()
-            if assignment:
+            if assignment and not active("stall"):
                 consumer.resume(assignment)
 
     def run(self) -> None:
@@ -280,7 +280,7 @@ class AgentRunner:
             state = self.assigned.get(tp.partition)
             tp.offset = OFFSET_BEGINNING if state is None or state.next is None else state.next
         consumer.assign(partitions)
-        if self._waiting:
+        if self._waiting or active("stall"):
             consumer.pause(partitions)
         self._set_targets(parts)
 
@@ -613,7 +613,7 @@ class AgentRunner:
     # -- idle, stats, stalls ---------------------------------------------------------------------
     def _idle(self) -> None:
         now = time.monotonic()
-        if not self.assigned or now - self._last_stall_check < 5.0:
+        if not self.assigned or now - self._last_stall_check < min(5.0, self.config.stall_after_s / 2):
             return
         self._last_stall_check = now
         quiet = now - self._last_record

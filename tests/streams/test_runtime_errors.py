@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ import pytest
 from confluent_kafka import Producer
 
 from events.cloudevents import ce_headers
+from events.producer import EventProducer
 from events.registry_client import Registry
 from events.schemas import get_schema
 from events.serde import AvroEncoder, frame, plain_times
@@ -216,5 +218,28 @@ def test_ten_thousand_bad_records_are_dead_lettered_once_and_counts_reconcile(
             assert sum(len(m.value() or b"") >= 900_000 for m in dlq.records) == 10  # kept whole
         finally:
             dlq.close()
+    finally:
+        worker.kill()
+
+
+def test_a_worker_that_receives_nothing_says_so(
+    stack: Settings, unique: Callable[[str], str], tmp_path: Path
+):
+    """Defect 5's symptom (a restarted worker consuming nothing while records wait) is reported in
+    the log and the stats within the stall bound, here with fetching held off by a failpoint."""
+    name = unique("stall")
+    config, env = ingest_setup(stack, name, BACKBEAT_FAILPOINT="stall", BACKBEAT_STREAMS_STALL_AFTER_S="2")
+    producer = EventProducer(stack)
+    producer.send_many(config.source_topic, "ListenRecorded", [listen("u1", T0, "s1")], key_field="user_id",
+                       time_field="occurred_at", source="/tests")  # fmt: skip
+    producer.flush()
+    worker = Worker(env, tmp_path / "worker.log")
+    worker.start()
+    try:
+        stats = wait_for(
+            lambda: (s := worker.last_stats()) and s["stalled"] and s, 60, "a stall to be reported"
+        )
+        assert stats["records_in"] == 0 and not stats["ready"]
+        assert re.search(r"stalled: partitions \[\d\] have 1 records to read", worker.log.read_text())
     finally:
         worker.kill()
