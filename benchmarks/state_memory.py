@@ -67,13 +67,14 @@ def main() -> None:
         )  # fmt: skip
         log = settings.data_dir / "restored.log"
         _, restored_rss = run_worker(settings, env, ("ingest",), lambda st: bool(st["ingest"]["ready"]), log)
+        restore_s = _restore_seconds(log)
+        restored_users = sum(int(n) for n in re.findall(r"restored (\d+) users", log.read_text()))
     open_sessions = sum(first["ingest"]["open_sessions"].values())
     print(json.dumps({
         "benchmark": "state_memory", "users": args.users, "open_sessions": open_sessions,
         "produce_s": round(produce_s, 1), "agent_active_s": first["ingest"]["active_s"],
         "worker_peak_rss_mb": rss, "restored_worker_peak_rss_mb": restored_rss,
-        "restore_s": _restore_seconds(log),
-        "restored_users": sum(int(n) for n in re.findall(r"restored (\d+) users", log.read_text())),
+        "restore_s": restore_s, "restored_users": restored_users,
         "target_mb": 1024, "meets_target": max(rss, restored_rss) < 1024,
     }))  # fmt: skip
 

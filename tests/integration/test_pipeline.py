@@ -20,6 +20,7 @@ from infra.settings import Settings
 from projections.runner import run_projections
 from projections.sql import query
 from streams.features_config import partials_topic
+from streams.runtime.runner import group_id
 from tests.conftest import CATALOG, LISTENS_30MUSIC, LISTENS_LASTFM1K, env_for, settings_for, wait_for
 
 GROUND_TRUTH = """
@@ -65,11 +66,16 @@ def _run_pipeline(settings: Settings):
         catalog = import_catalog(settings, CATALOG)
         first = import_listens(settings, LISTENS_30MUSIC, "30music")
         second = import_listens(settings, LISTENS_30MUSIC, "30music")  # a re-import: no effect
-        for topic in ("playback.listens", partials_topic("pipeline-test")):  # both agent stages
+        stages = (  # every agent that reads the listens or the partials
+            ("playback.listens", "listening-ingest"),
+            ("playback.listens", "user-features"),
+            (partials_topic("pipeline-test"), "track-features"),
+        )
+        for topic, agent in stages:
             wait_for(
-                lambda topic=topic: group_progress(settings, "pipeline-test", topic).done
+                lambda topic=topic, agent=agent: group_progress(settings, group_id("pipeline-test", agent), topic).done
                 or worker.poll() is not None,
-                timeout_s=240, what=f"the agents to process every record of {topic}",
+                timeout_s=240, what=f"{agent} to process every record of {topic}",
             )  # fmt: skip
         assert worker.poll() is None, (settings.data_dir / "worker.log").read_text()[-3000:]
         stats = run_projections(settings, until_caught_up=True)
@@ -112,8 +118,14 @@ def test_every_listen_is_in_exactly_one_closed_session(pipeline):
 def test_reimport_changes_nothing_downstream(pipeline):
     settings, _, first, second, stats = pipeline
     assert second.produced == first.produced
-    assert query(settings, "SELECT count(DISTINCT event_id), count(*) FROM listens").rows[0] == (86_468, 86_468)
-    assert query(settings, "SELECT count(DISTINCT event_id), count(*) FROM sessions").rows[0] == (7_533, 7_533)
+    assert query(settings, "SELECT count(DISTINCT event_id), count(*) FROM listens").rows[0] == (
+        86_468,
+        86_468,
+    )
+    assert query(settings, "SELECT count(DISTINCT event_id), count(*) FROM sessions").rows[0] == (
+        7_533,
+        7_533,
+    )
     assert stats.records >= 2 * 86_468  # both imports were read, the second one collapsed
 
 
@@ -126,10 +138,14 @@ def test_importer_counts_reconcile_and_duplicates_are_reported(pipeline):
 def test_parquet_lake_holds_every_listen_once(pipeline):
     settings = pipeline[0]
     lake = settings.lake_dir / "listens"
-    got = duckdb.connect().execute(
-        "SELECT count(*), count(DISTINCT event_id) FROM read_parquet(?, hive_partitioning = true)",
-        [str(lake / "**" / "*.parquet")],
-    ).fetchone()
+    got = (
+        duckdb.connect()
+        .execute(
+            "SELECT count(*), count(DISTINCT event_id) FROM read_parquet(?, hive_partitioning = true)",
+            [str(lake / "**" / "*.parquet")],
+        )
+        .fetchone()
+    )
     assert got == (86_468, 86_468)
 
 
@@ -157,7 +173,8 @@ def test_feature_store_equals_a_group_by_over_the_listens(pipeline):
     mine = """SELECT user_id, window_size_ms, epoch_ms(window_start) AS window_start, plays, distinct_artists
               FROM user_features"""
     truth = " UNION ALL ".join(
-        WINDOW_TRUTH.format(size=size, step=step) for size, step in ((3_600_000, 300_000), (86_400_000, 3_600_000))
+        WINDOW_TRUTH.format(size=size, step=step)
+        for size, step in ((3_600_000, 300_000), (86_400_000, 3_600_000))
     )
     counts = query(
         settings,

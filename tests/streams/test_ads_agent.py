@@ -93,7 +93,8 @@ class AdSetup:
             if stats is None or stats["records_in"] < total:
                 return False
             marks = list(stats["watermarks"].values())
-            if not marks or min(marks) < mark or not group_progress(self.settings, group_id(self.name, "ad-reporting"), self.source).done:
+            group = group_id(self.name, "ad-reporting")
+            if not marks or min(marks) < mark or not group_progress(self.settings, group, self.source).done:
                 return False  # every offset committed (partitions without news are not restored)
             if seen and all(seen[-1][k] == stats[k] for k in ("reports", "exhausted", "batches")):
                 return True
