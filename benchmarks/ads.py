@@ -18,33 +18,18 @@ import argparse
 import json
 from typing import Any
 
-from benchmarks.common import private_stack
+from benchmarks.common import private_stack, replayed_ad_events
 from benchmarks.worker import raw_rate, run_worker, settled
 from events.control import END_OF_INPUT_MS, watermark_headers
-from events.importers.ads import ad_events, without_type
+from events.importers.ads import without_type
 from events.offsets import partitions_of
 from events.producer import EventProducer
 from infra.provision import apply_topics
-from infra.settings import REPO_ROOT, Settings
+from infra.settings import Settings
 from streams.ads import AdsConfig
 
-ADS_ALL = REPO_ROOT.parent / "shared" / "data" / "ads_open_bandit" / "random" / "all" / "all.csv"
 APP_ID = "bench-ads"
 SOURCE = "bench.ads"
-SHIFT_MS = 8 * 86_400_000
-
-
-def events(copies: int) -> list[dict[str, Any]]:
-    base = ad_events(ADS_ALL)
-    out = []
-    for k in range(copies):
-        for e in base:
-            out.append(
-                {**e, "occurred_at": e["occurred_at"] + k * SHIFT_MS, "event_id": f"{e['event_id']}#{k}",
-                 "impression_id": f"{e['impression_id']}#{k}",
-                 **({"click_id": f"{e['click_id']}#{k}"} if e.get("click_id") else {})}
-            )  # fmt: skip
-    return out
 
 
 def produce(settings: Settings, source: str, evs: list[dict[str, Any]]) -> None:
@@ -72,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=10, help="replay the file N times (default 10)")
     args = parser.parse_args()
-    evs = events(args.copies)
+    evs = replayed_ad_events(args.copies)
     impressions = sum(e["event_type"] == "AdImpressionServed" for e in evs)
     with private_stack() as settings:
         apply_topics(settings, AdsConfig(source_topic=SOURCE).topic_specs(APP_ID))

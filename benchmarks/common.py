@@ -59,6 +59,29 @@ def replayed_listens(copies: int, path: Path = LISTENS_30MUSIC) -> list[dict[str
     return out
 
 
+#: The Open Bandit log the ad benchmarks and tests replay (``random/all/all.csv``).
+ADS_OPEN_BANDIT = REPO_ROOT.parent / "shared" / "data" / "ads_open_bandit" / "random" / "all" / "all.csv"
+#: How far apart replayed copies of the ad log are (8 days: no window spans two copies).
+AD_COPY_SHIFT_MS = 8 * 86_400_000
+
+
+def replayed_ad_events(copies: int, path: Path = ADS_OPEN_BANDIT) -> list[dict[str, Any]]:
+    """The ad log's events (:func:`events.importers.ads.ad_events`) ``copies`` times, each copy
+    :data:`AD_COPY_SHIFT_MS` later with event, impression and click ids suffixed ``#k``."""
+    from events.importers.ads import ad_events
+
+    base = ad_events(path)
+    out = []
+    for k in range(copies):
+        for e in base:
+            out.append(
+                {**e, "occurred_at": e["occurred_at"] + k * AD_COPY_SHIFT_MS,
+                 "event_id": f"{e['event_id']}#{k}", "impression_id": f"{e['impression_id']}#{k}",
+                 **({"click_id": f"{e['click_id']}#{k}"} if e.get("click_id") else {})}
+            )  # fmt: skip
+    return out
+
+
 def peak_rss_mib(children: bool = False) -> float:
     """Peak resident set size in MiB of this process (or of its waited-for children)."""
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF

@@ -425,12 +425,14 @@ def wait_out(
     max_wait_s: float = 30.0,
     on_wait: Callable[[TransientError, float], None] | None = None,
     logger: logging.Logger | None = None,
+    sleep: Callable[[float], object] | None = None,
 ) -> T:
     """``work()``, retried with exponential backoff (``first_wait_s`` doubling up to
     ``max_wait_s``) for as long as it raises :class:`~infra.errors.TransientError` (a service it
     needs is unreachable). Each wait is logged as a warning saying what waits and why, and
     reported to ``on_wait(error, seconds)`` (a counter). Gives up only when ``stop`` is set (the
-    wait is cut short then).
+    wait is cut short then). ``sleep(seconds)`` replaces the wait itself (a stream agent keeps
+    serving its consumer group while it waits).
 
     Raises:
         TransientError: ``stop`` was set while waiting (the last error).
@@ -451,7 +453,7 @@ def wait_out(
         retry=tenacity.retry_if_exception_type(TransientError),
         wait=tenacity.wait_exponential(multiplier=first_wait_s, min=first_wait_s, max=max_wait_s),
         stop=tenacity.stop_never if stop is None else (lambda _state: stop.is_set()),
-        sleep=time.sleep if stop is None else stop.wait,
+        sleep=sleep or (time.sleep if stop is None else stop.wait),
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -42,14 +42,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from events.control import CONTROL_HEADER, watermark_of
-from events.log import ErrorKind, classify
+from events.log import ErrorKind, classify, wait_out
 from events.offsets import high_watermarks, partitions_of
 from events.registry_client import registry_for
 from infra.errors import ConfigError, TransientError
@@ -61,6 +61,7 @@ from streams.runtime.published import published_since
 from streams.runtime.store import POSITION_KEY, Position, recover
 
 log = logging.getLogger("backbeat.streams.runtime")
+T = TypeVar("T")
 
 #: Write a position-only record for an idle partition once the outputs written since its last
 #: one exceed this many records (bounds the read-back at its next restore).
@@ -163,25 +164,19 @@ class AgentRunner:
         """True once :meth:`stop` was called."""
         return self._stop.is_set()
 
-    def _retrying(self, what: str) -> Retrying:
-        """Retry on :class:`TransientError` with exponential backoff (0.1 s to 5 s) until it
-        works or the runner stops; waits serve the consumer group (:meth:`_wait`)."""
+    def _waiting_out(self, work: Callable[[], T], what: str) -> T:
+        """``work()``, retried while it raises :class:`TransientError` (:func:`events.log.wait_out`:
+        exponential backoff from 0.1 s to 5 s, each wait logged and counted in
+        ``transient_waits``) until it works or the runner stops; the waits serve the consumer
+        group (:meth:`_wait`)."""
 
-        def before_sleep(state: Any) -> None:
+        def counted(_exc: TransientError, _seconds: float) -> None:
             self.stats.transient_waits += 1
-            log.warning(
-                "%s: waiting for %s (attempt %d): %s",
-                self.agent.name, what, state.attempt_number, state.outcome.exception(),
-            )  # fmt: skip
 
-        return Retrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=wait_exponential(multiplier=0.1, min=0.1, max=5.0),
-            sleep=self._wait,
-            before_sleep=before_sleep,
-            stop=lambda _state: self._stop.is_set(),
-            reraise=True,
-        )
+        return wait_out(
+            work, what=f"{self.agent.name}: waiting for {what}", stop=self._stop, first_wait_s=0.1,
+            max_wait_s=5.0, on_wait=counted, logger=log, sleep=self._wait,
+        )  # fmt: skip
 
     def _wait(self, seconds: float) -> None:
         """Sleep ``seconds`` while the consumer keeps serving the group (every assigned
@@ -212,6 +207,9 @@ class AgentRunner:
         try:
             self._run()
         except BaseException as exc:  # noqa: BLE001 - reported to the service, which stops the worker
+            if isinstance(exc, TransientError) and self._stop.is_set():
+                log.info("%s: stopped while waiting for a service", self.agent.name)
+                return
             self.failure = exc
             log.exception("%s: stopped by an error", self.agent.name)
         finally:
@@ -223,9 +221,7 @@ class AgentRunner:
             self.settings, self.agent.output_topics, self.agent.event_types, self.agent.source_uri
         )
         self._producer = producer
-        for attempt in self._retrying("the registry and the broker at start"):
-            with attempt:
-                producer.start()
+        self._waiting_out(producer.start, "the registry and the broker at start")
         if self._stop.is_set():
             return
         conf = self.settings.consumer_conf(
@@ -273,9 +269,7 @@ class AgentRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
         parts = [tp.partition for tp in partitions if tp.topic == self.source]
-        for attempt in self._retrying(f"the changelog {self.changelog} to restore {parts}"):
-            with attempt:
-                self._restore(parts)
+        self._waiting_out(lambda: self._restore(parts), f"the changelog {self.changelog} to restore {parts}")
         for tp in partitions:
             state = self.assigned.get(tp.partition)
             tp.offset = OFFSET_BEGINNING if state is None or state.next is None else state.next
@@ -380,20 +374,20 @@ class AgentRunner:
         log.warning(
             "%s: rewinding partitions %s to their last checkpoint: %s", self.agent.name, parts, reason
         )
-        for attempt in self._retrying(f"the broker to rewind {parts}"):
-            with attempt:
-                self._restore(parts)
+        self._waiting_out(lambda: self._restore(parts), f"the broker to rewind {parts}")
         self._seek_to_positions(consumer)
 
     def _seek_to_positions(self, consumer: Consumer) -> None:
         for p, state in self.assigned.items():
             offset = OFFSET_BEGINNING if state.next is None else state.next
-            for attempt in self._retrying(f"seeking {self.source}[{p}]"):
-                with attempt:
-                    try:
-                        consumer.seek(TopicPartition(self.source, p, offset))
-                    except KafkaException as exc:  # not fetching yet: try again shortly
-                        raise TransientError(str(exc)) from exc
+
+            def seek(p: int = p, offset: int = offset) -> None:
+                try:
+                    consumer.seek(TopicPartition(self.source, p, offset))
+                except KafkaException as exc:  # not fetching yet: try again shortly
+                    raise TransientError(str(exc)) from exc
+
+            self._waiting_out(seek, f"seeking {self.source}[{p}]")
 
     # -- a batch ---------------------------------------------------------------------------------
     def _batch(self, consumer: Consumer, msgs: list[Message]) -> None:
@@ -421,10 +415,10 @@ class AgentRunner:
         if not self.stats.first_batch_at:
             self.stats.first_batch_at = time.time() - (time.perf_counter() - started)
         generation = self._generation
-        prepared: dict[int, Prepared] = {}
-        for attempt in self._retrying("the schema registry to decode a batch"):
-            with attempt:
-                prepared = {p: self._prepare(p, part) for p, part in by_part.items()}
+        prepared = self._waiting_out(
+            lambda: {p: self._prepare(p, part) for p, part in by_part.items()},
+            "the schema registry to decode a batch",
+        )
         if self._generation != generation or self._stop.is_set():
             # a rebalance happened while waiting: the assignment re-read its positions, and what
             # this batch held is fetched again from there

@@ -14,12 +14,11 @@ from confluent_kafka import Producer
 from events.control import watermark_headers
 from events.producer import EventProducer
 from events.registry_client import registry_for
-from infra.provision import apply_topics
 from infra.settings import Settings
 from streams.config import IngestConfig
 from streams.sessions import session_event_id
-from tests.conftest import env_for, wait_for
-from tests.streams.workers import TopicReader, Worker
+from tests.conftest import wait_for
+from tests.streams.workers import TopicReader, Worker, ingest_setup
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +42,8 @@ def listen(user: str, t: int, eid: str, artist: str = "a1", **extra) -> dict:
 
 @pytest.fixture
 def ingest_env(stack: Settings, unique: Callable[[str], str], tmp_path: Path) -> Iterator[dict]:
-    name = unique("ingest")
-    config = IngestConfig(
-        app_id=name,
-        source_topic=f"{name}.listens",
-        sessions_topic=f"{name}.sessions",
-        dlq_topic=f"{name}.dlq",
-    )
-    apply_topics(stack, config.topic_specs())
-    env = env_for(stack)
-    env.update(
-        BACKBEAT_INGEST_APP_ID=config.app_id,
-        BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
-        BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
-        BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
-        BACKBEAT_INGEST_STATS_INTERVAL_S="0.5",
-        BACKBEAT_INGEST_BATCH_WITHIN_S="0.05",
-        BACKBEAT_STREAMS_AGENTS="ingest",
-    )
+    config, env = ingest_setup(stack, unique("ingest"), BACKBEAT_INGEST_STATS_INTERVAL_S="0.5",
+                               BACKBEAT_INGEST_BATCH_WITHIN_S="0.05")  # fmt: skip
     worker = Worker(env, tmp_path / "worker.log")
     readers: list[TopicReader] = []
     yield {"config": config, "settings": stack, "worker": worker, "readers": readers}

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from benchmarks.common import replayed_listens
+from benchmarks.common import replayed_ad_events, replayed_listens
 from events.control import END_OF_INPUT_MS, watermark_headers
-from events.importers.ads import ad_events, without_type
+from events.importers.ads import without_type
 from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import registry_for
@@ -34,27 +34,11 @@ from streams.config import IngestConfig
 from streams.features_config import FeaturesConfig
 from streams.runtime.published import output_id
 from tests.conftest import env_for, wait_for
-from tests.streams.test_ads_agent import ADS_ALL
 from tests.streams.workers import TopicReader, Worker
 
 pytestmark = pytest.mark.integration
 
-SHIFT_MS = 8 * 86_400_000
 AGENTS = ("ingest", "features", "tracks", "ads")
-
-
-def ad_copies(copies: int) -> list[dict[str, Any]]:
-    """The Open Bandit events ``copies`` times, each copy 8 days later with suffixed ids."""
-    base = ad_events(ADS_ALL)
-    out = []
-    for k in range(copies):
-        for e in base:
-            out.append(
-                {**e, "occurred_at": e["occurred_at"] + k * SHIFT_MS, "event_id": f"{e['event_id']}#{k}",
-                 "impression_id": f"{e['impression_id']}#{k}",
-                 **({"click_id": f"{e['click_id']}#{k}"} if e.get("click_id") else {})}
-            )  # fmt: skip
-    return out
 
 
 class Run:
@@ -161,7 +145,7 @@ def run_scenario(
 ) -> None:
     listens_topic, ads_topic = unique("kill-listens"), unique("kill-ads")
     listens = replayed_listens(copies)
-    ads = ad_copies(copies)
+    ads = replayed_ad_events(copies)
     apply_topics(stack, IngestConfig(source_topic=listens_topic).topic_specs()[:1]
                  + AdsConfig(source_topic=ads_topic).topic_specs("x")[:1])  # fmt: skip
     producer = EventProducer(stack)

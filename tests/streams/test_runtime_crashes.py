@@ -16,14 +16,12 @@ from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import registry_for
 from infra.errors import DecodeError
-from infra.provision import apply_topics
 from infra.settings import Settings
-from streams.config import IngestConfig
 from streams.runtime.failpoints import NAMES
 from streams.sessions import Sessionizer
-from tests.conftest import env_for, wait_for
+from tests.conftest import wait_for
 from tests.streams.test_ingest_agent import GAP, T0, decode_sessions, listen, send_watermarks
-from tests.streams.workers import TopicReader, Worker
+from tests.streams.workers import TopicReader, Worker, ingest_setup
 
 pytestmark = pytest.mark.integration
 
@@ -80,10 +78,9 @@ def test_a_worker_killed_at_any_step_of_a_checkpoint_changes_nothing(
     point: str, stack: Settings, unique: Callable[[str], str], tmp_path: Path
 ) -> None:
     name = unique("crash")
-    config = IngestConfig(
-        app_id=name, source_topic=f"{name}.listens", sessions_topic=f"{name}.sessions", dlq_topic=f"{name}.dlq"
-    )
-    apply_topics(stack, config.topic_specs())
+    config, env = ingest_setup(
+        stack, name, BACKBEAT_INGEST_BATCH="40", BACKBEAT_INGEST_BATCH_WITHIN_S="0.01"
+    )  # many batches: the failpoint is mid-stream
     listens = scenario(len(point))
     producer = EventProducer(stack)
     producer.send_many(config.source_topic, "ListenRecorded", listens, key_field="user_id",
@@ -92,17 +89,6 @@ def test_a_worker_killed_at_any_step_of_a_checkpoint_changes_nothing(
     producer.produce_raw(config.source_topic, [b"not avro %d" % i for i in range(6)], bad_keys)
     producer.flush()
     send_watermarks(stack, config.source_topic, T0 + 100 * GAP)
-    env = env_for(stack)
-    env.update(
-        BACKBEAT_INGEST_APP_ID=name,
-        BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
-        BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
-        BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
-        BACKBEAT_INGEST_BATCH="40",  # many batches: the failpoint is mid-stream
-        BACKBEAT_INGEST_BATCH_WITHIN_S="0.01",
-        BACKBEAT_INGEST_STATS_INTERVAL_S="0.3",
-        BACKBEAT_STREAMS_AGENTS="ingest",
-    )
     doomed = Worker({**env, "BACKBEAT_FAILPOINT": f"{point}:3"}, tmp_path / "doomed.log")
     doomed.start()
     assert doomed.proc is not None

@@ -30,37 +30,13 @@ from events.schemas import get_schema
 from events.serde import AvroEncoder, frame, plain_times
 from infra import services
 from infra.processes import free_port, stop
-from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
-from streams.config import IngestConfig
-from tests.conftest import env_for, wait_for
+from tests.conftest import wait_for
 from tests.streams.test_ingest_agent import GAP, T0, decode_sessions, listen, send_watermarks
 from tests.streams.test_runtime_crashes import reference
-from tests.streams.workers import TopicReader, Worker
+from tests.streams.workers import TopicReader, Worker, ingest_setup
 
 pytestmark = pytest.mark.integration
-
-
-def ingest_setup(settings: Settings, name: str, **env: str) -> tuple[IngestConfig, dict[str, str]]:
-    config = IngestConfig(
-        app_id=name,
-        source_topic=f"{name}.listens",
-        sessions_topic=f"{name}.sessions",
-        dlq_topic=f"{name}.dlq",
-    )
-    apply_topics(settings, config.topic_specs())
-    full = env_for(settings)
-    full.update(
-        BACKBEAT_INGEST_APP_ID=name,
-        BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
-        BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
-        BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
-        BACKBEAT_INGEST_STATS_INTERVAL_S="0.3",
-        BACKBEAT_INGEST_BATCH_WITHIN_S="0.02",
-        BACKBEAT_STREAMS_AGENTS="ingest",
-    )
-    full.update(env)
-    return config, full
 
 
 def test_a_registry_outage_is_waited_out_and_nothing_is_lost(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
+from streams.config import IngestConfig
 
 
 class Worker:
@@ -74,3 +77,24 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def ingest_setup(settings: Settings, name: str, **env: str) -> tuple[IngestConfig, dict[str, str]]:
+    """Isolated topics of the listening-ingest agent named ``name`` (created), and the environment
+    of a worker running only that agent on them (fast stats and batches; ``env`` on top)."""
+    config = IngestConfig(
+        app_id=name, source_topic=f"{name}.listens", sessions_topic=f"{name}.sessions", dlq_topic=f"{name}.dlq"
+    )
+    apply_topics(settings, config.topic_specs())
+    full = {**os.environ, **settings.to_env()}
+    full.update(
+        BACKBEAT_INGEST_APP_ID=name,
+        BACKBEAT_INGEST_SOURCE_TOPIC=config.source_topic,
+        BACKBEAT_INGEST_SESSIONS_TOPIC=config.sessions_topic,
+        BACKBEAT_INGEST_DLQ_TOPIC=config.dlq_topic,
+        BACKBEAT_INGEST_STATS_INTERVAL_S="0.3",
+        BACKBEAT_INGEST_BATCH_WITHIN_S="0.02",
+        BACKBEAT_STREAMS_AGENTS="ingest",
+    )
+    full.update(env)
+    return config, full
