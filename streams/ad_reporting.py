@@ -33,6 +33,7 @@ so a replayed event re-applies the same decision only to entries that missed it.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -388,13 +389,15 @@ class AdPartition:
         for campaign, pane in self.campaign_panes:
             by_campaign.setdefault(campaign, []).append(pane)
         for campaign, panes in by_campaign.items():
+            panes.sort()
             for spec in CAMPAIGN_WINDOWS:
                 for start in self._closing(spec, panes, before, after):
                     total = [0] * len(FIELDS)
-                    for m in range(start, start + spec.size_ms, MINUTE):
-                        pane_entry = self.campaign_panes.get((campaign, m))
-                        if pane_entry is not None:
-                            total = [a + b for a, b in zip(total, pane_entry.counts, strict=True)]
+                    # the panes the campaign has in [start, start + size): few, so visit those
+                    # rather than every minute of the window
+                    for m in panes[bisect_left(panes, start) : bisect_left(panes, start + spec.size_ms)]:
+                        pane_entry = self.campaign_panes[(campaign, m)]
+                        total = [a + b for a, b in zip(total, pane_entry.counts, strict=True)]
                     if any(total):
                         final = self._final_at(spec, start)
                         out.append(
@@ -406,13 +409,13 @@ class AdPartition:
         for campaign, ad, position, pane in self.ad_panes:
             by_ad.setdefault((campaign, ad, position), []).append(pane)
         for (campaign, ad, position), panes in by_ad.items():
+            panes.sort()
             for spec in AD_WINDOWS:
                 for start in self._closing(spec, panes, before, after):
                     total = [0] * len(FIELDS)
-                    for m in range(start, start + spec.size_ms, MINUTE):
-                        entry = self.ad_panes.get((campaign, ad, position, m))
-                        if entry is not None:
-                            total = [a + b for a, b in zip(total, entry.counts, strict=True)]
+                    for m in panes[bisect_left(panes, start) : bisect_left(panes, start + spec.size_ms)]:
+                        entry = self.ad_panes[(campaign, ad, position, m)]
+                        total = [a + b for a, b in zip(total, entry.counts, strict=True)]
                     if any(total):
                         final = self._final_at(spec, start)
                         out.append(

@@ -117,6 +117,7 @@ class AdReporting(BatchAgent):
         self.campaigns: Campaigns = load_campaigns(config.campaigns_file)
         self.partitions: dict[int, AdPartition] = {}
         self._reports_partitions = topic("ads.reports").partitions
+        self._per_campaign: dict[str, tuple[bytes, int, str]] = {}
         self._campaigns_partitions = topic("ads.campaigns").partitions
 
     @property
@@ -213,35 +214,47 @@ class AdReporting(BatchAgent):
             f"late:{topic}/{partition}/{offset}",
         )  # fmt: skip
 
+    def _campaign(self, campaign_id: str) -> tuple[bytes, int, str]:
+        """A campaign's record key, its partition on the reports topic (murmur2, as Kafka's
+        default partitioner) and its currency, computed once per campaign."""
+        known = self._per_campaign.get(campaign_id)
+        if known is None:
+            key = campaign_id.encode()
+            known = (
+                key,
+                partition_of(key, self._reports_partitions),
+                self.campaigns.by_id[campaign_id].currency,
+            )
+            self._per_campaign[campaign_id] = known
+        return known
+
     def _report(self, r: Report) -> Emit:
-        impressions, clicks = r.get("impressions"), r.get("clicks")
-        spend = r.get("spend_micros")
-        key = r.campaign_id.encode()
+        (impressions, clicks, spend, over_impressions, over_clicks, over_spend, unknown, outside) = r.counters
+        key, target, currency = self._campaign(r.campaign_id)
+        event_id = r.event_id  # a hash: computed once
         record = {
-            "event_id": r.event_id,
+            "event_id": event_id,
             "campaign_id": r.campaign_id,
             "occurred_at": r.final_at,
             "window_start": r.window_start,
-            "window_end": r.window_end,
+            "window_end": r.window_start + r.size_ms,
             "impressions": impressions,
             "clicks": clicks,
             "click_through_rate": clicks / impressions if impressions else 0.0,
             "spend_minor": spend // MICROS,
-            "currency": self.campaigns.by_id[r.campaign_id].currency,
+            "currency": currency,
             "ad_id": r.ad_id,
             "position": r.position,
             "window_size_ms": r.size_ms,
             "window_step_ms": r.step_ms,
             "spend_micros": spend,
-            "overdelivery_impressions": r.get("overdelivery_impressions"),
-            "overdelivery_clicks": r.get("overdelivery_clicks"),
-            "overdelivery_spend_micros": r.get("overdelivery_spend_micros"),
-            "clicks_unknown_impression": r.get("clicks_unknown_impression"),
-            "clicks_outside_attribution": r.get("clicks_outside_attribution"),
+            "overdelivery_impressions": over_impressions,
+            "overdelivery_clicks": over_clicks,
+            "overdelivery_spend_micros": over_spend,
+            "clicks_unknown_impression": unknown,
+            "clicks_outside_attribution": outside,
         }
-        topic = self.config.reports_topic
-        target = partition_of(key, self._reports_partitions)
-        return Emit(topic, target, key, "AdReportPublished", record, r.event_id, r.final_at)
+        return Emit(self.config.reports_topic, target, key, "AdReportPublished", record, event_id, r.final_at)
 
     def _exhausted(self, e: Exhausted) -> Emit:
         eid = exhausted_event_id(e.campaign_id, e.day_start)

@@ -38,8 +38,8 @@ from streams import features_state
 from streams.config import IngestConfig
 from streams.features_config import FEATURES_TABLE, TRACK_TABLE, FeaturesConfig, partials_topic
 from streams.runtime.agent import BatchAgent, ChangelogRecord, Emit, PartitionBatch, Raw, Result
-from streams.track_features import TrackWindows
-from streams.user_features import FEATURE_SET, PartitionFeatures
+from streams.track_features import TrackWindowFeatures, TrackWindows
+from streams.user_features import FEATURE_SET, PartitionFeatures, UserWindowFeatures
 
 log = logging.getLogger(__name__)
 
@@ -132,37 +132,7 @@ class UserFeatures(BatchAgent):
         half_life = self.config.half_life_ms
         users_topic = self.config.users_topic
         target = p % self.users_partitions
-        emits = [
-            Emit(
-                users_topic,
-                target,
-                w.user_id.encode(),
-                USER_TYPE,
-                {
-                    "event_id": w.event_id,
-                    "user_id": w.user_id,
-                    "occurred_at": w.window_end,
-                    "feature_set": FEATURE_SET,
-                    "window_start": w.window_start,
-                    "window_end": w.window_end,
-                    "window_size_ms": w.spec.size_ms,
-                    "window_step_ms": w.spec.step_ms,
-                    "grace_ms": w.spec.grace_ms,
-                    "plays": w.plays,
-                    "distinct_artists": w.distinct_artists,
-                    "distinct_tracks": w.distinct_tracks,
-                    "sessions": w.sessions,
-                    "session_ms_mean": w.session_ms_mean,
-                    "session_ms_p50": w.session_ms_p50,
-                    "session_ms_max": w.session_ms_max,
-                    "top_artists": [{"artist_id": a, "affinity": v} for a, v in w.top_artists],
-                    "affinity_half_life_ms": half_life,
-                },
-                w.event_id,
-                w.window_end,
-            )
-            for w in windows
-        ]
+        emits = [self._user_emit(w, users_topic, target, half_life) for w in windows]
         raws: list[Raw] = []
         n = self.sources
         for partial in panes:
@@ -180,6 +150,31 @@ class UserFeatures(BatchAgent):
                 if delta:
                     counts[f"window {name} {k}"] = delta
         return Result(emits=emits, raws=raws, counts=counts)
+
+    @staticmethod
+    def _user_emit(w: UserWindowFeatures, topic: str, partition: int, half_life: int) -> Emit:
+        event_id = w.event_id  # a SHA-256: computed once
+        record = {
+            "event_id": event_id,
+            "user_id": w.user_id,
+            "occurred_at": w.window_end,
+            "feature_set": FEATURE_SET,
+            "window_start": w.window_start,
+            "window_end": w.window_end,
+            "window_size_ms": w.spec.size_ms,
+            "window_step_ms": w.spec.step_ms,
+            "grace_ms": w.spec.grace_ms,
+            "plays": w.plays,
+            "distinct_artists": w.distinct_artists,
+            "distinct_tracks": w.distinct_tracks,
+            "sessions": w.sessions,
+            "session_ms_mean": w.session_ms_mean,
+            "session_ms_p50": w.session_ms_p50,
+            "session_ms_max": w.session_ms_max,
+            "top_artists": [{"artist_id": a, "affinity": v} for a, v in w.top_artists],
+            "affinity_half_life_ms": half_life,
+        }
+        return Emit(topic, partition, w.user_id.encode(), USER_TYPE, record, event_id, w.window_end)
 
     def checkpoint(self, partition: int, offset: int) -> Iterable[ChangelogRecord]:
         """Entries changed since the last checkpoint, the partition record, tombstones."""
@@ -279,38 +274,33 @@ class TrackFeatures(BatchAgent):
                           m.topic(), m.partition(), m.offset(), exc)  # fmt: skip
         topic = self.config.tracks_topic
         target = q % self.tracks_partitions
-        emits = [
-            Emit(
-                topic,
-                target,
-                f.track_id.encode(),
-                TRACK_TYPE,
-                {
-                    "event_id": f.event_id,
-                    "track_id": f.track_id,
-                    "artist_id": f.artist_id,
-                    "occurred_at": f.window_end,
-                    "feature_set": FEATURE_SET,
-                    "window_start": f.window_start,
-                    "window_end": f.window_end,
-                    "window_size_ms": f.spec.size_ms,
-                    "window_step_ms": f.spec.step_ms,
-                    "grace_ms": f.spec.grace_ms,
-                    "plays": f.plays,
-                    "listeners": f.listeners,
-                    "trending_score": f.trending_score,
-                    "baseline_plays_mean": f.baseline_plays_mean,
-                    "baseline_windows": f.baseline_windows,
-                },
-                f.event_id,
-                f.window_end,
-            )
-            for f in tw.advance()
-        ]
+        emits = [self._track_emit(f, topic, target) for f in tw.advance()]
         counts = {"track_features": len(emits), "stale_partials": tw.stale - stale}
         if bad:
             counts["malformed_partials"] = bad
         return Result(emits=emits, counts=counts)
+
+    @staticmethod
+    def _track_emit(f: TrackWindowFeatures, topic: str, partition: int) -> Emit:
+        event_id = f.event_id  # a SHA-256: computed once
+        record = {
+            "event_id": event_id,
+            "track_id": f.track_id,
+            "artist_id": f.artist_id,
+            "occurred_at": f.window_end,
+            "feature_set": FEATURE_SET,
+            "window_start": f.window_start,
+            "window_end": f.window_end,
+            "window_size_ms": f.spec.size_ms,
+            "window_step_ms": f.spec.step_ms,
+            "grace_ms": f.spec.grace_ms,
+            "plays": f.plays,
+            "listeners": f.listeners,
+            "trending_score": f.trending_score,
+            "baseline_plays_mean": f.baseline_plays_mean,
+            "baseline_windows": f.baseline_windows,
+        }
+        return Emit(topic, partition, f.track_id.encode(), TRACK_TYPE, record, event_id, f.window_end)
 
     def checkpoint(self, partition: int, offset: int) -> Iterable[ChangelogRecord]:
         """Panes changed since the last checkpoint, the watermarks, tombstones."""

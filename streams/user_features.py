@@ -112,7 +112,7 @@ class Affinity:
     """One user's affinity: ``base`` (artist → value) valid at ``base_ms`` and the accepted
     ``pending`` listens ``(t, artist)`` not folded into it yet."""
 
-    __slots__ = ("base", "base_ms", "offset", "pending", "top")
+    __slots__ = ("base", "base_ms", "offset", "pending", "pending_min", "top")
 
     def __init__(
         self,
@@ -125,6 +125,8 @@ class Affinity:
         self.offset = offset
         self.base: dict[str, float] = base if base is not None else {}
         self.pending: list[tuple[int, str]] = pending if pending is not None else []
+        #: the earliest time in ``pending`` (derived; avoids scanning it at every window end)
+        self.pending_min = min((t for t, _ in self.pending), default=None)
         self.top: list[tuple[str, float]] | None = None  # top of base (at base_ms), derived
 
 
@@ -307,6 +309,8 @@ class PartitionFeatures:
             aff.base[artist] = aff.base.get(artist, 0.0) + weight
         else:
             aff.pending.append((t, artist))
+            if aff.pending_min is None or t < aff.pending_min:
+                aff.pending_min = t
         aff.offset = offset
         self.dirty.affinities.add(user)
 
@@ -402,15 +406,18 @@ class PartitionFeatures:
         """The top artists as of ``end``. Listens pending before ``end`` are folded into the
         base first (which then moves to ``end``); without any, the base only decays, which
         keeps its order, so the top list is the base's scaled (no fold, nothing written)."""
-        if any(t < end for t, _ in aff.pending):
+        if aff.pending_min is not None and aff.pending_min < end:
             now = featuremath.affinity_as_of(aff.base, aff.base_ms, aff.pending, end, self.half_life_ms)
             aff.base = featuremath.prune(now)
             aff.base_ms = end
             aff.pending = [(t, a) for t, a in aff.pending if t >= end]
+            aff.pending_min = min((t for t, _ in aff.pending), default=None)
             aff.top = None
             self.dirty.affinities.add(user)
         if aff.top is None:
             aff.top = featuremath.top(aff.base, TOP_ARTISTS)
+        if aff.base_ms == end:  # folded just now: no decay to apply
+            return aff.top
         factor = featuremath.weight(aff.base_ms, end, self.half_life_ms)
         return [(a, v * factor) for a, v in aff.top]
 

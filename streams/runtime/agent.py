@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from events.validation import Validator
 
@@ -31,8 +31,7 @@ ChangelogRecord = tuple[bytes, bytes | None]
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(frozen=True)
-class Emit:
+class Emit(NamedTuple):
     """An event an agent emits: ``record`` (a dict of the Avro schema of ``event_type``, short
     or full name) to ``topic``/``partition`` with ``key``; ``event_id`` (deterministic, so a
     recomputation after a crash has the same id) and ``time_ms`` (event time, ms; the record
@@ -47,8 +46,7 @@ class Emit:
     time_ms: int
 
 
-@dataclass(frozen=True)
-class Raw:
+class Raw(NamedTuple):
     """A record an agent sends as bytes (an internal repartition topic, a copy of a source record
     to a side topic). ``output_id``: its identity for the runtime's no-duplicate rule (``None``:
     the consumer of the topic is idempotent by design and duplicates are harmless)."""
