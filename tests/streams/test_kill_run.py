@@ -4,9 +4,9 @@ equal an uninterrupted run's exactly, and no output identity appears twice on an
 (issue 13).
 
 The inputs are the real 30Music listens and Open Bandit ad events, replayed ``copies`` times with
-distinct user, event and impression ids. The CI test replays them once (86,468 listens, 10,038
-ad events); the soak test ten times (864,680 listens, 100,380 ad events: the "1M-event run"), run
-it with ``make soak`` (``pytest -m soak``).
+distinct user, event and impression ids. The CI test takes the first half of each file (43,234
+listens, 5,019 ad events); the soak test the files ten times (864,680 listens, 100,380 ad events:
+the "1M-event run"), run it with ``make soak`` (``pytest -m soak``).
 """
 
 from __future__ import annotations
@@ -189,7 +189,10 @@ def run_scenario(
         for run in runs:
             run.worker.kill()
     assert final["ingest"]["reconciles"] and final["features"]["reconciles"] and final["ads"]["reconciles"]
-    assert len(expected["sessions"]) > 7000 * copies and len(expected["reports"]) > 100_000 * copies
+    assert (
+        len(expected["sessions"]) > 7000 * copies * share
+        and len(expected["reports"]) > 60_000 * copies * share
+    )
     for name, records in expected.items():
         assert got[name] == records, f"{name}: the killed run differs from the uninterrupted one"
     restarts = killed.worker.log.read_text(errors="replace").count("restored partitions")
@@ -199,11 +202,11 @@ def run_scenario(
 def test_five_sigkills_mid_stream_change_no_output(
     stack: Settings, unique: Callable[[str], str], tmp_path: Path
 ):
-    run_scenario(stack, unique, tmp_path, copies=1, timeout_s=600)
+    run_scenario(stack, unique, tmp_path, copies=1, share=0.5, timeout_s=600)
 
 
 @pytest.mark.soak
 def test_five_sigkills_in_a_one_million_event_run_change_no_output(
     stack: Settings, unique: Callable[[str], str], tmp_path: Path
 ):
-    run_scenario(stack, unique, tmp_path, copies=10, timeout_s=3600)
+    run_scenario(stack, unique, tmp_path, copies=10, share=1.0, timeout_s=3600)
