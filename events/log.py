@@ -347,16 +347,20 @@ def read_range(
     purpose: str = "read",
     batch: int = 50_000,
     idle_timeout_s: float = 60.0,
+    conf: Mapping[str, Any] | None = None,
 ) -> Iterator[list[Message]]:
     """Every record of ``ranges`` (``(topic, partition)`` → ``[start, end)`` offsets), in
     batches of at most ``batch`` records, each partition in offset order; ends once every
-    partition reached its ``end`` (records at or after it are not yielded).
+    partition reached its ``end`` (records at or after it are not yielded). ``conf``: librdkafka
+    properties on top of :func:`reader_conf`'s.
 
     Raises:
         OffsetMismatchError: a range no longer fits the log (offset out of range, topic gone).
         TransientError: no record or end came for ``idle_timeout_s`` s (broker unreachable).
     """
-    for out, _ in read_batches(settings, ranges, purpose=purpose, batch=batch, idle_timeout_s=idle_timeout_s):
+    for out, _ in read_batches(
+        settings, ranges, purpose=purpose, batch=batch, idle_timeout_s=idle_timeout_s, conf=conf
+    ):
         if out:
             yield out
 

@@ -23,6 +23,7 @@ from events.log import read_range
 from events.offsets import high_watermarks
 from infra.settings import Settings
 from streams.runtime.producer import OUTPUT_ID_HEADER
+from streams.runtime.store import RECOVERY_FETCH_WAIT_MS
 
 
 def output_id(headers: Iterable[tuple[str, bytes | None]] | None) -> str | None:
@@ -57,7 +58,8 @@ def published_since(settings: Settings, positions: Mapping[str, int]) -> tuple[s
                 ranges[(name, part)] = (starts[(name, part)], end)
     found: set[str] = set()
     read = 0
-    for batch in read_range(settings, ranges, purpose="published"):
+    slow = {"fetch.wait.max.ms": RECOVERY_FETCH_WAIT_MS}  # small batches: see streams.runtime.store
+    for batch in read_range(settings, ranges, purpose="published", conf=slow):
         read += len(batch)
         for msg in batch:
             ident = output_id(msg.headers())

@@ -33,6 +33,9 @@ from events.log import read_range
 from events.offsets import high_watermarks
 from infra.settings import Settings
 
+#: librdkafka ``fetch.wait.max.ms`` of changelog recovery and the output read-back (module code).
+RECOVERY_FETCH_WAIT_MS = 1000
+
 #: The key of the runtime's position record in every changelog partition.
 POSITION_KEY = b"__position__"
 
@@ -114,7 +117,11 @@ def recover(
     read = dict.fromkeys(wanted, 0)
     # ``None``: from the partition's first record (compacted changelogs do not start at 0)
     ranges = {(changelog, p): (None, marks.get(p, 0)) for p in wanted}
-    for batch in read_range(settings, ranges, purpose=f"recover-{changelog}"):  # type: ignore[arg-type]
+    # a changelog holds one small batch per checkpoint; on the embedded broker a Fetch lists every
+    # batch of the partition and answers nothing when that takes longer than the fetch wait
+    # (TANSU.md §7), so recovery waits longer per Fetch than the agents' consumers do
+    slow = {"fetch.wait.max.ms": RECOVERY_FETCH_WAIT_MS}
+    for batch in read_range(settings, ranges, purpose=f"recover-{changelog}", conf=slow):  # type: ignore[arg-type]
         for msg in batch:
             p = msg.partition()
             key = msg.key()
