@@ -1,6 +1,6 @@
-"""The maths of the listening features, pure and vectorised: recency-weighted affinity with
-exponential decay (numpy), session-length statistics of a window's listens (numpy), and the
-trending score of a track window against its own history (scipy.stats).
+"""The maths of the listening features, pure: recency-weighted affinity with exponential decay,
+session-length statistics of a window's listens, and the trending score of a track window
+against its own history (numpy, scipy.stats).
 
 Times are ms since the epoch (event time); durations ms.
 """
@@ -21,19 +21,6 @@ AFFINITY_FLOOR = 1e-3
 BASELINE_FLOOR = 0.1
 
 
-def decay(values: np.ndarray, elapsed_ms: float, half_life_ms: int) -> np.ndarray:
-    """``values * 2 ** (-elapsed_ms / half_life_ms)`` (shape kept); ``elapsed_ms >= 0``."""
-    if elapsed_ms <= 0:
-        return values
-    return values * math.exp2(-elapsed_ms / half_life_ms)
-
-
-def weights(times_ms: np.ndarray, as_of_ms: int, half_life_ms: int) -> np.ndarray:
-    """The decay weight ``2 ** (-(as_of - t) / half_life)`` of each event time (1.0 at
-    ``as_of``); shape of ``times_ms``."""
-    return np.exp2(-(as_of_ms - times_ms.astype(np.float64)) / half_life_ms)
-
-
 def weight(t_ms: int, as_of_ms: int, half_life_ms: int) -> float:
     """The decay weight of one event time: ``2 ** (-(as_of - t) / half_life)``."""
     return math.exp2(-(as_of_ms - t_ms) / half_life_ms)
@@ -48,19 +35,20 @@ def affinity_as_of(
 ) -> dict[str, float]:
     """Affinity per artist as of ``as_of_ms``: the ``base`` (valid at ``base_ms``, holding every
     listen before it) decayed to ``as_of_ms``, plus each ``(t, artist)`` of ``pending`` with
-    ``base_ms <= t < as_of_ms`` weighted by :func:`weights`. ``as_of_ms >= base_ms``.
+    ``base_ms <= t < as_of_ms`` weighted by :func:`weight`. ``as_of_ms >= base_ms``.
 
     The affinity of a user for an artist is ``sum_i 2 ** (-(T - t_i) / half_life)`` over the
     user's listens of that artist before ``T`` (exponential time decay, as in Koren,
-    "Collaborative filtering with temporal dynamics", KDD 2009, §4).
+    "Collaborative filtering with temporal dynamics", KDD 2009, §4). Plain Python: ``pending``
+    holds a user's listens since the last fold (about a dozen), where a numpy call costs more
+    than the loop.
     """
     factor = math.exp2(-(as_of_ms - base_ms) / half_life_ms) if as_of_ms > base_ms else 1.0
     out = {artist: value * factor for artist, value in base.items()}
-    chosen = [(t, a) for t, a in pending if t < as_of_ms]
-    if chosen:
-        w = weights(np.fromiter((t for t, _ in chosen), np.int64, len(chosen)), as_of_ms, half_life_ms)
-        for (_, artist), value in zip(chosen, w.tolist(), strict=True):
-            out[artist] = out.get(artist, 0.0) + value
+    exp2 = math.exp2
+    for t, artist in pending:
+        if t < as_of_ms:
+            out[artist] = out.get(artist, 0.0) + exp2(-(as_of_ms - t) / half_life_ms)
     return out
 
 

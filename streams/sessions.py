@@ -63,6 +63,52 @@ class ClosedSession(NamedTuple):
         return session_event_id(self.user_id, self.start_ms)
 
 
+#: A small set of strings kept compactly: ``None`` (empty), the string itself (one member) or a
+#: ``set`` (two or more). Most open sessions hold one or two listens, and a Python ``set`` costs
+#: 216 bytes even with one member: with a million users of state that is the difference between
+#: fitting in 1 GiB or not (``benchmarks/state_memory.py``).
+Members = str | set[str] | None
+
+
+def _with(members: Members, item: str) -> Members:
+    """``members`` with ``item`` added (a set grows in place)."""
+    if members is None:
+        return item
+    if type(members) is str:
+        return members if members == item else {members, item}
+    members.add(item)  # type: ignore[union-attr]
+    return members
+
+
+def _holds(members: Members, item: str) -> bool:
+    if type(members) is str:
+        return members == item
+    return members is not None and item in members
+
+
+def members_of(members: Members) -> list[str]:
+    """The members as a list (checkpoints)."""
+    if members is None:
+        return []
+    if type(members) is str:
+        return [members]
+    return list(members)  # type: ignore[arg-type]
+
+
+def _compact(items: set[str] | None) -> Members:
+    if not items:
+        return None
+    if len(items) == 1:
+        return next(iter(items))
+    return set(items)
+
+
+def _count(members: Members) -> int:
+    if members is None:
+        return 0
+    return 1 if type(members) is str else len(members)  # type: ignore[arg-type]
+
+
 class UserState:
     """One user's state. ``count == 0`` means no open session (then ``start``/``end`` are
     meaningless and ``artists``/``ids`` empty); ``last_closed_end`` is ``-1`` before the first
@@ -85,14 +131,14 @@ class UserState:
         self.count = count
         self.last_closed_end = last_closed_end
         self.offset = offset
-        self.artists: set[str] = artists if artists is not None else set()
-        self.ids: set[str] = ids if ids is not None else set()
+        self.artists: Members = _compact(artists)  # distinct artist ids of the open session
+        self.ids: Members = _compact(ids)  # event ids of the open session
 
     def __repr__(self) -> str:
         return (
             f"UserState(start={self.start}, end={self.end}, count={self.count}, "
             f"last_closed_end={self.last_closed_end}, offset={self.offset}, "
-            f"artists={len(self.artists)}, ids={len(self.ids)})"
+            f"artists={_count(self.artists)}, ids={_count(self.ids)})"
         )
 
 
@@ -169,7 +215,7 @@ class Sessionizer:
             if offset >= 0 and offset <= st.offset:
                 self.replayed += 1
                 return _NOTHING
-            if eid in st.ids or eid in self._recent_set:
+            if _holds(st.ids, eid) or eid in self._recent_set:
                 self.duplicates += 1
                 return _NOTHING
             if st.count and w - st.end > gap:
@@ -196,8 +242,8 @@ class Sessionizer:
             st.start = st.end = t
             st.count = 1
             heapq.heappush(self._open_heap, (t, user))
-        st.artists.add(record["artist_id"])
-        st.ids.add(eid)
+        st.artists = _with(st.artists, record["artist_id"])
+        st.ids = _with(st.ids, eid)
         if offset > st.offset:
             st.offset = offset
         self.dirty.add(user)
@@ -260,11 +306,11 @@ class Sessionizer:
         return out
 
     def _close(self, user: str, st: UserState) -> ClosedSession:
-        session = ClosedSession(user, st.start, st.end, st.count, len(st.artists))
+        session = ClosedSession(user, st.start, st.end, st.count, _count(st.artists))
         st.last_closed_end = st.end
         st.count = 0
-        st.artists = set()
-        st.ids = set()
+        st.artists = None
+        st.ids = None
         self.dirty.add(user)
         heapq.heappush(self._evict_heap, (st.end, user))
         return session

@@ -20,7 +20,7 @@ import json
 from collections import deque
 from collections.abc import Iterable
 
-from streams.sessions import RECENT_IDS, Sessionizer, UserState
+from streams.sessions import RECENT_IDS, Sessionizer, UserState, members_of
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.loads
@@ -39,7 +39,15 @@ def watermark_key(partition: int) -> bytes:
 def encode_user(st: UserState) -> bytes:
     """The checkpoint value of one user's state."""
     return _dumps(
-        [st.start, st.end, st.count, st.last_closed_end, st.offset, list(st.artists), list(st.ids)]
+        [
+            st.start,
+            st.end,
+            st.count,
+            st.last_closed_end,
+            st.offset,
+            members_of(st.artists),
+            members_of(st.ids),
+        ]
     ).encode()
 
 
