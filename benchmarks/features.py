@@ -85,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     config = FeaturesConfig.from_env({})
     records = replayed_listens(args.copies, LISTENS_30MUSIC)
+    records.sort(key=lambda r: r["occurred_at"])  # copies interleaved in event time: none is late
     expected = expected_windows(records, config)
     with private_stack() as settings:
         ingest = IngestConfig(app_id=APP_ID, source_topic=SOURCE)
