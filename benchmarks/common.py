@@ -111,32 +111,45 @@ def process_peak_rss_mb(pid: int) -> float:
     return -1.0
 
 
+def raw_read(settings: Settings, topic: str, decoder: AvroDecoder) -> tuple[int, float]:
+    """``(data records, seconds)`` of a plain consume + decode of every record of ``topic``, the
+    baseline the benchmarks divide by. Deliberately a plain loop (no positions, no batching logic
+    of :mod:`events.log`): one confluent consumer with the properties of backbeat's readers
+    (:func:`events.log.reader_conf`) ``assign()``-ed to every partition from the start, 50,000
+    messages per ``consume``, each batch decoded by the one decoder
+    (:meth:`events.serde.AvroDecoder.decode_many`); control records (empty values) are skipped.
+
+    Raises:
+        AssertionError: a data record does not decode.
+    """
+    marks = high_watermarks(settings, topic)
+    total = sum(marks.values())
+    consumer = Consumer(reader_conf(settings, f"bench-raw-{topic}"))
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in marks])
+    seen = data = 0
+    start = time.perf_counter()
+    while seen < total:
+        msgs = [m for m in consumer.consume(num_messages=50_000, timeout=1.0) if m.error() is None]
+        seen += len(msgs)
+        values = [v for v in (m.value() for m in msgs) if v]
+        _, errors = decoder.decode_many(values)
+        assert not errors, errors[:3]
+        data += len(values)
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return data, elapsed
+
+
 def raw_consume_decode(
     settings: Settings, topic: str, total: int, event_type: str = "ListenRecorded"
 ) -> float:
-    """events/s of consume + decode of the ``total`` records of ``topic``: the baseline the
-    projection and replay benchmarks divide by. Deliberately a plain loop (no positions, no
-    batching logic of :mod:`events.log`): one confluent consumer with the properties of backbeat's
-    readers (:func:`events.log.reader_conf`) ``assign()``-ed to every partition from the start,
-    50,000 messages per ``consume``, each batch decoded by the one decoder
-    (:meth:`events.serde.AvroDecoder.decode_many`) with the writer schema parsed once.
+    """events/s of :func:`raw_read` of the ``total`` records of ``topic``, all of
+    ``event_type``, with its writer schema parsed once.
 
     Raises:
         AssertionError: the topic does not hold exactly ``total`` records, or one does not decode.
     """
     schema = fastavro.parse_schema(get_schema(event_type).parsed_plain)
-    decoder = AvroDecoder(lambda _id: schema)
-    marks = high_watermarks(settings, topic)
-    assert sum(marks.values()) == total, (marks, total)
-    consumer = Consumer(reader_conf(settings, f"bench-raw-{topic}"))
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in marks])
-    decoded = 0
-    start = time.perf_counter()
-    while decoded < total:
-        values = [m.value() for m in consumer.consume(num_messages=50_000, timeout=1.0) if m.error() is None]
-        _, errors = decoder.decode_many(values)
-        assert not errors, errors[:3]
-        decoded += len(values)
-    elapsed = time.perf_counter() - start
-    consumer.close()
+    decoded, elapsed = raw_read(settings, topic, AvroDecoder(lambda _id: schema))
+    assert decoded == total, (decoded, total)
     return decoded / elapsed

@@ -14,11 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
-from benchmarks.common import process_peak_rss_mb
-from events.log import reader_conf
-from events.offsets import high_watermarks
+from benchmarks.common import process_peak_rss_mb, raw_read
 from events.registry_client import registry_for
 from infra.settings import REPO_ROOT, Settings
 
@@ -88,27 +84,11 @@ def settled(keys: tuple[str, ...]) -> Callable[[Stats], bool]:
 
 
 def raw_rate(settings: Settings, topic: str) -> tuple[int, float]:
-    """``(data records, records/s)`` of a plain consume + decode of every record of ``topic``
-    (control records skipped): one confluent consumer ``assign()``-ed to every partition from
-    the start, 50,000 messages per ``consume``, the one decoder with the writer schemas cached.
+    """``(data records, records/s)`` of :func:`benchmarks.common.raw_read` of ``topic`` with the
+    registry's decoder (an input topic may hold several event types, e.g. impressions and clicks).
 
     Raises:
         AssertionError: a data record does not decode.
     """
-    decoder = registry_for(settings.registry_url).decoder()
-    marks = high_watermarks(settings, topic)
-    total = sum(marks.values())
-    consumer = Consumer(reader_conf(settings, f"bench-raw-{topic}"))
-    consumer.assign([TopicPartition(topic, p, 0) for p in marks])
-    seen = data = 0
-    start = time.perf_counter()
-    while seen < total:
-        msgs = [m for m in consumer.consume(num_messages=50_000, timeout=1.0) if m.error() is None]
-        seen += len(msgs)
-        values = [v for v in (m.value() for m in msgs) if v]
-        _, errors = decoder.decode_many(values)
-        assert not errors, errors[:3]
-        data += len(values)
-    elapsed = time.perf_counter() - start
-    consumer.close()
+    data, elapsed = raw_read(settings, topic, registry_for(settings.registry_url).decoder())
     return data, data / elapsed

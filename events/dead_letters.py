@@ -51,6 +51,8 @@ from infra.settings import Settings
 DLQ_HEADERS = ("dlq_reason", "dlq_error", "dlq_topic", "dlq_partition", "dlq_offset")
 #: The header a redriven record carries: the identity of its dead letter.
 REDRIVE_HEADER = "bb_redrive"
+#: Headers a dead letter has that its original did not (besides ``dlq_*``).
+_NOT_ORIGINAL = frozenset({REDRIVE_HEADER, "bb_out_id"})
 
 #: ``(phase, done, total or None)``: progress of a long read or produce.
 ProgressHook = Callable[[str, int, int | None], None]
@@ -111,8 +113,9 @@ class DeadLetter:
         return f"{dlq_topic}:{self.partition}:{self.offset}"
 
     def original_headers(self) -> list[tuple[str, bytes | None]]:
-        """The headers of the original record: without ``dlq_*`` nor an older ``bb_redrive``."""
-        return [(k, v) for k, v in self.headers if k not in DLQ_HEADERS and k != REDRIVE_HEADER]
+        """The headers of the original record: without ``dlq_*``, an older ``bb_redrive`` nor
+        the stream runtime's output identity (``bb_out_id``, which names the dead letter)."""
+        return [(k, v) for k, v in self.headers if k not in DLQ_HEADERS and k not in _NOT_ORIGINAL]
 
 
 def read_dead_letters(

@@ -176,7 +176,10 @@ class OutputProducer:
                 if skip and r.output_id in skip:
                     skip.discard(r.output_id)
                     continue
-                headers = [*headers, (OUTPUT_ID_HEADER, r.output_id.encode())]
+                # a copied record (dead letter, late event) may carry an identity of an earlier
+                # copy (it was redriven): only this one's may stand
+                headers = [h for h in headers if h[0] != OUTPUT_ID_HEADER]
+                headers.append((OUTPUT_ID_HEADER, r.output_id.encode()))
             self._produce(r.topic, r.partition, r.key, r.value, r.time_ms, headers)
             n += 1
         self.sent += n

@@ -36,3 +36,25 @@ def test_published_since_reads_from_the_checkpointed_positions_to_the_end(
     found, read = published_since(stack, {f"{topic}:0": 8, f"{topic}:1": 10})
     assert (found, read) == ({"id-24", "id-27"}, 2)
     assert published_since(stack, {}) == (set(), 0)
+
+
+def test_a_copied_record_carries_only_its_own_identity_and_known_ones_are_not_sent_again(stack: Settings):
+    from streams.runtime.agent import Raw
+    from streams.runtime.producer import OutputProducer
+
+    producer = OutputProducer(stack, (), {}, "/tests")
+    sent: list[tuple] = []
+    producer._produce = lambda *args: sent.append(args)  # type: ignore[method-assign]  # capture, no broker
+    redriven = [("ce_id", b"e1"), ("bb_out_id", b"dlq:t/0/5"), ("bb_redrive", b"t.dlq:0:9")]
+    skip = {"dlq:t/1/7"}
+    n = producer.send_raws(
+        [
+            Raw("t.dlq", 0, b"k", b"v", None, redriven, "dlq:t/1/3"),
+            Raw("t.dlq", 0, b"k", b"v", None, [], "dlq:t/1/7"),
+        ],
+        skip,
+    )
+    assert n == 1 and skip == set(), "the known identity was not sent, and is forgotten once matched"
+    headers = sent[0][5]
+    assert [v for k, v in headers if k == "bb_out_id"] == [b"dlq:t/1/3"]
+    assert output_id(headers) == "dlq:t/1/3"
