@@ -141,11 +141,16 @@ class Run:
 
 
 def run_scenario(
-    stack: Settings, unique: Callable[[str], str], tmp_path: Path, copies: int, timeout_s: float
+    stack: Settings, unique: Callable[[str], str], tmp_path: Path, copies: int, share: float, timeout_s: float
 ) -> None:
+    """Inputs: the files ``copies`` times (the listens' copies interleaved in event time, the ad
+    copies 8 days apart), then the first ``share`` of them."""
     listens_topic, ads_topic = unique("kill-listens"), unique("kill-ads")
-    listens = replayed_listens(copies)
+    listens = sorted(replayed_listens(copies), key=lambda r: r["occurred_at"])
     ads = replayed_ad_events(copies)
+    if share < 1:
+        listens = listens[: int(share * len(listens))]
+        ads = ads[: int(share * len(ads))]
     apply_topics(stack, IngestConfig(source_topic=listens_topic).topic_specs()[:1]
                  + AdsConfig(source_topic=ads_topic).topic_specs("x")[:1])  # fmt: skip
     producer = EventProducer(stack)
@@ -179,8 +184,8 @@ def run_scenario(
         expected = clean.read()
 
         killed.worker.start()
-        for share in (0.15, 0.3, 0.45, 0.6, 0.75):  # five SIGKILLs mid-stream
-            wait_for(lambda share=share: killed.progress() >= share, timeout_s, f"{share:.0%} of the inputs")
+        for point in (0.15, 0.3, 0.45, 0.6, 0.75):  # five SIGKILLs mid-stream
+            wait_for(lambda point=point: killed.progress() >= point, timeout_s, f"{point:.0%} of the inputs")
             killed.worker.kill(signal.SIGKILL)
             killed.worker.start()
         final = killed.wait_done(mark, timeout_s)
