@@ -14,9 +14,8 @@ from functools import cache
 from pathlib import Path
 
 from infra.errors import ConfigError
-from infra.settings import REPO_ROOT
+from infra.resources import CAMPAIGNS_FILE
 
-CAMPAIGNS_FILE = REPO_ROOT / "infra" / "campaigns.toml"
 MICROS = 1_000_000
 
 

@@ -9,9 +9,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from infra.errors import ConfigError
-from infra.settings import REPO_ROOT
+from infra.resources import TOPICS_FILE
 
-CATALOGUE_PATH = REPO_ROOT / "infra" / "topics.toml"
+#: ``infra/topics.toml``, shipped as package data (:mod:`infra.resources`).
+CATALOGUE_PATH = TOPICS_FILE
 
 
 @dataclass(frozen=True)

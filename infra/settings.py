@@ -37,7 +37,10 @@ from urllib.parse import urlparse
 
 from infra.errors import ConfigError
 
-#: The repository root (where ``schemas/`` and ``infra/topics.toml`` live).
+#: The root of the source checkout when backbeat runs from one (an editable install): where
+#: ``.git``, ``docs/`` and ``benchmarks/`` are. Only checkout tools read through it (the docs
+#: generator, ``backbeat schemas check --against history``); what backbeat needs at run time
+#: ships as package data, see :mod:`infra.resources`. In an installed wheel it is site-packages.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -151,8 +154,10 @@ class Settings:
 
     @property
     def schemas_dir(self) -> Path:
-        """The Avro schema tree (``<repo>/schemas``)."""
-        return REPO_ROOT / "schemas"
+        """The Avro schema tree (the package ``schemas``, :data:`infra.resources.SCHEMAS_DIR`)."""
+        from infra.resources import SCHEMAS_DIR
+
+        return SCHEMAS_DIR
 
     # -- client configuration ------------------------------------------------------------------
     def kafka_common(self) -> dict[str, object]:

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 T_BAD = 1_574_553_600_000
 SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
 
-ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
+ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv.gz"
 
 CAMPAIGNS_TOML = "\n".join(
     f'[[campaign]]\ncampaign_id = "{c.campaign_id}"\nitems = {list(c.items)}\ncpm_minor = {c.cpm_minor}\n'
