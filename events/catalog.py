@@ -28,7 +28,7 @@ class TopicSpec:
     doc: str = ""
 
     def configs(self) -> dict[str, str]:
-        """The topic configs backbeat sets explicitly (TANSU.md §12: never rely on defaults)."""
+        """The topic configs backbeat sets explicitly (docs/broker.md §12: never rely on defaults)."""
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
 
 

@@ -1,7 +1,7 @@
 """``backbeat schemas check``: is every schema in ``schemas/`` compatible with what came before?
 
 Three sources for "before" (each subject is ``<topic>-<full name>`` for every topic of the
-catalogue that carries the event type, DESIGN.md §3):
+catalogue that carries the event type, docs/design.md §3):
 
 * ``registry``: the versions registered in the schema registry, at each subject's level
   (``GET /config/{subject}?defaultToGlobal=true``);

@@ -11,7 +11,7 @@ variable                               meaning (default)
 ``BACKBEAT_REGISTRY_URL``              Schema Registry base URL (``http://127.0.0.1:8081``)
 ``BACKBEAT_DATA_DIR``                  data, logs and pids: DuckDB file, lake (``./var``)
 ``BACKBEAT_EMBEDDED``                  ``1`` = the broker is the embedded Tansu: use short
-                                       group timeouts (TANSU.md §1) and Fetch-based high
+                                       group timeouts (docs/broker.md §1) and Fetch-based high
                                        watermarks (§2); ``0`` = real Kafka defaults
                                        (``1`` when the bootstrap servers are loopback)
 ``BACKBEAT_SECURITY_PROTOCOL``         ``PLAINTEXT`` / ``SSL`` / ``SASL_SSL`` … (``PLAINTEXT``)
@@ -179,7 +179,7 @@ class Settings:
         return conf
 
     def producer_conf(self, **extra: str | int | float | bool) -> dict[str, object]:
-        """librdkafka producer properties: batching per TANSU.md §7 (linger 10 ms, big batches)."""
+        """librdkafka producer properties: batching per docs/broker.md §7 (linger 10 ms, big batches)."""
         conf: dict[str, object] = {
             **self.kafka_common(),
             "linger.ms": 10,
@@ -194,7 +194,7 @@ class Settings:
         return conf
 
     def consumer_conf(self, group_id: str, **extra: str | int | float | bool) -> dict[str, object]:
-        """librdkafka consumer properties; short group timeouts on the embedded broker (TANSU §1)."""
+        """librdkafka consumer properties; short group timeouts on the embedded broker (docs/broker.md §1)."""
         conf: dict[str, object] = {
             **self.kafka_common(),
             "group.id": group_id,
