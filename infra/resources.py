@@ -26,9 +26,16 @@ def package_dir(package: str) -> Path:
     editable install maps the package onto the checkout).
 
     Raises:
-        ConfigError: the package is not installed as a directory (a zip import, for example).
+        ConfigError: the package is not installed (an editable install older than the package:
+            install again), or not as a directory (a zip import, for example).
     """
-    root = files(package)
+    try:
+        root = files(package)
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"package {package!r} is not installed: install backbeat again "
+            "(`make venv`, or `pip install -e .` in the checkout)"
+        ) from None
     if not isinstance(root, Path) or not root.is_dir():
         raise ConfigError(f"package {package!r} is not installed as a directory ({root}); reinstall backbeat")
     return root

@@ -32,8 +32,8 @@ def test_shipped_files_are_found_through_their_packages():
         assert path.is_file() and is_gzip(path), path
 
 
-def test_package_dir_of_a_missing_package_raises():
-    with pytest.raises(ModuleNotFoundError):
+def test_package_dir_of_a_missing_package_says_to_install_again():
+    with pytest.raises(ConfigError, match="install backbeat again"):
         resources.package_dir("no_such_backbeat_package")
 
 

@@ -78,6 +78,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (purelib / "_backbeat_test_deps.pth").write_text(f"{_borrowed_site_packages(tmp)}\n")
     _ok(_run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
               "--no-index", str(wheel)]))  # fmt: skip
+    # --no-deps above, but the wheel's declared requirements must all be met by what it borrows
+    _ok(_run([sys.executable, "-m", "pip", "--python", str(python), "check"]))
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return {"wheel": wheel, "venv": venv, "python": python, "purelib": purelib, "cwd": elsewhere}
