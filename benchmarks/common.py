@@ -24,9 +24,8 @@ from events.schemas import get_schema
 from events.serde import AvroDecoder
 from infra import services
 from infra.processes import free_port
-from infra.settings import REPO_ROOT, Settings
-
-LISTENS_30MUSIC = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+from infra.resources import ADS_OPEN_BANDIT, LISTENS_30MUSIC
+from infra.settings import Settings
 
 
 @contextlib.contextmanager
@@ -59,8 +58,6 @@ def replayed_listens(copies: int, path: Path = LISTENS_30MUSIC) -> list[dict[str
     return out
 
 
-#: The Open Bandit log the ad benchmarks and tests replay (``random/all/all.csv``).
-ADS_OPEN_BANDIT = REPO_ROOT.parent / "shared" / "data" / "ads_open_bandit" / "random" / "all" / "all.csv"
 #: How far apart replayed copies of the ad log are (8 days: no window spans two copies).
 AD_COPY_SHIFT_MS = 8 * 86_400_000
 

@@ -45,12 +45,13 @@ from events.validation import validate_listen  # noqa: E402
 from infra import services  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.resources import LISTENS_30MUSIC  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
-from infra.settings import REPO_ROOT, Settings  # noqa: E402
+from infra.settings import Settings  # noqa: E402
 from streams.config import IngestConfig  # noqa: E402
 from streams.sessions import Sessionizer  # noqa: E402
 
-DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+DATA = LISTENS_30MUSIC
 PARTITIONS = 6
 
 

@@ -23,18 +23,19 @@ from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.resources import LISTENS_30MUSIC, open_data  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
-from infra.settings import REPO_ROOT, Settings  # noqa: E402
+from infra.settings import Settings  # noqa: E402
 from projections.readmodels import LISTENS  # noqa: E402
 from projections.runner import ProjectionRunner  # noqa: E402
 from projections.sql import query  # noqa: E402
 
-DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+DATA = LISTENS_30MUSIC
 TOPIC = "bench.listens"
 
 
 def produce(settings: Settings, copies: int) -> int:
-    with open(DATA, "rb") as fh:
+    with open_data(DATA) as fh:
         base = parse_30music(fh).records
     producer = EventProducer(settings)
     total = 0

@@ -42,10 +42,11 @@ from events.catalog import TopicSpec  # noqa: E402
 from events.importers.listens import parse_30music  # noqa: E402
 from events.producer import EventProducer  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
+from infra.resources import LISTENS_30MUSIC, open_data  # noqa: E402
 from infra.runtime import tune_gc  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
 
-DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+DATA = LISTENS_30MUSIC
 PARTITIONS = 6
 
 
@@ -53,7 +54,7 @@ def produce(settings: Settings, topic: str, events: int) -> tuple[int, int]:
     """Produce exactly ``events`` ListenRecorded records (copies of the file, ids suffixed by copy)
     into ``topic``; returns ``(records, distinct event ids)`` (the file repeats 2,293 of its
     listens, which the read model keeps once). Builds one copy at a time (5M dicts: ~5 GB)."""
-    with open(DATA, "rb") as fh:
+    with open_data(DATA) as fh:
         base = [{k: v for k, v in r.items() if k != "_line"} for r in parse_30music(fh).records]
     producer = EventProducer(settings)
     total = 0

@@ -2,7 +2,7 @@
 campaign, their prices (CPM, CPC) and daily budgets. Read by the ads importer and the
 ad-reporting agent; pure data, no I/O beyond reading the file.
 
-Money is integer minor units (DESIGN.md §4); spend is computed exactly in *micros* (millionths of
+Money is integer minor units (docs/design.md §4); spend is computed exactly in *micros* (millionths of
 a minor unit): an impression costs ``cpm_minor * 1000`` micros, a click ``cpc_minor * 10**6``.
 """
 
@@ -14,9 +14,8 @@ from functools import cache
 from pathlib import Path
 
 from infra.errors import ConfigError
-from infra.settings import REPO_ROOT
+from infra.resources import CAMPAIGNS_FILE
 
-CAMPAIGNS_FILE = REPO_ROOT / "infra" / "campaigns.toml"
 MICROS = 1_000_000
 
 

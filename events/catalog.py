@@ -9,9 +9,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from infra.errors import ConfigError
-from infra.settings import REPO_ROOT
+from infra.resources import TOPICS_FILE
 
-CATALOGUE_PATH = REPO_ROOT / "infra" / "topics.toml"
+#: ``infra/topics.toml``, shipped as package data (:mod:`infra.resources`).
+CATALOGUE_PATH = TOPICS_FILE
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class TopicSpec:
     doc: str = ""
 
     def configs(self) -> dict[str, str]:
-        """The topic configs backbeat sets explicitly (TANSU.md §12: never rely on defaults)."""
+        """The topic configs backbeat sets explicitly (docs/broker.md §12: never rely on defaults)."""
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
 
 

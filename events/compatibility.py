@@ -2,7 +2,7 @@
 
 The verdicts come from the Apache ``avro`` package's checker
 (:class:`avro.compatibility.ReaderWriterCompatibilityChecker`, a port of Java Avro's
-``SchemaCompatibility``), as DESIGN.md §3 requires; this module only chooses which
+``SchemaCompatibility``), as docs/design.md §3 requires; this module only chooses which
 (reader, writer) pairs a level asks for and turns the checker's incompatibilities into readable
 messages that name the offending field.
 

@@ -8,7 +8,7 @@ partitions directly (no consumer group), decodes each record through the schema 
 yields one plain dict per record, never stopping at a bad one; :func:`to_json_line` renders such
 a dict as one line of JSON. End offsets come from Fetch responses
 (:func:`events.offsets.high_watermarks`), and a start time is found by scanning, never by
-ListOffsets, which the embedded broker answers wrongly (TANSU.md §2-§3).
+ListOffsets, which the embedded broker answers wrongly (docs/broker.md §2-§3).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _resolve_event_type(topic: str, event_type: str | None, key_field: str | Non
         )
     if "event_id" not in field_names:
         raise SchemaError(
-            f"{schema.full_name} has no event_id field; every backbeat event carries one (DESIGN.md §3)"
+            f"{schema.full_name} has no event_id field; every backbeat event carries one (docs/design.md §3)"
         )
     return schema, key
 
@@ -403,7 +403,7 @@ def consume(
     embedded broker gets wrong. An ISO-8601 time starts each partition at its first record with a
     timestamp >= that time, found by reading the partition from its beginning (records before
     it are fetched but not decoded): it costs a read of everything before the time, fine for a
-    console tool; broker ``offsets_for_times`` is wrong on the embedded broker (TANSU.md §3).
+    console tool; broker ``offsets_for_times`` is wrong on the embedded broker (docs/broker.md §3).
     Later records with an earlier timestamp (out-of-order event times) are still yielded.
     Offsets beyond a partition's end start at its end; before its start, at its start.
 

@@ -6,7 +6,7 @@ Every reader that is not a group member (the agents' changelog recovery and outp
 projection runners, replay, archive, restore, the registry's ``_schemas`` reader, the saga
 runners, ``backbeat consume``, ``backbeat dlq``) reads through this module, with confluent-kafka
 ``assign()``-ed to explicit offsets (no group join, so no join delay on the embedded broker,
-TANSU.md §1; nothing is committed):
+docs/broker.md §1; nothing is committed):
 
 * :class:`LogReader`: a long-running reader; partitions are assigned at start offsets (and
   optionally end offsets), it tracks the next offset of each partition (records and end-of-partition
@@ -34,7 +34,7 @@ exponential backoff (tenacity), logging that it waits, and never turns it into a
 a reject.
 
 End offsets come from Fetch responses (:func:`events.offsets.high_watermarks`), because the
-embedded broker answers ListOffsets LATEST wrongly (TANSU.md §2).
+embedded broker answers ListOffsets LATEST wrongly (docs/broker.md §2).
 """
 
 from __future__ import annotations

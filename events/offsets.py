@@ -1,7 +1,7 @@
 """Partition end offsets that are right on the embedded broker too.
 
 Tansu answers ListOffsets LATEST with the base offset of the last batch + 1, not the high
-watermark (TANSU.md §2), so ``get_watermark_offsets(cached=False)`` and everything built on it
+watermark (docs/broker.md §2), so ``get_watermark_offsets(cached=False)`` and everything built on it
 can be short. The high watermark in a *Fetch* response is right: :func:`high_watermarks` seeks a
 throw-away consumer to each partition's (possibly short) ListOffsets end minus one, fetches one
 record, and reads the cached high watermark of that Fetch. On real Kafka this returns what
@@ -60,7 +60,7 @@ def low_watermarks(
 
 
 def high_watermarks(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """``{partition: high watermark}`` of ``topic`` taken from Fetch responses (TANSU.md §2).
+    """``{partition: high watermark}`` of ``topic`` taken from Fetch responses (docs/broker.md §2).
 
     Raises:
         InfraError: the topic does not exist or a partition does not answer in ``timeout_s`` s.

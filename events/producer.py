@@ -1,7 +1,7 @@
 """Producing backbeat events: Avro in the Confluent wire format, CloudEvents headers, batched.
 
 One :class:`EventProducer` wraps a confluent-kafka ``Producer`` (idempotent, lz4, 10 ms linger,
-large batches: TANSU.md §7). Records are encoded in batches with fastavro (:mod:`events.serde`).
+large batches: docs/broker.md §7). Records are encoded in batches with fastavro (:mod:`events.serde`).
 """
 
 from __future__ import annotations

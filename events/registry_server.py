@@ -1,12 +1,13 @@
 """backbeat's embedded Confluent-compatible schema registry: an aiohttp server speaking the subset
 of the Confluent Schema Registry REST API that serialisers use, storing schemas in a compacted
-``_schemas`` Kafka topic as Confluent does (DESIGN.md §3).
+``_schemas`` Kafka topic as Confluent does (docs/design.md §3).
 
 Run: ``python -m events.registry_server --host 127.0.0.1 --port 8081 --bootstrap-servers
 127.0.0.1:9092`` (``backbeat up`` does, see :mod:`infra.services`). At start it creates
 ``_schemas`` if missing (1 partition, ``cleanup.policy=compact``, ``retention.ms=-1``), reads it
 from the beginning to its high watermark taken from a Fetch response (ListOffsets LATEST is wrong on
-the embedded broker, TANSU.md §2) and rebuilds its state, last value per key winning (TANSU.md §6).
+the embedded broker, docs/broker.md §2) and rebuilds its state, last value per key winning
+(docs/broker.md §6).
 A registration is written to ``_schemas`` and flushed before the state changes and the request is
 answered, so an answered registration is durable in the log.
 
@@ -83,7 +84,7 @@ WRITE_TIMEOUT_MS = 15_000
 
 def ensure_schemas_topic(settings: Settings, timeout_s: float = 30.0) -> None:
     """Create ``_schemas`` (1 partition, compacted, infinite retention) unless it exists
-    (TANSU.md §8: create topics explicitly; §12: with their configs).
+    (docs/broker.md §8: create topics explicitly; §12: with their configs).
 
     Raises:
         InfraError: the broker cannot be reached or refuses to create the topic.
@@ -114,8 +115,8 @@ def ensure_schemas_topic(settings: Settings, timeout_s: float = 30.0) -> None:
 
 
 def load_state(settings: Settings, timeout_s: float = 60.0) -> RegistryState:
-    """Read ``_schemas`` from its beginning to its high watermark (from a Fetch, TANSU.md §2) and
-    rebuild the registry state, the last value of each key winning (TANSU.md §6).
+    """Read ``_schemas`` from its beginning to its high watermark (from a Fetch, docs/broker.md §2) and
+    rebuild the registry state, the last value of each key winning (docs/broker.md §6).
 
     Raises:
         InfraError: the topic cannot be found, or nothing of it arrives for ``timeout_s`` seconds

@@ -1,7 +1,7 @@
 """``backbeat schemas check``: is every schema in ``schemas/`` compatible with what came before?
 
 Three sources for "before" (each subject is ``<topic>-<full name>`` for every topic of the
-catalogue that carries the event type, DESIGN.md §3):
+catalogue that carries the event type, docs/design.md §3):
 
 * ``registry``: the versions registered in the schema registry, at each subject's level
   (``GET /config/{subject}?defaultToGlobal=true``);
@@ -28,6 +28,7 @@ from events.catalog import load_catalogue
 from events.compatibility import check
 from events.schemas import EventSchema, read_schemas, subject_for
 from infra.errors import ConfigError, RegistryError
+from infra.resources import SCHEMAS_DIR
 from infra.settings import REPO_ROOT
 
 
@@ -83,6 +84,24 @@ def _git(root: Path, *args: str) -> str:
         raise ConfigError(f"git {' '.join(args)} failed: {detail.strip()}") from exc
 
 
+def _require_checkout(root: Path) -> None:
+    """``root`` must be the top of a git work tree: history checks read ``git log`` of
+    ``schemas/`` there (an installed backbeat has its schemas but no history).
+
+    Raises:
+        ConfigError: it is not.
+    """
+    try:
+        top = Path(_git(root, "rev-parse", "--show-toplevel").strip()).resolve()
+    except ConfigError:
+        top = None
+    if top != root.resolve() or not (root / "schemas").is_dir():
+        raise ConfigError(
+            f"{root} is not a git checkout of backbeat: checking against git history needs one; "
+            "run it in a clone or pass --repo PATH (--against registry needs no checkout)"
+        )
+
+
 def _relpath(root: Path, schema: EventSchema) -> str:
     return str(schema.path.relative_to(root))
 
@@ -119,8 +138,9 @@ def check_against_revision(rev: str, level: str = "BACKWARD", root: Path = REPO_
     """Each schema under ``root/schemas`` against its file at git revision ``rev``.
 
     Raises:
-        ConfigError: ``rev`` is not a git revision.
+        ConfigError: ``root`` is not a git checkout, or ``rev`` is not a git revision.
     """
+    _require_checkout(root)
     _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
     out: list[SchemaVerdict] = []
     for schema in read_schemas(root / "schemas").values():
@@ -137,6 +157,7 @@ def check_history(level: str = "BACKWARD", root: Path = REPO_ROOT) -> list[Schem
     Raises:
         ConfigError: ``root`` is not a git checkout.
     """
+    _require_checkout(root)
     transitive = level.endswith("_TRANSITIVE")
     out: list[SchemaVerdict] = []
     for schema in read_schemas(root / "schemas").values():
@@ -176,8 +197,9 @@ def subject_level(registry_url: str, subject: str) -> str:
     return str(body.get("compatibilityLevel") or body.get("compatibility") or "BACKWARD")
 
 
-def check_against_registry(registry_url: str, root: Path = REPO_ROOT) -> list[SchemaVerdict]:
-    """Each current schema against the versions registered under each of its subjects.
+def check_against_registry(registry_url: str, root: Path | None = None) -> list[SchemaVerdict]:
+    """Each current schema (those of the checkout ``root``, default the installed ones) against
+    the versions registered under each of its subjects.
 
     Raises:
         RegistryError: the registry cannot be reached.
@@ -192,7 +214,7 @@ def check_against_registry(registry_url: str, root: Path = REPO_ROOT) -> list[Sc
         for event_type in spec.event_types:
             topics_of.setdefault(event_type, []).append(spec.name)
     out: list[SchemaVerdict] = []
-    for schema in read_schemas(root / "schemas").values():
+    for schema in read_schemas(SCHEMAS_DIR if root is None else root / "schemas").values():
         for topic in topics_of.get(schema.full_name, []):
             subject = subject_for(topic, schema.full_name)
             try:

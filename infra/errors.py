@@ -1,6 +1,6 @@
 """The error hierarchy of backbeat: every error a user can see derives from :class:`BackbeatError`.
 
-Messages say what was wrong, with which input, and what to do (DESIGN.md §4).
+Messages say what was wrong, with which input, and what to do (docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def apply_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> li
                 problems.append(f"partitions {partitions} on the broker, {spec.partitions} declared")
             actual = configs.get(spec.name, {})
             for key, want in spec.configs().items():
-                # Tansu lists only configs a topic was created with (TANSU.md §12)
+                # Tansu lists only configs a topic was created with (docs/broker.md §12)
                 if key in actual and actual[key] != want:
                     problems.append(f"{key}={actual[key]} on the broker, {want} declared")
             reports.append(

@@ -11,7 +11,7 @@ variable                               meaning (default)
 ``BACKBEAT_REGISTRY_URL``              Schema Registry base URL (``http://127.0.0.1:8081``)
 ``BACKBEAT_DATA_DIR``                  data, logs and pids: DuckDB file, lake (``./var``)
 ``BACKBEAT_EMBEDDED``                  ``1`` = the broker is the embedded Tansu: use short
-                                       group timeouts (TANSU.md §1) and Fetch-based high
+                                       group timeouts (docs/broker.md §1) and Fetch-based high
                                        watermarks (§2); ``0`` = real Kafka defaults
                                        (``1`` when the bootstrap servers are loopback)
 ``BACKBEAT_SECURITY_PROTOCOL``         ``PLAINTEXT`` / ``SSL`` / ``SASL_SSL`` … (``PLAINTEXT``)
@@ -37,7 +37,10 @@ from urllib.parse import urlparse
 
 from infra.errors import ConfigError
 
-#: The repository root (where ``schemas/`` and ``infra/topics.toml`` live).
+#: The root of the source checkout when backbeat runs from one (an editable install): where
+#: ``.git``, ``docs/`` and ``benchmarks/`` are. Only checkout tools read through it (the docs
+#: generator, ``backbeat schemas check --against history``); what backbeat needs at run time
+#: ships as package data, see :mod:`infra.resources`. In an installed wheel it is site-packages.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -151,8 +154,10 @@ class Settings:
 
     @property
     def schemas_dir(self) -> Path:
-        """The Avro schema tree (``<repo>/schemas``)."""
-        return REPO_ROOT / "schemas"
+        """The Avro schema tree (the package ``schemas``, :data:`infra.resources.SCHEMAS_DIR`)."""
+        from infra.resources import SCHEMAS_DIR
+
+        return SCHEMAS_DIR
 
     # -- client configuration ------------------------------------------------------------------
     def kafka_common(self) -> dict[str, object]:
@@ -174,7 +179,7 @@ class Settings:
         return conf
 
     def producer_conf(self, **extra: str | int | float | bool) -> dict[str, object]:
-        """librdkafka producer properties: batching per TANSU.md §7 (linger 10 ms, big batches)."""
+        """librdkafka producer properties: batching per docs/broker.md §7 (linger 10 ms, big batches)."""
         conf: dict[str, object] = {
             **self.kafka_common(),
             "linger.ms": 10,
@@ -189,7 +194,7 @@ class Settings:
         return conf
 
     def consumer_conf(self, group_id: str, **extra: str | int | float | bool) -> dict[str, object]:
-        """librdkafka consumer properties; short group timeouts on the embedded broker (TANSU §1)."""
+        """librdkafka consumer properties; short group timeouts on the embedded broker (docs/broker.md §1)."""
         conf: dict[str, object] = {
             **self.kafka_common(),
             "group.id": group_id,

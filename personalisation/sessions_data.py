@@ -1,11 +1,11 @@
 """Listening sessions from files in the 30Music layout, for offline evaluation of recommenders.
 
-The layout is the one of ``../shared/data/listens_30music_2014.tsv`` (the 30Music "200ks" session
+The layout is the one of ``data/listens_30music_2014.tsv.gz`` (the 30Music "200ks" session
 slices as the session-rec framework ships them, plus a ``split`` column): tab-separated, a header
 ``UserId SessionId ItemId Time ArtistId [split]``, ``Time`` in unix seconds, sessions as cut by
 the data set's authors. Parsing (:func:`parse_sessions`) and splitting (:func:`split_last_window`)
-are pure; :func:`read_sessions` and :func:`write_sessions` are the file I/O around them. A
-malformed file raises :class:`SessionDataError` naming the file and the line.
+are pure; :func:`read_sessions` (plain or gzip) and :func:`write_sessions` are the file I/O around
+them. A malformed file raises :class:`SessionDataError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.errors import BackbeatError
+from infra.resources import read_data_bytes
 
 #: The header of a 30Music-layout file; the sixth column (``split``) is optional.
 HEADER = ("UserId", "SessionId", "ItemId", "Time", "ArtistId", "split")
@@ -144,15 +145,15 @@ def parse_sessions(lines: Iterable[str], source: str = "<input>") -> list[Sessio
 
 
 def read_sessions(path: Path) -> list[Session]:
-    """Read a 30Music-layout TSV file (UTF-8) into sessions, see :func:`parse_sessions`.
+    """Read a 30Music-layout TSV file (UTF-8, plain or gzip) into sessions, see :func:`parse_sessions`.
 
     Raises:
         SessionDataError: the file is missing, not UTF-8, or malformed (with the line).
     """
     try:
-        text = path.read_bytes()
+        text = read_data_bytes(path)
     except OSError as exc:
-        raise SessionDataError(str(path), 0, f"cannot read the file: {exc.strerror}") from None
+        raise SessionDataError(str(path), 0, f"cannot read the file: {exc.strerror or exc}") from None
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as exc:

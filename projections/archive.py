@@ -1,6 +1,6 @@
 """The log archive: every topic copied to Parquet in the lake, byte-exact, plus decoded columns.
 
-The embedded broker keeps topics in memory (TANSU.md §6), so the archive is what survives a
+The embedded broker keeps topics in memory (docs/broker.md §6), so the archive is what survives a
 restart; :mod:`projections.restore` republishes it, and replay can read it (:func:`iter_archive`).
 
 Layout (under ``<settings.lake_dir>/archive``)::

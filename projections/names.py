@@ -1,7 +1,7 @@
 """Display names for source track and artist ids that have none (30Music), as DuckDB SQL.
 
 30Music listens carry numeric item and artist ids but no names, and share no ids with the Spotify
-catalog (DESIGN.md §5). For display only, each source artist id is mapped onto one catalog artist
+catalog (docs/design.md §5). For display only, each source artist id is mapped onto one catalog artist
 — the one at position ``md5(artist_id) mod (number of catalog artists)`` in name order — and
 each source track onto one of *that* artist's catalog tracks, at position ``md5(track_id) mod
 (that artist's track count)`` in ``track_id`` order (positions from the first 12 hex digits of

@@ -20,7 +20,7 @@ map each event to zero or more rows with a function (:attr:`Projection.rows`, e.
 ledger: a captured payment posts four journal lines, an authorisation none); its key may then be
 several columns (``("entry_id", "line")``). An event's rows are applied all or none.
 
-Policies on a repeated key (DESIGN.md §3 "Exactly-once effects"): ``first`` — the first event
+Policies on a repeated key (docs/design.md §3 "Exactly-once effects"): ``first`` — the first event
 with a key wins and a later duplicate changes nothing (``listens``, ``sessions``, and the feature
 store's history tables ``user_features`` and ``track_features``, keyed by ``event_id``);
 ``last`` — the last event per key (highest offset) wins (``tracks``, keyed by ``track_id``, the

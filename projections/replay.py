@@ -1,5 +1,5 @@
 """Blue/green replay: rebuild a read model from the log beside the live one, verify it, then switch
-readers to it atomically (DESIGN.md §3 "Replay"; ``backbeat replay``).
+readers to it atomically (docs/design.md §3 "Replay"; ``backbeat replay``).
 
 How a replay runs (:func:`replay`):
 
@@ -48,7 +48,7 @@ How a replay runs (:func:`replay`):
    :func:`~projections.apply.apply_batch`). Old versions stay until :func:`drop_old_versions`.
 
 Time positions (``--from``/``--to`` as ISO times): the embedded broker's ``offsets_for_times`` is
-wrong (TANSU.md §3), so a time becomes, per partition, the first offset whose event time (the
+wrong (docs/broker.md §3), so a time becomes, per partition, the first offset whose event time (the
 projection's ``lake_time``, else ``occurred_at``, else its first timestamp column) is at or after
 it: taken from the live read model's own ``kafka_offset`` + event-time columns when it was built
 from the same topic (partitions with no later row: the live model's next offset), else by

@@ -14,8 +14,8 @@ How:
    partition in offset order to their original partition with their key, value, headers and
    CreateTime timestamp, by one idempotent producer: librdkafka's idempotence keeps order per
    partition with up to 5 requests in flight (retries are sequenced, a gap is never filled out of
-   order), and batching keeps Tansu's Fetch cheap (TANSU.md §7).
-4. After a flush, each partition's high watermark (from a Fetch, TANSU.md §2) must equal the
+   order), and batching keeps Tansu's Fetch cheap (docs/broker.md §7).
+4. After a flush, each partition's high watermark (from a Fetch, docs/broker.md §2) must equal the
    archive's next offset, or :class:`RestoreError` is raised.
 5. The new log identity is recorded in the archive, the backbeat-managed registry is restarted
    when ``_schemas`` was restored under it (it reads ``_schemas`` only at start), and stored

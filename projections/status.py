@@ -4,7 +4,7 @@ time.
 
 Lag is ``high watermark − stored next offset`` per partition, the high watermark taken from Fetch
 responses (:func:`events.offsets.high_watermarks`; ListOffsets LATEST is wrong on the embedded
-broker, TANSU.md §2). Without a broker (or topic) the high watermarks and lags are ``None``.
+broker, docs/broker.md §2). Without a broker (or topic) the high watermarks and lags are ``None``.
 """
 
 from __future__ import annotations

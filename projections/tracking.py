@@ -2,7 +2,7 @@
 
 The table ``projection_offsets`` holds, per ``(projection, topic, partition)``, the next offset
 to read and the identity of the log: the broker's cluster id and the topic's id. The runner
-writes it in the same DuckDB transaction as the rows (DESIGN.md §3), so a redelivered batch is
+writes it in the same DuckDB transaction as the rows (docs/design.md §3), so a redelivered batch is
 applied once. Before reading, :func:`check_offsets` compares the stored identity and offsets
 with the live log and raises :class:`~infra.errors.OffsetMismatchError` when they cannot belong
 to it: the embedded broker restarted empty (new cluster id, every topic gone), a topic was

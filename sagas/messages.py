@@ -1,7 +1,7 @@
 """What travels between the saga processes and Kafka: inbound records and outbox messages.
 
 An :class:`Inbound` is one decoded Kafka record (an Avro event in the Confluent wire format with
-CloudEvents headers, DESIGN.md §3) with its position. An *outbox message* is a plain dict kept
+CloudEvents headers, docs/design.md §3) with its position. An *outbox message* is a plain dict kept
 inside an aggregate event (so it is stored in the same transaction as the state change that
 caused it, and JSON-serialisable by eventsourcing's transcoder); the outbox relay
 (:mod:`sagas.outbox`) publishes it. Ids of outbox messages are deterministic, so a message

@@ -9,7 +9,7 @@ the subclass's :meth:`policy`, which collects new aggregate events on the
 
 - a record is applied exactly once: a re-delivered record fails the tracking insert
   (:class:`eventsourcing.persistence.IntegrityError`) and is skipped, and the consumer restarts
-  from the tracked positions (no consumer-group commits: TANSU.md §1, §4);
+  from the tracked positions (no consumer-group commits: docs/broker.md §1, §4);
 - commands and events to publish are part of the aggregate events (``outbox`` attributes), so
   they are written in the same transaction as the new state: the notification log *is* the
   outbox, and :class:`sagas.outbox.OutboxRelay` publishes it.

@@ -5,14 +5,14 @@ One process, one thread, so the application needs no locks:
 
 1. assign every partition of the process's input topics at the position its tracking records
    give, with an :class:`events.log.LogReader` (no consumer-group offsets: positions live with
-   the state, TANSU.md §1, §4);
+   the state, docs/broker.md §1, §4);
 2. decode each record (Confluent-framed Avro, writer schema from the registry); a record that
    cannot be decoded, or that the process rejects (:class:`RejectedRecord`), goes to the
    dead-letter topic ``sagas.dlq`` with ``dlq_*`` reason headers, and its position is recorded,
    so counts reconcile: ``records = applied + ignored + dead_lettered + redelivered``. A registry
    that cannot be reached is waited out (:func:`events.log.wait_out`, ``RunStats.waits``): the
    round is decoded again, nothing is dead-lettered for it;
-3. once it has caught up with the high watermarks seen at start (Fetch-based, TANSU.md §2),
+3. once it has caught up with the high watermarks seen at start (Fetch-based, docs/broker.md §2),
    fire due deadlines: a reply that arrived while the process was down is applied before its
    step's timer can fire;
 4. publish the outbox (:class:`sagas.outbox.OutboxRelay`).

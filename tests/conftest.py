@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from infra.processes import free_port
-from infra.settings import REPO_ROOT, Settings
+from infra.resources import CATALOG_SPOTIFY as CATALOG
+from infra.resources import DATA_DIR, LISTENS_30MUSIC, LISTENS_LASTFM1K
+from infra.settings import Settings
 
-DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
-LISTENS_30MUSIC = DATA / "listens_30music_2014.tsv"
-LISTENS_LASTFM1K = DATA / "listens_lastfm1k_sample.tsv"
-CATALOG = DATA / "catalog_spotify_songs_2020.csv.gz"
+#: The repository's real data sets (``data/``, gzipped; read them with ``infra.resources.open_data``).
+DATA = DATA_DIR
+__all__ = ["CATALOG", "DATA", "LISTENS_30MUSIC", "LISTENS_LASTFM1K", "env_for", "settings_for", "wait_for"]
 
 
 def settings_for(data_dir: Path, broker_port: int, registry_port: int) -> Settings:

@@ -1,4 +1,4 @@
-"""Parser of the Open Bandit ad logs (ZOZOTOWN; ``../shared/data/ads_open_bandit``) into
+"""Parser of the Open Bandit ad logs (ZOZOTOWN; ``data/ads_open_bandit``) into
 ``AdImpressionServed`` and ``AdClicked`` events, in the order the importer produces them (pure:
 no Kafka; the one function that reads a file is :func:`parse_ads_file`).
 
@@ -46,6 +46,7 @@ import pyarrow as pa
 from events.campaigns import CAMPAIGNS_FILE, Campaigns, load_campaigns
 from events.importers.base import MAX_KEPT_REJECTS, Record, Reject, event_id
 from infra.errors import ConfigError
+from infra.resources import open_data
 
 SOURCE = "openbandit"
 IMPRESSION = "AdImpressionServed"
@@ -280,7 +281,7 @@ def parse_ads(raw: Iterable[bytes], campaigns: Campaigns, *, policy: str | None 
 
 
 def parse_ads_file(path: Path, campaigns_path: Path = CAMPAIGNS_FILE) -> ParsedAds:
-    """Parse the Open Bandit CSV at ``path`` with the campaigns of ``campaigns_path`` (policy
+    """Parse the Open Bandit CSV at ``path`` (plain or gzip) with the campaigns of ``campaigns_path`` (policy
     from the folder name, :func:`policy_of`).
 
     Raises:
@@ -288,10 +289,10 @@ def parse_ads_file(path: Path, campaigns_path: Path = CAMPAIGNS_FILE) -> ParsedA
     """
     campaigns = load_campaigns(campaigns_path)
     try:
-        with open(path, "rb") as handle:
+        with open_data(path) as handle:
             return parse_ads(handle, campaigns, policy=policy_of(path))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except (OSError, EOFError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def ad_events(path: Path, campaigns_path: Path = CAMPAIGNS_FILE) -> list[Record]:

@@ -10,7 +10,6 @@ is ``event_id("spotify", track_id)``: one event per track, stable across imports
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import Any
 
 from events.importers.base import Parsed, event_id
 from infra.errors import ConfigError
+from infra.resources import open_data
 
 REQUIRED = [
     "track_id", "track_name", "track_artist", "track_popularity", "track_album_id",
@@ -106,14 +106,16 @@ def _is_number(value: str | None) -> bool:
 
 
 def parse_catalog_file(path: Path) -> Parsed:
-    """Parse the catalog at ``path`` (``.gz`` is decompressed).
+    """Parse the catalog at ``path`` (gzip is decompressed, whatever the file's name).
 
     Raises:
         ConfigError: the file cannot be read or is not the expected CSV.
     """
     try:
-        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-        with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="") as text:
+        with (
+            open_data(path) as raw,
+            io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="") as text,
+        ):
             return parse_catalog_rows(text)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise ConfigError(f"cannot read {path}: {exc}") from exc

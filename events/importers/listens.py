@@ -1,6 +1,6 @@
 """Parsers of real listening logs into ``ListenRecorded`` records (pure: no Kafka).
 
-Formats (see ``../shared/data/SOURCES.md``):
+Formats (see ``data/SOURCES.md``; a file may be gzip-compressed, :func:`infra.resources.open_data`):
 
 * ``30music``: the 30Music "200ks" session slices, tab-separated with a header
   ``UserId SessionId ItemId Time ArtistId split``; ``Time`` in unix seconds. The event id is
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from events.importers.base import Parsed, Record, event_id
 from infra.errors import ConfigError
+from infra.resources import open_data
 
 THIRTYMUSIC_HEADER = ["UserId", "SessionId", "ItemId", "Time", "ArtistId", "split"]
 #: Unix seconds outside [2000-01-01, 2100-01-01) are rejected as implausible.
@@ -153,7 +154,7 @@ PARSERS: dict[str, Callable[[Iterable[bytes]], Parsed]] = {
 
 
 def parse_listens_file(path: Path, fmt: str) -> Parsed:
-    """Parse ``path`` in format ``fmt`` (``30music`` or ``lastfm1k``).
+    """Parse ``path`` in format ``fmt`` (``30music`` or ``lastfm1k``), plain or gzip.
 
     Raises:
         ConfigError: unknown format, unreadable file, or a file of another format.
@@ -161,10 +162,10 @@ def parse_listens_file(path: Path, fmt: str) -> Parsed:
     if fmt not in PARSERS:
         raise ConfigError(f"unknown listens format {fmt!r}; use one of {', '.join(PARSERS)}")
     try:
-        with open(path, "rb") as handle:
+        with open_data(path) as handle:
             return PARSERS[fmt](handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except (OSError, EOFError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def without_line(record: Record) -> Record:

@@ -78,7 +78,7 @@ def group_id(app_id: str, agent_name: str) -> str:
 class RunnerConfig:
     """How an agent's loop runs: ``group_id``; ``batch`` max records per batch; ``within_s``
     max seconds to fill one; ``stats_interval_s`` between stats lines; ``fetch_wait_ms``
-    (librdkafka ``fetch.wait.max.ms``, TANSU.md §7); ``stall_after_s``: records waiting but none
+    (librdkafka ``fetch.wait.max.ms``, docs/broker.md §7); ``stall_after_s``: records waiting but none
     arriving for this long is reported as a stall."""
 
     group_id: str

@@ -8,9 +8,9 @@ key :data:`POSITION_KEY`, value :class:`Position`: the source offset the checkpo
 positions of the output partitions when it was written, and the partition's counters.
 
 Recovery reads the changelog partition from its first record to its high watermark taken
-from a Fetch response (the embedded broker's ListOffsets LATEST is short, TANSU.md §2; on a
+from a Fetch response (the embedded broker's ListOffsets LATEST is short, docs/broker.md §2; on a
 real cluster the two agree) and keeps the last value per key (the embedded broker never
-compacts, TANSU.md §6, so the changelog is the full history). The consumer then resumes the
+compacts, docs/broker.md §6, so the changelog is the full history). The consumer then resumes the
 source partition at ``Position.offset``: the state and the position it covers come from the
 same place, so nothing is applied twice or skipped because a group commit was late or early.
 
@@ -119,7 +119,7 @@ def recover(
     ranges = {(changelog, p): (None, marks.get(p, 0)) for p in wanted}
     # a changelog holds one small batch per checkpoint; on the embedded broker a Fetch lists every
     # batch of the partition and answers nothing when that takes longer than the fetch wait
-    # (TANSU.md §7), so recovery waits longer per Fetch than the agents' consumers do
+    # (docs/broker.md §7), so recovery waits longer per Fetch than the agents' consumers do
     slow = {"fetch.wait.max.ms": RECOVERY_FETCH_WAIT_MS}
     for batch in read_range(settings, ranges, purpose=f"recover-{changelog}", conf=slow):  # type: ignore[arg-type]
         for msg in batch:

@@ -36,11 +36,12 @@ from events.importers.base import event_id
 from events.importers.run import import_ads
 from infra.errors import ConfigError
 from infra.provision import apply_topics
+from infra.resources import read_data_bytes
 from infra.settings import Settings
 from tests.conftest import DATA, env_for
 
-ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
-ADS_MEN = DATA / "ads_open_bandit" / "random" / "men" / "men.csv"
+ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv.gz"
+ADS_MEN = DATA / "ads_open_bandit" / "random" / "men" / "men.csv.gz"
 HEADER = ",timestamp,item_id,position,click,propensity_score," + ",".join(
     f"user_feature_{i}" for i in range(4)
 )
@@ -141,7 +142,7 @@ def test_real_file_values_and_ids(parsed_all):
 
 
 def test_reimport_and_shuffled_rows_give_identical_events(parsed_all):
-    lines = ADS_MEN.read_bytes().splitlines(keepends=True)
+    lines = read_data_bytes(ADS_MEN).splitlines(keepends=True)
     campaigns = load_campaigns()
     once = parse_ads(lines, campaigns, policy="random")
     again = parse_ads(lines, campaigns, policy="random")

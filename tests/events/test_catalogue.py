@@ -1,4 +1,4 @@
-"""The event catalogue holds together: the schemas follow the conventions of DESIGN.md §3–§4, the
+"""The event catalogue holds together: the schemas follow the conventions of docs/design.md §3–§4, the
 topic catalogue and the schemas agree, and ``docs/events.md`` is what the generator writes."""
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def test_latest_yields_nothing_then_only_new_records(stack, topic):
 
 
 def test_reads_to_the_true_end_of_a_partition_of_several_batches(stack, unique):
-    # ListOffsets LATEST on the embedded broker says 21 here (last batch's base + 1, TANSU.md §2)
+    # ListOffsets LATEST on the embedded broker says 21 here (last batch's base + 1, docs/broker.md §2)
     name = unique("console-batches")
     apply_topics(stack, [TopicSpec(name, 1, event_types=(LISTEN_TYPE,))])
     for batch in range(3):

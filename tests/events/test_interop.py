@@ -1,6 +1,6 @@
 """Interoperability with the Confluent ecosystem: bytes written by confluent-kafka's
 AvroSerializer decode with backbeat's decoder and vice versa, both through the embedded registry
-and under the TopicRecordNameStrategy subject backbeat uses (DESIGN.md §3)."""
+and under the TopicRecordNameStrategy subject backbeat uses (docs/design.md §3)."""
 
 from __future__ import annotations
 

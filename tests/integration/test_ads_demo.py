@@ -23,7 +23,7 @@ from tests.conftest import DATA
 
 pytestmark = pytest.mark.integration
 
-ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
+ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv.gz"
 MINUTE, HOUR, STEP = 60_000, 3_600_000, 300_000
 ATTRIBUTION_MS = 30 * MINUTE
 

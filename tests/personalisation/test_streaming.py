@@ -12,6 +12,7 @@ import pytest
 
 from events.importers.base import dedupe_and_order
 from events.importers.listens import parse_30music
+from infra.resources import open_data
 from personalisation.cooccurrence import CooccurrenceModel
 from personalisation.evaluation import ItemToItem, collapse_repeats, fit_method
 from personalisation.sessions_data import Session
@@ -137,7 +138,7 @@ def test_weight_grid_is_exact_whatever_the_order():
 @pytest.fixture(scope="module")
 def real_listens() -> list[tuple[str, str, int]]:
     """The first 8,000 rows of the real 30Music file, in import order (event time)."""
-    with LISTENS_30MUSIC.open("rb") as f:
+    with open_data(LISTENS_30MUSIC) as f:
         lines = [line for _, line in zip(range(8001), f, strict=False)]
     records, _ = dedupe_and_order(parse_30music(lines).records, "occurred_at")
     return [(r["user_id"], r["track_id"], r["occurred_at"]) for r in records]

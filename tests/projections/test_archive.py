@@ -23,6 +23,7 @@ from events.registry_client import Registry
 from infra import services
 from infra.processes import free_port, is_alive, read_running
 from infra.provision import apply_topics
+from infra.resources import open_data
 from infra.settings import REPO_ROOT, Settings
 from projections.archive import (
     ArchiverBusyError,
@@ -59,7 +60,7 @@ _LISTENS: list[dict] = []
 def listens(n: int) -> list[dict]:
     """The first ``n`` real 30Music listens (parsed once)."""
     if not _LISTENS:
-        with open(LISTENS_30MUSIC, "rb") as fh:
+        with open_data(LISTENS_30MUSIC) as fh:
             _LISTENS.extend({k: v for k, v in r.items() if k != "_line"} for r in parse_30music(fh).records)
     return _LISTENS[:n]
 

@@ -34,6 +34,7 @@ from events.importers.run import import_catalog, import_listens
 from events.producer import EventProducer
 from infra.errors import ConfigError, OffsetMismatchError
 from infra.provision import apply_topics
+from infra.resources import open_data
 from infra.settings import REPO_ROOT, Settings
 from personalisation.cooccurrence import HISTORY, CooccurrenceModel
 from personalisation.evaluation import ItemToItem, collapse_repeats, fit_method
@@ -128,7 +129,7 @@ def store(stack: Settings, data_dir: Path) -> Store:
 @pytest.fixture(scope="module")
 def world(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("recs")
-    with LISTENS_30MUSIC.open("rb") as f:
+    with open_data(LISTENS_30MUSIC) as f:
         lines = [line for _, line in zip(range(SLICE_ROWS + 1), f, strict=False)]
     (tmp / "slice.tsv").write_bytes(b"".join(lines))
     records, _ = dedupe_and_order(parse_30music(lines).records, "occurred_at")

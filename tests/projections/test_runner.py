@@ -23,6 +23,7 @@ from infra.broker import start_tansu
 from infra.errors import OffsetMismatchError
 from infra.processes import free_port, stop
 from infra.provision import apply_topics
+from infra.resources import open_data
 from infra.settings import REPO_ROOT, Settings
 from projections.readmodels import LISTENS, SESSIONS, TRACKS
 from projections.runner import ProjectionRunner, RunStats
@@ -207,7 +208,7 @@ def _runner_cmd(topic: str, *extra: str) -> list[str]:
 
 
 def _thirty_music(copies: int) -> list[dict]:
-    with open(LISTENS_30MUSIC, "rb") as fh:
+    with open_data(LISTENS_30MUSIC) as fh:
         base = parse_30music(fh).records
     out = []
     for copy in range(copies):

@@ -1,11 +1,15 @@
 """A private PostgreSQL server for tests and benchmarks, started from the system's packages.
 
 ``start_postgres(tmp_dir)`` runs ``initdb`` + ``pg_ctl start`` from the highest
-``/usr/lib/postgresql/<version>/bin`` on a free 127.0.0.1 port (unix socket inside the temporary
+``/usr/lib/postgresql/<version>/bin`` (Debian, Ubuntu), else from the directory of ``initdb`` on
+``PATH`` (Fedora, Homebrew…), on a free 127.0.0.1 port (unix socket inside the temporary
 directory, ``fsync=off``), creates the database ``backbeat`` and returns its URL (user
 ``postgres``, trust authentication, no password) and a ``stop()`` that stops the server and
 deletes its files. As root (CI) the server commands run as the ``postgres`` system user that
 Debian's ``postgresql`` package creates, because ``initdb`` refuses to run as root.
+
+Without the binaries the PostgreSQL tests *fail* with :data:`MISSING` (what to install), never
+skip: ``make test`` installs them with apt-get when it can (``infra/ensure-postgres.sh``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ PG_LIB_DIR = Path("/usr/lib/postgresql")
 INSTALL_HINT = "apt-get install -y postgresql"
 #: Set to a server URL to use that server instead of starting one.
 TEST_URL_VARIABLE = "BACKBEAT_TEST_POSTGRES_URL"
+_TOOLS = ("initdb", "pg_ctl", "postgres")
+#: Why the PostgreSQL tests fail on a machine without PostgreSQL, and what to do (the same words as
+#: ``infra/ensure-postgres.sh``).
+MISSING = (
+    f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found under {PG_LIB_DIR}/*/bin or on "
+    "PATH: the PostgreSQL saga tests (event store contract on PostgreSQL, fault run) fail without "
+    f"them. Install the PostgreSQL server: `{INSTALL_HINT}` (Debian/Ubuntu; `make test` does it when "
+    "apt-get is available), `dnf install postgresql-server` (Fedora), `brew install postgresql` "
+    f"(macOS); or set {TEST_URL_VARIABLE} to a server where the tests may create databases"
+)
 
 _SERVER_USER = "postgres"
 _DATABASE = "backbeat"
@@ -40,15 +54,23 @@ class PostgresUnavailable(RuntimeError):
     """The PostgreSQL server binaries are missing, or the server did not start (message says why)."""
 
 
-def find_postgres_bindir(lib_dir: Path = PG_LIB_DIR) -> Path | None:
+def find_postgres_bindir(lib_dir: Path = PG_LIB_DIR, search_path: str | None = None) -> Path | None:
     """The ``bin`` directory of the highest PostgreSQL version under ``lib_dir`` that has ``initdb``,
-    ``pg_ctl`` and ``postgres``; ``None`` when there is none."""
+    ``pg_ctl`` and ``postgres``; else the directory of ``initdb`` on ``search_path`` (default
+    ``$PATH``; ``""`` searches nothing) when the other two are beside it; ``None`` when there is none."""
     found: list[tuple[tuple[int, ...], Path]] = []
     for bindir in lib_dir.glob("*/bin"):
         version = tuple(int(part) for part in re.findall(r"\d+", bindir.parent.name))
-        if version and all((bindir / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+        if version and all((bindir / tool).is_file() for tool in _TOOLS):
             found.append((version, bindir))
-    return max(found)[1] if found else None
+    if found:
+        return max(found)[1]
+    initdb = shutil.which("initdb", path=search_path) if search_path != "" else None
+    if initdb:
+        bindir = Path(initdb).resolve().parent
+        if all((bindir / tool).is_file() for tool in _TOOLS):
+            return bindir
+    return None
 
 
 def _as_server_user(argv: list[str]) -> list[str]:
@@ -75,24 +97,22 @@ def _server_can_use(directory: Path) -> bool:
 
 
 def start_postgres(
-    tmp_dir: Path, *, timeout_s: float = 60.0, lib_dir: Path = PG_LIB_DIR
+    tmp_dir: Path, *, timeout_s: float = 60.0, lib_dir: Path = PG_LIB_DIR, search_path: str | None = None
 ) -> tuple[str, Callable[[], None]]:
-    """Start a private PostgreSQL server with its files under ``tmp_dir``, binaries from ``lib_dir``.
+    """Start a private PostgreSQL server with its files under ``tmp_dir``, binaries from ``lib_dir``
+    or ``search_path`` (:func:`find_postgres_bindir`).
 
     Returns ``(url, stop)``: ``url`` is ``postgresql://postgres@127.0.0.1:<port>/backbeat``;
     ``stop()`` (idempotent) stops the server (fast, no checkpoint) and deletes its files.
 
     Raises:
-        PostgresUnavailable: no server binaries (the message gives the install command), no
+        PostgresUnavailable: no server binaries (:data:`MISSING`: what to install), no
             ``postgres`` user when running as root, or the server did not accept connections
             within ``timeout_s`` seconds (the message ends with the server log).
     """
-    bindir = find_postgres_bindir(lib_dir)
+    bindir = find_postgres_bindir(lib_dir, search_path)
     if bindir is None:
-        raise PostgresUnavailable(
-            f"PostgreSQL server binaries not found under {lib_dir}/*/bin; install them with "
-            f"`{INSTALL_HINT}` (or set {TEST_URL_VARIABLE} to a server URL)"
-        )
+        raise PostgresUnavailable(MISSING if lib_dir == PG_LIB_DIR else f"{MISSING} (searched {lib_dir})")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         raise PostgresUnavailable(
             "running as root needs `runuser` (util-linux) to start PostgreSQL as 'postgres'"

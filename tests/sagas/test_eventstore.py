@@ -319,13 +319,26 @@ def test_highest_postgres_version_is_chosen(tmp_path):
         bindir.mkdir(parents=True)
         for tool in ("initdb", "pg_ctl", "postgres") if version != "17" else ("initdb",):  # 17: incomplete
             (bindir / tool).write_text("")
-    assert find_postgres_bindir(tmp_path) == tmp_path / "16" / "bin"
-    assert find_postgres_bindir(tmp_path / "missing") is None
+    assert find_postgres_bindir(tmp_path, search_path="") == tmp_path / "16" / "bin"
+    assert find_postgres_bindir(tmp_path / "missing", search_path="") is None
+
+
+def test_postgres_binaries_on_path_are_found_when_the_debian_folder_has_none(tmp_path):
+    """Fedora and Homebrew put initdb, pg_ctl and postgres on PATH, not under /usr/lib/postgresql."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("initdb", "pg_ctl"):
+        (bindir / tool).write_text("")
+        (bindir / tool).chmod(0o755)
+    assert find_postgres_bindir(tmp_path / "missing", search_path=str(bindir)) is None  # no postgres
+    (bindir / "postgres").write_text("")
+    assert find_postgres_bindir(tmp_path / "missing", search_path=str(bindir)) == bindir
 
 
 def test_missing_postgres_names_the_install_command(tmp_path):
-    with pytest.raises(PostgresUnavailable, match=re.escape("apt-get install -y postgresql")):
-        start_postgres(tmp_path / "pg", lib_dir=tmp_path / "no-postgresql-here")
+    with pytest.raises(PostgresUnavailable, match=re.escape("apt-get install -y postgresql")) as raised:
+        start_postgres(tmp_path / "pg", lib_dir=tmp_path / "no-postgresql-here", search_path="")
+    assert "saga tests" in str(raised.value) and "BACKBEAT_TEST_POSTGRES_URL" in str(raised.value)
 
 
 def test_configured_test_server_is_used_as_is(tmp_path, monkeypatch):

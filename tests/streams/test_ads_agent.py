@@ -34,11 +34,11 @@ pytestmark = pytest.mark.integration
 
 #: Restarted workers find a backlog of small changelog and partial batches; on the embedded broker
 #: a Fetch that lists them for longer than the fetch wait returns nothing and a partition can stall
-#: under load (TANSU.md §7), so the crash runs wait longer per Fetch.
+#: under load (docs/broker.md §7), so the crash runs wait longer per Fetch.
 T_BAD = 1_574_553_600_000
 SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
 
-ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv"
+ADS_ALL = DATA / "ads_open_bandit" / "random" / "all" / "all.csv.gz"
 
 CAMPAIGNS_TOML = "\n".join(
     f'[[campaign]]\ncampaign_id = "{c.campaign_id}"\nitems = {list(c.items)}\ncpm_minor = {c.cpm_minor}\n'

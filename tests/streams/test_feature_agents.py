@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 #: Restarted workers find a backlog of small changelog and partial batches; on the embedded broker
 #: a Fetch that lists them for longer than the fetch wait returns nothing and a partition can stall
-#: under load (TANSU.md §7), so the crash runs wait longer per Fetch.
+#: under load (docs/broker.md §7), so the crash runs wait longer per Fetch.
 SLOW_FETCH = {"BACKBEAT_INGEST_FETCH_WAIT_MS": "500"}
 
 MIN = 60_000
