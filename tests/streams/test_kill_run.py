@@ -190,10 +190,17 @@ def run_scenario(
         expected = clean.read()
 
         killed.worker.start()
+
+        def restores() -> int:
+            return killed.worker.log.read_text(errors="replace").count("restored partitions")
+
         for point in (0.15, 0.3, 0.45, 0.6, 0.75):  # five SIGKILLs mid-stream
             wait_for(lambda point=point: killed.progress() >= point, timeout_s, f"{point:.0%} of the inputs")
             killed.worker.kill(signal.SIGKILL)
+            before = restores()
             killed.worker.start()
+            # the log is appended to: wait for this incarnation's restores before its progress counts
+            wait_for(lambda before=before: restores() >= before + len(AGENTS), 120, "every agent to restore")
         final = killed.wait_done(mark, timeout_s)
         got = killed.read()
     finally:

@@ -23,8 +23,10 @@ class Worker:
         self.env = env
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self._start_at = 0  # where this incarnation's lines begin in the (appended) log
 
     def start(self) -> None:
+        self._start_at = self.log.stat().st_size if self.log.exists() else 0
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info", "--without-web"],
@@ -52,10 +54,14 @@ class Worker:
         ]
 
     def last_stats(self, kind: str = "ingest") -> dict | None:
-        """The last ``<kind> stats {json}`` line of the log (``ingest`` or ``features``)."""
+        """The last ``<kind> stats {json}`` line this incarnation logged (``ingest``,
+        ``features``, ``tracks``, ``ads``): after a restart, not the killed one's."""
         self.check()
-        marker = f"{kind} stats "
-        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if marker in ln]
+        marker = f" {kind} stats "
+        with self.log.open("rb") as fh:
+            fh.seek(self._start_at)
+            text = fh.read().decode(errors="replace")
+        lines = [ln for ln in text.splitlines() if marker in ln]
         return json.loads(lines[-1].split(marker, 1)[1]) if lines else None
 
 
