@@ -1,10 +1,9 @@
 """The event catalogue as Markdown, generated from ``schemas/`` and ``infra/topics.toml``.
 
-Two renderings: :func:`render_events_markdown` is the full page (``docs/events.md``): a summary
-table (context | event | topic | key), then one heading per bounded context and, under it, per
-event type its doc, topic(s), key and a field table (type and meaning; nested record fields as
-``lines[].sku``, enum symbols spelled out). :func:`render_events_summary` is the short form for
-the README: the summary table and a link to the full page. ``python -m infra.clidoc`` writes both.
+:func:`render_events_markdown` is the page ``docs/events.md`` of the docs site: a summary table
+(context | event | topic | key), then one heading per bounded context and, under it, per event
+type its doc, topic(s), key and a field table (type and meaning; nested record fields as
+``lines[].sku``, enum symbols spelled out). ``python -m infra.clidoc`` writes it.
 """
 
 from __future__ import annotations
@@ -130,18 +129,6 @@ def _summary_table() -> list[str]:
             topics, keys = _where(by_type.get(schema.full_name, []))
             lines.append(f"| {context} | `{schema.full_name}` | {topics} | {keys} |")
     return lines
-
-
-def render_events_summary(full_page: str = "docs/events.md") -> str:
-    """Markdown for the README: the summary table and a link to the full catalogue."""
-    n_types = len(load_schemas())
-    parts = [
-        f"{n_types} event types; commands are the types on `*.commands` topics. Fields, types and "
-        f"meanings of each: [{full_page}]({full_page}).",
-        "",
-        *_summary_table(),
-    ]
-    return "\n".join(parts) + "\n"
 
 
 def render_events_markdown() -> str:

@@ -123,7 +123,7 @@ def report(settings: Settings) -> None:
     _print_query("Paused campaigns (CampaignBudgetExhausted, one per campaign and day)", settings, PAUSES)
     console.print(
         "Prices and budgets are invented (infra/campaigns.toml); clicks come at a deterministic "
-        "delay after their impression (docs/readme/ads.md). Data: Open Bandit Dataset, ZOZO, CC BY 4.0.",
+        "delay after their impression (docs/ads.md). Data: Open Bandit Dataset, ZOZO, CC BY 4.0.",
         style="dim",
     )
     console.print("\n[bold]Explore further[/] (DuckDB file: " + str(settings.duckdb_path) + ")")

@@ -12,7 +12,7 @@ al., "Item-based collaborative filtering recommendation algorithms", WWW 2001, �
 popular tracks do not win every list. A user's or session's list is the recency-weighted sum of
 the rows of the last ``HISTORY`` tracks of its history, the i-th most recent weighted
 ``DECAY ** (i - 1)``. Pair weight and decay were chosen on the 30Music windows test0–test1 →
-test2 and are reported on test3 (``docs/readme/evaluation.md``).
+test2 and are reported on test3 (``docs/evaluation.md``).
 
 The same definition serves the offline evaluation (:mod:`personalisation.evaluation`) and the
 streaming read model (:mod:`projections.recommendations`), which keeps the counts in DuckDB and

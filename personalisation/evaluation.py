@@ -6,7 +6,7 @@ The protocol follows the next-item evaluation of the session-rec framework (Lude
 Interaction 28, 2018): methods are trained on the sessions of earlier time windows and asked,
 for every test session and every position ``i >= 1``, for a top-``k`` list given the prefix
 ``items[:i]`` (the context); the target is ``items[i]``. Choices this project made (written
-in ``docs/readme/evaluation.md``):
+in ``docs/evaluation.md``):
 
 * consecutive repeats of one track are collapsed to one play, in training and test sessions alike,
   before anything else (a replay is not a "next track" to predict); sessions shorter than 2

@@ -12,7 +12,7 @@ Web", 1995). A listen that arrives with an earlier event time than one already s
 the open session.
 
 Training data, as in the offline evaluation (:func:`personalisation.evaluation.fit_method`, the
-``item-to-item`` row of ``docs/readme/evaluation.md``): a *replay* — a listen of the same track as
+``item-to-item`` row of ``docs/evaluation.md``): a *replay* — a listen of the same track as
 the previous listen of its session — is collapsed into that play
 (:func:`personalisation.evaluation.collapse_repeats`): it extends the session in time and counts
 in ``UserContext.listens``, but adds no play, no pair and no history entry. Every other listen is

@@ -38,7 +38,7 @@ where batches ended; ``generated_at`` is event time: the user's latest listen th
 for.
 
 The model served is the offline evaluation's ``item-to-item``
-(:func:`personalisation.evaluation.fit_method`; ``docs/readme/evaluation.md``): window 5, pairs
+(:func:`personalisation.evaluation.fit_method`; ``docs/evaluation.md``): window 5, pairs
 weighted ``1 / distance``, consecutive repeats collapsed, history of 10 with decay 0.5, trained on
 the sessions cut here. Weight sums are kept on the exact ``1 / 60`` grid
 (:func:`personalisation.streaming.snap_weights`), in ``item_pairs`` and in memory alike, so the
@@ -526,7 +526,7 @@ def served_model(
     """The model the ``item2item`` variant serves, from stored sums: ``weights[k]`` (float64,
     shape (n,)) the summed ``1 / distance`` of the unordered pair ``(a[k], b[k])``, ``plays[k]``
     the plays of ``tracks[k]``. Window 5, ``distance_weighted``: the configuration of the offline
-    evaluation's ``item-to-item`` row (``docs/readme/evaluation.md``), which it equals when given
+    evaluation's ``item-to-item`` row (``docs/evaluation.md``), which it equals when given
     the same sessions (tested)."""
     return CooccurrenceModel.from_counts(a, b, weights, tracks, plays, window=WINDOW, distance_weighted=True)
 

@@ -1,5 +1,5 @@
 """Blue/green replay of a stateful read model (:data:`projections.runner.STATEFUL`, i.e.
-``recommendations``): called by :func:`projections.replay.replay`; see ``docs/readme/replay.md``.
+``recommendations``): called by :func:`projections.replay.replay`; see ``docs/replay.md``.
 
 A stateful read model's rows come from state across all events (sessions, pair weights, first
 assignments), so only full rebuilds exist: ``start`` must be ``earliest`` (or omitted).

@@ -431,8 +431,8 @@ def run_together(
     combined :class:`RunStats`.
 
     Raises:
-        The first error of a runner (in ``runners`` order), after the others stopped at the end of
-        their batch in flight: as :meth:`ProjectionRunner.run`.
+        Exception: the first error of a runner (in ``runners`` order), after the others stopped
+            at the end of their batch in flight: as :meth:`ProjectionRunner.run`.
     """
     if len(runners) == 1:
         runners[0].progress = progress

@@ -229,7 +229,7 @@ def test_reports_are_in_the_lake_too(db, demo):
 
 
 def test_the_documented_queries_run_and_give_the_documented_figures(db):
-    doc = (REPO_ROOT / "docs" / "readme" / "ads.md").read_text()
+    doc = (REPO_ROOT / "docs" / "ads.md").read_text()
     blocks = re.findall(r"```sql\n(.*?)```", doc, re.S)
     assert len(blocks) == 5
     results = [db.execute(sql).fetchall() for sql in blocks]

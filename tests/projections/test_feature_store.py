@@ -44,7 +44,7 @@ from tests.projections.test_readmodels import listen
 
 pytestmark = pytest.mark.integration
 
-DOC = REPO_ROOT / "docs" / "readme" / "feature-store.md"
+DOC = REPO_ROOT / "docs" / "feature-store.md"
 NAMES = ("user_features", "track_features", "listens")
 
 # u1: 1 h windows every 5 min from 08:00 to 09:00, sent in a shuffled order, plus 1 d windows

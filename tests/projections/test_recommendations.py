@@ -570,8 +570,8 @@ def test_in_memory_model_equals_the_tables_bit_for_bit_after_many_small_batches(
     assert sum(x != round(x) for x in weights) > 500
 
 
-def test_readme_section_shows_the_variant_sql_verbatim():
-    doc = (REPO_ROOT / "docs" / "readme" / "recommendations.md").read_text()
+def test_docs_page_shows_the_variant_sql_verbatim():
+    doc = (REPO_ROOT / "docs" / "recommendations.md").read_text()
     assert VARIANT_COMPARISON_SQL in doc and VARIANT_PER_USER_SQL in doc
 
 
