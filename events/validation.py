@@ -43,12 +43,26 @@ def validate_listen(record: Mapping[str, Any], now_ms: int | None = None) -> str
 
     Rules: ``event_id``, ``user_id``, ``track_id``, ``artist_id`` are non-blank strings;
     ``occurred_at`` (ms since the epoch) is > 0 and at most :data:`MAX_FUTURE_MS` after
-    ``now_ms`` (default: no future check); ``ms_played`` is ``None`` or >= 0.
+    ``now_ms`` (default: no future check); ``ms_played`` is ``None`` or >= 0. It runs on every
+    listen an agent or a read model takes, so the valid case is checked first in one pass.
     """
+    get = record.get
+    e, u, t, a = get("event_id"), get("user_id"), get("track_id"), get("artist_id")
+    occurred = get("occurred_at")
+    played = get("ms_played")
+    if (
+        type(e) is str and e and not e.isspace()
+        and type(u) is str and u and not u.isspace()
+        and type(t) is str and t and not t.isspace()
+        and type(a) is str and a and not a.isspace()
+        and type(occurred) is int and occurred > 0
+        and (now_ms is None or occurred <= now_ms + MAX_FUTURE_MS)
+        and (played is None or played >= 0)
+    ):  # fmt: skip
+        return None
     reason = _blank(record, ("event_id", "user_id", "track_id", "artist_id")) or _event_time(record, now_ms)
     if reason is not None:
         return reason
-    played = record.get("ms_played")
     if played is not None and played < 0:
         return f"ms_played={played} is negative"
     return None
