@@ -8,6 +8,8 @@ subject and building encoders/decoders for the Confluent wire format (:mod:`even
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -17,7 +19,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from events.schemas import EventSchema, get_schema, subject_for
 from events.serde import AvroDecoder, AvroEncoder, plain_times
-from infra.errors import RegistryError, TransientError
+from infra.errors import BackbeatError, RegistryError, TransientError
 from infra.settings import Settings
 
 
@@ -34,6 +36,31 @@ class Registry:
         """The registry at ``settings.registry_url``."""
         return cls(settings.registry_url)
 
+    @contextmanager
+    def _asking(self, what: str) -> Iterator[None]:
+        """The one translation of the client's errors for a call about ``what``: the registry
+        answered 5xx, 408 or 429, or could not be reached or timed out → :class:`TransientError`
+        (retry); any other answer (404 not found, 409 incompatible, 422 invalid) →
+        :class:`RegistryError` with Confluent's ``error_code`` and the HTTP status."""
+        try:
+            yield
+        except SchemaRegistryError as exc:
+            status = exc.http_status_code or 500
+            if status >= 500 or status in (408, 429):
+                raise TransientError(
+                    f"{what}: the schema registry at {self.url} answered {status}: {exc.error_message}"
+                ) from exc
+            raise RegistryError(
+                f"{what}: {exc.error_message}", error_code=exc.error_code, http_status=status
+            ) from exc
+        except BackbeatError:
+            raise
+        except Exception as exc:  # httpx connect/read errors, timeouts
+            raise TransientError(
+                f"{what}: the schema registry at {self.url} cannot be reached ({exc}); is it running? "
+                "Start the embedded one with 'backbeat up' or set BACKBEAT_REGISTRY_URL"
+            ) from exc
+
     def register(self, topic: str, schema: EventSchema) -> int:
         """Register ``schema`` under ``<topic>-<full name>`` and return its id (idempotent).
 
@@ -42,25 +69,9 @@ class Registry:
             TransientError: the registry cannot be reached, timed out or answered 5xx (retry).
         """
         subject = subject_for(topic, schema.full_name)
-        try:
-            return self.client.register_schema(subject, Schema(schema.schema_str, "AVRO"))
-        except SchemaRegistryError as exc:
-            status = exc.http_status_code or 500
-            if status >= 500 or status in (408, 429):
-                raise TransientError(
-                    f"registering {subject}: the schema registry at {self.url} answered {status}: "
-                    f"{exc.error_message}"
-                ) from exc
-            raise RegistryError(
-                f"registering {subject} at {self.url} failed: {exc.error_message}",
-                error_code=exc.error_code,
-                http_status=status,
-            ) from exc
-        except Exception as exc:
-            raise TransientError(
-                f"schema registry at {self.url} cannot be reached ({exc}); is it running? "
-                "Start the embedded one with 'backbeat up' or set BACKBEAT_REGISTRY_URL"
-            ) from exc
+        with self._asking(f"registering {subject}"):
+            schema_id = self.client.register_schema(subject, Schema(schema.schema_str, "AVRO"))
+        return schema_id
 
     def parsed_schema_by_id(self, schema_id: int) -> dict[str, Any]:
         """The fastavro-parsed schema of ``schema_id`` (cached once found; a "not found" answer
@@ -73,27 +84,9 @@ class Registry:
         """
         parsed = self._parsed.get(schema_id)
         if parsed is None:
-            try:
+            with self._asking(f"schema id {schema_id}"):
                 schema = self.client.get_schema(schema_id)
-            except SchemaRegistryError as exc:
-                status = exc.http_status_code or 500
-                if status >= 500 or status in (408, 429):
-                    raise TransientError(
-                        f"schema registry at {self.url} answered {status} for schema id {schema_id}: "
-                        f"{exc.error_message}"
-                    ) from exc
-                raise RegistryError(
-                    f"schema id {schema_id}: {exc.error_message}",
-                    error_code=exc.error_code,
-                    http_status=status,
-                ) from exc
-            except Exception as exc:  # httpx connect/read errors, timeouts
-                raise TransientError(
-                    f"schema registry at {self.url} cannot be reached for schema id {schema_id} ({exc}); "
-                    "is it running? ('backbeat up' starts the embedded one)"
-                ) from exc
-            raw = plain_times(json.loads(schema.schema_str))
-            parsed = fastavro.parse_schema(raw)
+            parsed = fastavro.parse_schema(plain_times(json.loads(schema.schema_str)))
             self._parsed[schema_id] = parsed
         return parsed
 
@@ -101,29 +94,24 @@ class Registry:
         """The schema text registered under ``schema_id`` (cached by the client).
 
         Raises:
-            RegistryError: the id is unknown or the registry cannot be reached.
+            RegistryError: the id is unknown (``not_found``).
+            TransientError: the registry cannot be reached now (retry).
         """
-        try:
-            return str(self.client.get_schema(schema_id).schema_str)
-        except SchemaRegistryError as exc:
-            raise RegistryError(
-                f"schema id {schema_id}: {exc.error_message}", error_code=exc.error_code
-            ) from exc
+        with self._asking(f"schema id {schema_id}"):
+            text = str(self.client.get_schema(schema_id).schema_str)
+        return text
 
     def register_text(self, subject: str, schema_text: str) -> int:
         """Register raw Avro ``schema_text`` under ``subject`` (e.g. an old version from
         ``schemas/<context>/history/``) and return its id.
 
         Raises:
-            RegistryError: refused (e.g. 409 incompatible) or unreachable.
+            RegistryError: refused (e.g. 409 incompatible).
+            TransientError: the registry cannot be reached now (retry).
         """
-        try:
-            return self.client.register_schema(subject, Schema(schema_text, "AVRO"))
-        except SchemaRegistryError as exc:
-            raise RegistryError(
-                f"registering {subject} failed: {exc.error_message}",
-                error_code=exc.error_code, http_status=exc.http_status_code,
-            ) from exc  # fmt: skip
+        with self._asking(f"registering {subject}"):
+            schema_id = self.client.register_schema(subject, Schema(schema_text, "AVRO"))
+        return schema_id
 
     def encoder(self, topic: str, event_type: str) -> AvroEncoder:
         """An encoder for ``event_type`` (full or short name) on ``topic``; registers the schema."""
