@@ -408,11 +408,14 @@ def apply_batch(
     *,
     append: bool = False,
     on_written: Callable[[duckdb.DuckDBPyConnection, str, pa.Table], None] | None = None,
+    before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
 ) -> Applied:
     """Write ``prepared`` in one transaction on ``conn`` (module docstring), lake files of
     lake projections under ``lake_dir``; ``append``: insert every row, no policy (step 5);
     ``on_written(conn, table, rows)``: called in the transaction after each table's rows are
-    written, with the rows written (an exception rolls the batch back).
+    written, with the rows written; ``before_commit(conn)``: called last in the transaction,
+    after the offsets are stored (a replay's digest and coverage of what it read). An exception
+    from either rolls the batch back.
 
     Raises:
         duckdb.Error, OSError: the write failed; nothing of the batch is kept (rolled back,
@@ -445,6 +448,8 @@ def apply_batch(
             if end > stored.get(key, 0):
                 next_offsets[key] = end
         save_offsets(conn, next_offsets, identity)
+        if before_commit is not None:
+            before_commit(conn)
     return result
 
 

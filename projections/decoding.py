@@ -58,7 +58,13 @@ class Prepared:
     """One consumed batch, ready to write: ``tables`` (projection name → rows), ``rejects``,
     ``ends`` (``(topic, partition)`` → the offset after the batch's last record there),
     ``records`` (all records seen), ``controls`` (control records skipped) and ``filtered``
-    (events the projection's row filter left to another read model)."""
+    (events the projection's row filter left to another read model); ``firsts``: ``(topic,
+    partition)`` → the offset of the batch's first record there, and ``breaks``: ``(topic,
+    partition, expected, got)`` for every record whose offset is not the one after the previous
+    record of its partition in the batch (a gap when ``got > expected``, a repeat or disorder
+    when less). With ``firsts`` and ``ends`` they say exactly which offsets a batch holds: every
+    offset of ``[firsts, ends)`` once when there is no break (what a replay's coverage check
+    reads, :mod:`projections.replay`)."""
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)
@@ -66,6 +72,8 @@ class Prepared:
     records: int = 0
     controls: int = 0
     filtered: int = 0
+    firsts: dict[tuple[str, int], int] = field(default_factory=dict)
+    breaks: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     def merge(self, later: Prepared) -> Prepared:
         """This batch followed by ``later`` (read after it) as one: tables concatenated per
@@ -78,11 +86,19 @@ class Prepared:
         for name, table in later.tables.items():
             tables[name] = pa.concat_tables([tables[name], table]) if name in tables else table
         ends = dict(self.ends)
+        firsts = dict(self.firsts)
+        breaks = [*self.breaks]
+        for key, first in later.firsts.items():
+            if key not in firsts:
+                firsts[key] = first
+            elif first != self.ends[key]:
+                breaks.append((key[0], key[1], self.ends[key], first))
+        breaks += later.breaks
         for key, end in later.ends.items():
             ends[key] = max(end, ends.get(key, 0))
         return Prepared(
             tables, [*self.rejects, *later.rejects], ends, self.records + later.records,
-            self.controls + later.controls, self.filtered + later.filtered,
+            self.controls + later.controls, self.filtered + later.filtered, firsts, breaks,
         )  # fmt: skip
 
 
@@ -148,9 +164,16 @@ class BatchPreparer:
         parts: list[int] = []
         offs: list[int] = []
         kinds: list[str] = []
+        firsts = out.firsts
         for i, (msg, event, value) in enumerate(zip(messages, records, values, strict=True)):
             topic, part, off = msg.topic(), msg.partition(), msg.offset()
-            ends[(topic, part)] = off + 1  # a partition's records arrive in offset order
+            tp = (topic, part)
+            expected = ends.get(tp)
+            if expected is None:
+                firsts[tp] = off
+            elif off != expected:  # a partition's records arrive in offset order, one by one
+                out.breaks.append((topic, part, expected, off))
+            ends[tp] = off + 1
             if topic != last_topic:
                 last_topic, proj = topic, by_topic[topic]
                 accepted, where = proj.event_types, proj.where

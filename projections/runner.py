@@ -7,8 +7,9 @@ How it runs:
    watermark from Fetch responses (:func:`events.offsets.high_watermarks`, since ListOffsets
    LATEST is wrong on Tansu); open DuckDB once to create tables (with their views and macros,
    ``Projection.extra_ddl``), load the stored offsets and check them against the log
-   (:func:`projections.tracking.check_offsets`, raising ``OffsetMismatchError``), and delete
-   orphan lake files.
+   (:func:`projections.tracking.check_offsets`, raising ``OffsetMismatchError``), finish a lake
+   switch a replay left undone (:func:`projections.lake.finish_switches`), and delete orphan lake
+   files.
 2. A :class:`events.log.LogReader` is ``assign()``-ed to every partition at its stored offset
    (no consumer-group join, so no Tansu join delay; nothing is committed to Kafka: the offsets
    live in DuckDB). Its errors are classified once (:func:`events.log.classify`): the log changed
@@ -234,6 +235,7 @@ class ProjectionRunner:
             check_topics_exist(stored.values(), identity, topics)
             marks = {t: high_watermarks(self.settings, t) for t in topics}
             check_offsets(stored.values(), identity, marks, bootstrap)
+            lake.finish_switches(conn, self.settings.lake_dir)  # a replay's switch cut short (lake.py)
             for proj in self.projections:
                 if proj.lake:
                     removed = lake.remove_orphans(conn, self.settings.lake_dir, proj.name)

@@ -19,7 +19,6 @@ says which), and :func:`reset`.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +29,13 @@ import pyarrow as pa
 from events.log import LogIdentity, log_identity
 from infra.errors import InfraError, OffsetMismatchError
 from infra.settings import Settings
-from projections.lake import LAKE_FILES_DDL, LAKE_FILES_TABLE
+from projections.lake import (
+    LAKE_FILES_DDL,
+    LAKE_FILES_TABLE,
+    LAKE_SWITCHES_DDL,
+    LAKE_SWITCHES_TABLE,
+    drop_dir,
+)
 from projections.readmodels import Projection
 from projections.store import writer
 
@@ -371,13 +376,15 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
     """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
     macros; for a replayed read model the view ``name`` and every version's table, with their
     builds' offsets and rejects), stored offsets, versions, rejects, lake file records and lake
-    directories, so the next run rebuilds them from offset 0.
+    directories (every version's, and the link a replay made), so the next run rebuilds them
+    from offset 0.
     Returns the names reset. Other projections are untouched.
 
     Raises:
         DatabaseBusyError: the database stayed locked for ``timeout_s`` seconds.
     """
     done: list[str] = []
+    dirs: dict[str, list[str]] = {}
     wanted = list(dict.fromkeys(names))
     with writer(settings.duckdb_path, timeout_s) as conn:
         conn.begin()
@@ -397,17 +404,23 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
             conn.execute(f'DROP {"VIEW" if views else "TABLE"} IF EXISTS "{name}"')
             for build in builds:
                 conn.execute(f'DROP TABLE IF EXISTS "{build}"')
-                for table in (OFFSETS_TABLE, REJECTS_TABLE):
+                for table in (OFFSETS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
                     conn.execute(f"DELETE FROM {table} WHERE projection = ?", [build])
-            for retired in _retired_versions(conn, name):
-                conn.execute(f'DROP TABLE IF EXISTS "{retired}"')
+            retired = _retired_versions(conn, name)
+            for table in retired:
+                conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+                conn.execute(f"DELETE FROM {LAKE_FILES_TABLE} WHERE projection = ?", [table])
             conn.execute(f"DELETE FROM {BUILDS_TABLE} WHERE projection = ?", [name])
             for table in (OFFSETS_TABLE, VERSIONS_TABLE, REJECTS_TABLE, LAKE_FILES_TABLE):
                 conn.execute(f"DELETE FROM {table} WHERE projection = ?", [name])
+            conn.execute(LAKE_SWITCHES_DDL)
+            conn.execute(f"DELETE FROM {LAKE_SWITCHES_TABLE} WHERE projection = ?", [name])
+            dirs[name] = [name, *builds, *retired]
             done.append(name)
         conn.commit()
     for name in done:
-        shutil.rmtree(settings.lake_dir / name, ignore_errors=True)
+        for directory in dirs[name]:  # the lake: a directory, or a link to a version's directory
+            drop_dir(settings.lake_dir, directory)
     return done
 
 
