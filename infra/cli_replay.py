@@ -31,23 +31,50 @@ def _line(p: object) -> str:
     )
 
 
+def _offsets(offsets: dict[int, int]) -> str:
+    return ",".join(f"{p}:{o}" for p, o in sorted(offsets.items()))
+
+
 def replay_cmd(
     projection: Annotated[str, typer.Argument(help="The read model to rebuild, e.g. listens.")],
     start: Annotated[
         str | None,
         typer.Option(
             "--from",
-            help="Where to start: earliest (default), latest, an ISO time (2014-04-20T08:00:00Z) or "
-            "PARTITION:OFFSET,… (0:100,1:250; unlisted partitions from the start).",
+            help="Where to start: earliest (default: a whole rebuild), an ISO time (2014-04-20T08:00:00Z: "
+            "the rows with an event time at or after it are replayed on top of the live rows older than "
+            "it) or PARTITION:OFFSET,… (0:100,1:250: the records from those offsets on top of the live "
+            "rows of the records before them). A partial replay needs a live read model of the same "
+            "version.",
         ),
     ] = None,
     stop: Annotated[
         str | None,
         typer.Option(
             "--to",
-            help="Where to stop (exclusive), same forms; default: the end of the log when the replay starts.",
+            help="Where to stop (exclusive): latest, PARTITION:OFFSET,… or an ISO time (each partition up "
+            "to and with its last record whose event time is before it). Default: the end of the log when "
+            "the replay starts, extended to the live read model's offsets if its runner went further. An "
+            "explicit --to is never extended: if the live read model is past it the replay stops (see "
+            "--catch-up).",
         ),
     ] = None,
+    catch_up: Annotated[
+        bool,
+        typer.Option(
+            "--catch-up",
+            help="With --to: extend the build to the live read model's offsets where they are further, "
+            "so the switch never moves it back (reported).",
+        ),
+    ] = False,
+    allow_log_gaps: Annotated[
+        bool,
+        typer.Option(
+            "--allow-log-gaps",
+            help="Accept offsets Kafka moved past without a record (transaction markers, compacted "
+            "records on a real cluster); by default the switch requires every offset of the range read.",
+        ),
+    ] = False,
     source: Annotated[
         str, typer.Option(help="kafka (the topic) or archive (the Parquet archive of 'backbeat archive').")
     ] = "kafka",
@@ -86,15 +113,23 @@ def replay_cmd(
     read model you suspect, or to rebuild one from a point in time, without downtime.
 
     **How:** the build gets its own table (`<name>__v<version>_b<n>`) and its own offsets; it reads
-    `--from`…`--to` with the projection's own code, appending every mapped row (each write tallied
-    in its transaction), then catches up with the live read model's offsets and applies the
-    projection's policy once (one row per key). **Verification** before the switch: the rows appended
-    must be exactly the rows tallied; then, when the live version is the same and stands at the same
-    offsets, row counts and an order-independent checksum of every column must match; otherwise
-    (mapping changed, other range) the build must hold exactly one row per distinct key of the range.
-    On a mismatch nothing is switched, both versions are kept and the command exits 1. **Switch:**
-    the read model's name becomes a view over the new table; 'backbeat project' then writes into
-    it. Old versions are kept until --drop-old / --drop-only.
+    `--from`…`--to` with the projection's own code and appends every mapped row, then catches up
+    with the live read model's offsets and applies the projection's policy once (one row per key).
+
+    **Verification** before the switch (the first failure stops it): *coverage*, every offset of
+    every partition's range was read once, in order (an archive that ends early, a skipped or
+    repeated offset: the message names the partition and offsets, the build is kept and resumes);
+    *digest*, the rows in the build are exactly the rows the mapping produced from the records
+    read (count and a checksum of every column: a row lost, written twice or altered fails);
+    *content*, equal to the live read model when it is the same version at the same offsets, else
+    one row per distinct key. On a digest or content mismatch nothing is switched, both versions are
+    kept and the command exits 1. **Switch:** the read model's name becomes a view over the new
+    table; 'backbeat project' then writes into it. After a version bump a lake read model's Parquet
+    lake is rewritten too (lake/NAME then points at the new version's files). Old versions are
+    kept until --drop-old / --drop-only.
+
+    The saga read models (sagas, saga_events, saga_order_lines, inventory_*, gateway_operations)
+    are rebuilt whole from their stores (no --from/--to/--source).
 
     A replay interrupted (Ctrl-C, kill) resumes where it was when run again. The stateful read
     model (recommendations) is rebuilt whole (--from earliest only) in a separate DuckDB file,
@@ -134,7 +169,7 @@ def replay_cmd(
         result = replay(
             settings, projection, source=source, start=start, stop=stop, drop_old=drop_old,
             progress=show, projection=override, batch_size=batch_size,
-            write_rows=write_rows or WRITE_ROWS,
+            write_rows=write_rows or WRITE_ROWS, catch_up=catch_up, allow_log_gaps=allow_log_gaps,
         )  # fmt: skip
     v = result.verification
     if not result.verified:
@@ -149,5 +184,16 @@ def replay_cmd(
         f"{', resumed' if result.resumed else ''}): {result.events:,} events in {result.seconds:,.1f} s "
         f"({result.events_per_s:,.0f} events/s); verified ({v.mode}): {v.detail}"
     )
+    if result.extended:
+        console.print(
+            f"extended past the --to asked ({_offsets(result.requested_stop)}) to the live read model's "
+            f"offsets ({_offsets(result.stop)})"
+        )
+    if result.copied:
+        console.print(f"{result.copied:,} rows of the live read model before the cut taken over")
+    if result.lake_files:
+        console.print(
+            f"the Parquet lake was rewritten for version {result.version}: {result.lake_files} files"
+        )
     if result.dropped:
         console.print(f"dropped {', '.join(result.dropped)}")

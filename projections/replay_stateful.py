@@ -64,6 +64,7 @@ from projections.recommendations import (
     STATE_TABLES,
     RecommendationsWriter,
 )
+from projections.replay_source import archive_functions, batches_for
 from projections.store import WriterSession, reader, writer
 from projections.tracking import (
     BOOKKEEPING_DDL,
@@ -389,11 +390,11 @@ def replay_stateful(
             f"{name} is a stateful read model: its state (sessions, pair weights, assignments) depends on "
             f"all history, so it can only be rebuilt from the start of the log; drop --from {start!r}"
         )
-    read = rp._batches(source)
+    read = batches_for(source)
     started = time.monotonic()
     with rp._replay_lock(settings.duckdb_path, name):
         if source == "archive":
-            marks = rp._archive()[1](settings, proj.topic)
+            marks = archive_functions()[1](settings, proj.topic)
         else:
             identity = log_identity(settings, [proj.topic])
             if proj.topic not in identity.topic_ids:
@@ -405,7 +406,7 @@ def replay_stateful(
                 live = rp._live_offsets(conn, name, proj.topic)
 
         def at_time(when: datetime) -> dict[int, int]:
-            return rp.offsets_at_time(settings, proj, when, marks, read, lookup)[0]
+            return rp.offsets_before(settings, proj, when, marks, read, lookup)[0]
 
         default = {p: live.get(p, 0) for p in marks} if live else dict(marks)
         end0 = rp.resolve_position(stop, marks, default, at_time)

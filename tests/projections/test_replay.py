@@ -17,7 +17,7 @@ from infra.errors import ConfigError, OffsetMismatchError
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
 from projections.readmodels import LISTENS, Column, Projection
-from projections.replay import ReplayProgress, replay, resolve_position
+from projections.replay import ReplayError, ReplayProgress, replay, resolve_position
 from projections.runner import ProjectionRunner
 from projections.sql import query
 from projections.status import projection_status
@@ -182,7 +182,7 @@ def test_recount_counts_the_appended_rows_and_checks_their_tally(settings: Setti
     with writer(settings.duckdb_path) as conn:
         conn.execute("UPDATE listens__v3_b2 SET track_name = 'tampered' WHERE rowid = 0")
     failed = replay(settings, "listens", projection=v3, batch_size=30, write_rows=30)
-    assert not failed.verified and failed.verification.mode == "recount"
+    assert not failed.verified and failed.verification.mode == "digest"
     assert failed.verification.got != failed.verification.expected and "altered" in failed.verification.detail
     assert rows(settings, "SELECT version FROM projection_versions") == [(2,)]
     # the optional second read of the source gives the same figures
@@ -265,13 +265,19 @@ def test_projections_list_lag_and_positions(settings: Settings, unique):
     first = rows(settings, "SELECT min(occurred_at) FROM listens WHERE event_id = 'e50'")[0][0]
     later = rows(settings, "SELECT kafka_partition, min(kafka_offset) FROM listens WHERE occurred_at >= ? GROUP BY 1",
                  [first])  # fmt: skip
-    from projections.replay import offsets_at_time
+    earlier = rows(settings, "SELECT kafka_partition, max(kafka_offset) FROM listens WHERE occurred_at < ? GROUP BY 1",
+                   [first])  # fmt: skip
+    from events.registry_client import registry_for  # noqa: PLC0415
+    from projections.replay import kafka_batches, offsets_before  # noqa: PLC0415
 
-    got, how = offsets_at_time(settings, proj, first, marks, None, lambda _: {})  # type: ignore[arg-type]
-    assert how == "index" and all(got[p] == o for p, o in later)
+    lookup = registry_for(settings.registry_url).parsed_schema_by_id  # the 12 records not applied: scanned
+    got, how = offsets_before(settings, proj, first, marks, kafka_batches, lookup)
+    assert how == "index" and all(got[p] == o + 1 for p, o in earlier) and later
     assert resolve_position("0:5,2:7", marks, {p: 0 for p in marks}, dict) == {0: 5, 1: 0, 2: 7}
     with pytest.raises(ConfigError):
         replay(settings, "recommendations", start="0:0")  # stateful: full rebuilds only
-    result = replay(settings, "listens", projection=proj, start="0:0", stop=first.isoformat())
+    with pytest.raises(ReplayError, match="past the --to"):  # never extended silently
+        replay(settings, "listens", projection=proj, start="0:0", stop=first.isoformat())
+    result = replay(settings, "listens", projection=proj, stop=first.isoformat(), catch_up=True)
     # built up to that time, then caught up with the live read model's offsets before the switch
-    assert result.verified and sum(result.stop.values()) == 99
+    assert result.verified and sum(result.stop.values()) == 99 and result.extended
