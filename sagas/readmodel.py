@@ -15,6 +15,10 @@ Tables (in backbeat's read-model DuckDB file, beside the other read models):
 The projection reads the notification log after its position, reloads every saga that changed
 and replaces its rows. If the event store is new (its last notification id is below the
 stored position) the tables are rebuilt from scratch.
+
+Once ``backbeat replay`` has rebuilt these tables blue/green (:mod:`sagas.replay`), each name is a
+view over the current version's table (``sagas__v1_b2``…, :func:`projections.tracking.current_build`):
+the projection writes into that table (:func:`physical`), never into the view.
 """
 
 from __future__ import annotations
@@ -25,27 +29,38 @@ from typing import Any
 
 import duckdb
 
+from projections.tracking import current_build
 from sagas.saga import Saga
 
-DDL = """
-CREATE TABLE IF NOT EXISTS sagas (
-    saga_id VARCHAR PRIMARY KEY, kind VARCHAR, state VARCHAR, business_id VARCHAR, user_id VARCHAR,
-    payment_id VARCHAR, amount_minor BIGINT, currency VARCHAR, reason VARCHAR,
+#: Column definitions of each table (its ``CREATE TABLE`` body): the live tables and the replay's
+#: build tables (:mod:`sagas.replay`) are created from them.
+COLUMNS = {
+    "sagas": """saga_id VARCHAR PRIMARY KEY, kind VARCHAR, state VARCHAR, business_id VARCHAR,
+    user_id VARCHAR, payment_id VARCHAR, amount_minor BIGINT, currency VARCHAR, reason VARCHAR,
     requested_at TIMESTAMP, started_at TIMESTAMP, ended_at TIMESTAMP, duration_ms BIGINT,
-    retries INTEGER, version INTEGER
-);
-CREATE TABLE IF NOT EXISTS saga_events (
-    saga_id VARCHAR, version INTEGER, event VARCHAR, recorded_at TIMESTAMP, step VARCHAR, detail VARCHAR,
-    PRIMARY KEY (saga_id, version)
-);
-CREATE TABLE IF NOT EXISTS saga_order_lines (
-    saga_id VARCHAR, order_id VARCHAR, sku VARCHAR, quantity INTEGER
-);
-CREATE TABLE IF NOT EXISTS saga_projection (store VARCHAR PRIMARY KEY, notification_id BIGINT);
-"""
+    retries INTEGER, version INTEGER""",
+    "saga_events": """saga_id VARCHAR, version INTEGER, event VARCHAR, recorded_at TIMESTAMP, step VARCHAR,
+    detail VARCHAR, PRIMARY KEY (saga_id, version)""",
+    "saga_order_lines": "saga_id VARCHAR, order_id VARCHAR, sku VARCHAR, quantity INTEGER",
+}
+POSITIONS_DDL = (
+    "CREATE TABLE IF NOT EXISTS saga_projection (store VARCHAR PRIMARY KEY, notification_id BIGINT);"
+)
+DDL = "\n".join(f"CREATE TABLE IF NOT EXISTS {t} ({c});" for t, c in COLUMNS.items()) + "\n" + POSITIONS_DDL
+
+#: The version of the mapping from events to rows (bump it when :func:`saga_row`/:func:`event_row`
+#: change: a replay then builds ``<table>__v<version>_b<n>``).
+VERSION = 1
 
 TABLES = ("sagas", "saga_events", "saga_order_lines", "saga_projection")
 STORE = "orchestrator"
+
+
+def physical(con: duckdb.DuckDBPyConnection, name: str) -> str:
+    """The table that holds read model ``name``: the current replay build's table when ``name`` is a
+    view made by a replay (:func:`projections.tracking.current_build`), else ``name`` itself."""
+    found = current_build(con, name)
+    return found[0] if found is not None else name
 
 
 def _ts(ms: int | None) -> datetime | None:
@@ -81,17 +96,51 @@ def event_row(saga_id: str, event: Any) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def saga_rows(
+    saga: Saga, history: Any
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The rows of one saga: its ``sagas`` row, its ``saga_events`` rows (``history``: its stored
+    events, in version order) and its ``saga_order_lines`` rows (none unless an order saga)."""
+    sid = saga.saga_id
+    lines = (
+        [(sid, saga.business_id, x["sku"], x["quantity"]) for x in saga.data.get("lines", [])]
+        if saga.kind == "order"
+        else []
+    )
+    return saga_row(saga), [event_row(sid, e) for e in history], lines
+
+
+def write_sagas(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], rows: Any, *, replace_rows: bool = True
+) -> None:
+    """Write the rows of some sagas (``rows``: an iterable of :func:`saga_rows` results) into the
+    physical ``tables`` (``{read model name: table}``), inside the caller's transaction; with
+    ``replace_rows`` each saga's old rows are deleted first."""
+    for row, history, lines in rows:
+        sid = row[0]
+        if replace_rows:
+            for name in COLUMNS:
+                con.execute(f'DELETE FROM "{tables[name]}" WHERE saga_id = ?', [sid])
+        con.execute(f'INSERT INTO "{tables["sagas"]}" VALUES ({", ".join("?" * 15)})', list(row))
+        if history:
+            con.executemany(f'INSERT INTO "{tables["saga_events"]}" VALUES (?, ?, ?, ?, ?, ?)', history)
+        if lines:
+            con.executemany(f'INSERT INTO "{tables["saga_order_lines"]}" VALUES (?, ?, ?, ?)', lines)
+
+
 def project_sagas(app: Any, con: duckdb.DuckDBPyConnection, *, page: int = 5_000) -> int:
     """Bring the tables up to date with ``app`` (an :class:`sagas.orchestrator.Orchestrator`)
-    in one transaction per page of notifications. Returns how many sagas were (re)written."""
+    in one transaction per page of notifications. Returns how many sagas were (re)written.
+    After a replay the rows go into the current version's tables (:func:`physical`)."""
     con.execute(DDL)
     row = con.execute("SELECT notification_id FROM saga_projection WHERE store = ?", [STORE]).fetchone()
     position = int(row[0]) if row else 0
     last = int(app.recorder.max_notification_id() or 0)
     if last < position:  # a new event store: rebuild
         con.execute("BEGIN")
-        for table in TABLES:
-            con.execute(f"DELETE FROM {table}")
+        for name in COLUMNS:
+            con.execute(f'DELETE FROM "{physical(con, name)}"')
+        con.execute("DELETE FROM saga_projection WHERE store = ?", [STORE])
         con.execute("COMMIT")
         position = 0
     written = 0
@@ -103,21 +152,8 @@ def project_sagas(app: Any, con: duckdb.DuckDBPyConnection, *, page: int = 5_000
         sagas = [s for s in (app.repository.get(i) for i in changed) if isinstance(s, Saga)]
         con.execute("BEGIN")
         try:
-            for saga in sagas:
-                sid = saga.saga_id
-                for table in ("sagas", "saga_events", "saga_order_lines"):
-                    con.execute(f"DELETE FROM {table} WHERE saga_id = ?", [sid])
-                con.execute(f"INSERT INTO sagas VALUES ({', '.join('?' * 15)})", list(saga_row(saga)))
-                history = [event_row(sid, e) for e in app.events.get(saga.id)]
-                con.executemany("INSERT INTO saga_events VALUES (?, ?, ?, ?, ?, ?)", history)
-                if saga.kind == "order":
-                    con.executemany(
-                        "INSERT INTO saga_order_lines VALUES (?, ?, ?, ?)",
-                        [
-                            (sid, saga.business_id, x["sku"], x["quantity"])
-                            for x in saga.data.get("lines", [])
-                        ],
-                    )
+            tables = {name: physical(con, name) for name in COLUMNS}
+            write_sagas(con, tables, (saga_rows(s, app.events.get(s.id)) for s in sagas))
             position = int(notes[-1].id)
             con.execute("INSERT OR REPLACE INTO saga_projection VALUES (?, ?)", [STORE, position])
             con.execute("COMMIT")

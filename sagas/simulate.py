@@ -271,7 +271,7 @@ def reset_all(settings: Settings) -> list[str]:
     from projections.store import writer
     from projections.tracking import reset as reset_projection
     from sagas.eventstore import reset_eventstore
-    from sagas.readmodel import TABLES
+    from sagas.replay import forget_saga_read_models
 
     removed = reset_eventstore(settings, saga_app_names())
     for path in (gateway_path(settings), stock_path(settings)):
@@ -282,8 +282,9 @@ def reset_all(settings: Settings) -> list[str]:
                 removed.append(str(p))
     if settings.duckdb_path.exists():
         with writer(settings.duckdb_path) as con:
-            for table in (*TABLES, "gateway_operations", "inventory_reservations", "inventory_stock"):
-                con.execute(f"DROP TABLE IF EXISTS {table}")
+            con.begin()
+            forget_saga_read_models(con)  # tables, and the views and versions of replays
+            con.commit()
             removed.append(f"saga tables in {settings.duckdb_path}")
         reset_projection(settings, ["ledger_entries"])
         removed.append("read model ledger_entries")
@@ -294,38 +295,34 @@ def build_read_models(settings: Settings, seed: int) -> None:
     """Bring the saga read models in DuckDB up to date: ``sagas`` (from the orchestrator's
     event store), ``gateway_operations`` (the simulator's record), ``inventory_reservations``
     and ``inventory_stock`` (the inventory service's aggregates) and ``ledger_entries`` (from
-    ``billing.payments``, by the projection runner)."""
-    import pyarrow as pa
-
+    ``billing.payments``, by the projection runner). ``seed`` is not used (the gateway record is
+    read as stored). After a ``backbeat replay`` of them, the rows go into the current versions'
+    tables (:mod:`sagas.replay`)."""
     from projections.runner import run_projections
-    from projections.store import writer
-    from sagas.gateway import GatewaySimulator, SimulatorConfig
-    from sagas.inventory import InventoryService
-    from sagas.readmodel import project_sagas
 
-    stock = json.loads(stock_path(settings).read_text()) if stock_path(settings).exists() else {}
-    inventory = InventoryService(eventstore_env(settings, InventoryService.name), initial_stock=stock)
-    reservations = inventory.reservations()
-    levels = inventory.stock()
-    gateway = GatewaySimulator(
-        gateway_path(settings), SimulatorConfig(seed=seed, decline=0, timeout=0, duplicate=0)
-    )
-    try:
-        operations = gateway.operations()
-    finally:
-        gateway.close()
-    with writer(settings.duckdb_path) as con:
-        project_sagas(Orchestrator(eventstore_env(settings, Orchestrator.name)), con)
-        for name, tbl in (
-            ("gateway_operations", operations),
-            ("inventory_reservations", reservations),
-            ("inventory_stock", levels),
-        ):
-            assert isinstance(tbl, pa.Table)
-            con.register("incoming", tbl)
-            con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM incoming")
-            con.unregister("incoming")
+    build_saga_read_models(settings)
     run_projections(settings, ["ledger_entries"], until_caught_up=True)
+
+
+def build_saga_read_models(settings: Settings) -> None:
+    """The saga part of :func:`build_read_models` (everything but ``ledger_entries``), in
+    ``settings.duckdb_path``.
+
+    Raises:
+        DatabaseBusyError: the DuckDB file stayed locked.
+        eventsourcing.persistence.PersistenceError, sqlite3.Error: a source cannot be read.
+    """
+    from projections.store import writer
+    from sagas.readmodel import project_sagas
+    from sagas.replay import project_copies
+
+    orchestrator = open_application(lambda: Orchestrator(eventstore_env(settings, Orchestrator.name)))
+    try:
+        with writer(settings.duckdb_path) as con:
+            project_sagas(orchestrator, con)
+            project_copies(settings, con)
+    finally:
+        orchestrator.close()
 
 
 @dataclass
