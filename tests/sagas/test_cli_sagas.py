@@ -82,8 +82,13 @@ def test_sagas_start_from_the_cli_and_from_the_topics(private_stack: Settings) -
         }  # fmt: skip
         missing = backbeat(settings, "sagas", "show", "nope")
         assert missing.returncode == 1 and "no saga 'nope'" in missing.stderr
-    finally:
+    except AssertionError as exc:  # say what the orchestrator process printed meanwhile
         run.send_signal(signal.SIGTERM)
         out, _ = run.communicate(timeout=60)
+        raise AssertionError(f"{exc}\n--- output of 'backbeat sagas run' ---\n{out}") from exc
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=60)
     assert run.returncode == 0, out
     assert "stopping" in out
