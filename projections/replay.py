@@ -146,6 +146,7 @@ from projections.tracking import (
     load_offsets,
     log_identity,
     now_utc,
+    relation_kind,
     save_offsets,
 )
 
@@ -283,25 +284,14 @@ class _Build:
 
 
 # -- the live read model -----------------------------------------------------------------------------
-def _exists(conn: duckdb.DuckDBPyConnection, name: str) -> str | None:
-    """``"table"``, ``"view"`` or ``None``."""
-    if conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0]:
-        return "table"
-    if conn.execute(
-        "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [name]
-    ).fetchall()[0][0]:
-        return "view"
-    return None
-
-
 def _live_offsets(conn: duckdb.DuckDBPyConnection, name: str, topic: str) -> dict[int, int]:
-    if _exists(conn, OFFSETS_TABLE) is None:
+    if relation_kind(conn, OFFSETS_TABLE) is None:
         return {}
     return {p: s.next_offset for (_, t, p), s in load_offsets(conn, [name]).items() if t == topic}
 
 
 def _live_version(conn: duckdb.DuckDBPyConnection, name: str) -> tuple[int, str] | None:
-    if _exists(conn, VERSIONS_TABLE) is None:
+    if relation_kind(conn, VERSIONS_TABLE) is None:
         return None
     rows = conn.execute(
         f"SELECT version, topic FROM {VERSIONS_TABLE} WHERE projection = ?", [name]
@@ -341,7 +331,7 @@ def offsets_before(
     if settings.duckdb_path.exists():
         with reader(settings.duckdb_path) as conn:
             live = _live_version(conn, projection.name)
-            if live == (projection.version, projection.topic) and _exists(conn, projection.name):
+            if live == (projection.version, projection.topic) and relation_kind(conn, projection.name):
                 if col in _columns(conn, projection.name):
                     ends = _live_offsets(conn, projection.name, projection.topic)
                     rows = conn.execute(
@@ -525,7 +515,7 @@ def _merge_live(
     name, cut = proj.name, _cut_of(start)
     live_version = _live_version(conn, name)
     refuse = f"cannot replay {name} --from {start} on top of the live read model"
-    if live_version is None or _exists(conn, name) is None:
+    if live_version is None or relation_kind(conn, name) is None:
         raise ConfigError(f"{refuse}: there is none; replay it whole (--from earliest)")
     if live_version != (proj.version, proj.topic):
         raise ConfigError(
@@ -912,7 +902,7 @@ def _switch(
     """Make ``build`` the current version of ``proj`` (inside the caller's transaction)."""
     name, stamp = proj.name, now_utc()
     if current_build(conn, name) is None:
-        kind = _exists(conn, name)
+        kind = relation_kind(conn, name)
         if kind == "table":  # first replay: the live table joins the versioned scheme as build 0
             old = _retiring(conn, name, live_version, proj.version)
             old_version = live_version if live_version is not None else proj.version
@@ -1332,7 +1322,7 @@ def _verify(
             and live_version == (build.version, proj.topic)
             and all(o == 0 for o in build.start.values())
             and all(live.get(p, 0) == end.get(p, 0) for p in {*live, *end})
-            and _exists(conn, proj.name) is not None
+            and relation_kind(conn, proj.name) is not None
         )
         if tally is not None and tally != (appended.rows, appended.row_checksum):
             return Verification(

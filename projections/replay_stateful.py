@@ -75,6 +75,7 @@ from projections.tracking import (
     ensure_tables,
     log_identity,
     now_utc,
+    relation_kind,
     save_offsets,
 )
 
@@ -306,7 +307,7 @@ def _switch(
         )
     else:
         old_build, old_version = 0, live_version if live_version is not None else proj.version
-        if rp._exists(conn, name) == "table":
+        if relation_kind(conn, name) == "table":
             ends = rp._live_offsets(conn, name, proj.topic)
             conn.execute(
                 f"INSERT OR REPLACE INTO {BUILDS_TABLE} "
@@ -315,7 +316,7 @@ def _switch(
                  stamp, "the live tables before the first replay"],
             )  # fmt: skip
     for table in _tables_of(name):
-        if rp._exists(conn, table) == "table":
+        if relation_kind(conn, table) == "table":
             retired = f"{table}__v{old_version}_b{old_build}"
             conn.execute(f'DROP TABLE IF EXISTS "{retired}"')
             conn.execute(f'ALTER TABLE "{table}" RENAME TO "{retired}"')
@@ -351,7 +352,7 @@ def drop_old_stateful(
     for build, version in rows:
         for table in _tables_of(name):
             retired = f"{table}__v{version}_b{build}"
-            if rp._exists(conn, retired) == "table":
+            if relation_kind(conn, retired) == "table":
                 conn.execute(f'DROP TABLE "{retired}"')
                 dropped.append(retired)
         path = build_path(settings, name, int(build))

@@ -372,6 +372,18 @@ def _retired_versions(conn: duckdb.DuckDBPyConnection, name: str) -> list[str]:
     return [t for (t,) in rows if (m := pattern.match(t)) and m["table"] in owned]
 
 
+def relation_kind(conn: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    """What ``name`` is in the DuckDB file: ``"table"``, ``"view"`` (a replayed read model's name,
+    or a companion view) or ``None``."""
+    if conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0]:
+        return "table"
+    if conn.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [name]
+    ).fetchall()[0][0]:
+        return "view"
+    return None
+
+
 def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
     """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
     macros; for a replayed read model the view ``name`` and every version's table, with their
@@ -398,9 +410,7 @@ def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) ->
                     f"SELECT table_name FROM {BUILDS_TABLE} WHERE projection = ?", [name]
                 ).fetchall()
             ]
-            views = conn.execute(
-                "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [name]
-            ).fetchall()[0][0]
+            views = relation_kind(conn, name) == "view"
             conn.execute(f'DROP {"VIEW" if views else "TABLE"} IF EXISTS "{name}"')
             for build in builds:
                 conn.execute(f'DROP TABLE IF EXISTS "{build}"')
@@ -441,6 +451,7 @@ __all__ = [
     "log_identity",
     "now_utc",
     "rebind",
+    "relation_kind",
     "reset",
     "save_offsets",
 ]

@@ -87,7 +87,7 @@ from projections.replay import (
     table_checksum,
 )
 from projections.store import reader, writer
-from projections.tracking import BOOKKEEPING_DDL, BUILDS_TABLE, current_build, now_utc
+from projections.tracking import BOOKKEEPING_DDL, BUILDS_TABLE, current_build, now_utc, relation_kind
 from sagas import readmodel
 from sagas.readmodel import POSITIONS_DDL, VERSION, physical
 
@@ -442,17 +442,6 @@ SAGA_READ_MODELS: dict[str, str] = {t: s.name for s in SAGA_SOURCES.values() for
 
 
 # -- DuckDB helpers ----------------------------------------------------------------------------------
-def _kind(conn: duckdb.DuckDBPyConnection, name: str) -> str | None:
-    """``"table"``, ``"view"`` or ``None``."""
-    if conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall()[0][0]:
-        return "table"
-    if conn.execute(
-        "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [name]
-    ).fetchall()[0][0]:
-        return "view"
-    return None
-
-
 def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     return [str(r[0]) for r in conn.execute(f'DESCRIBE "{table}"').fetchall()]
 
@@ -472,7 +461,7 @@ def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: Sequence[tuple[An
 
 
 def _live_position(conn: duckdb.DuckDBPyConnection, source: SagaSource) -> int | None:
-    if _kind(conn, "saga_projection") != "table":
+    if relation_kind(conn, "saga_projection") != "table":
         return None
     rows = conn.execute(
         "SELECT notification_id FROM saga_projection WHERE store = ?", [source.name]
@@ -524,7 +513,7 @@ def forget_saga_read_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
     ``projection_builds`` rows) and ``saga_projection``, inside the caller's transaction, for
     ``backbeat sagas reset``. Returns the tables and views dropped."""
     dropped: list[str] = []
-    if _kind(conn, BUILDS_TABLE) == "table":
+    if relation_kind(conn, BUILDS_TABLE) == "table":
         found = conn.execute(
             f"SELECT table_name FROM {BUILDS_TABLE} WHERE list_contains(?, projection)",
             [list(SAGA_READ_MODELS)],
@@ -536,7 +525,7 @@ def forget_saga_read_models(conn: duckdb.DuckDBPyConnection) -> list[str]:
             f"DELETE FROM {BUILDS_TABLE} WHERE list_contains(?, projection)", [list(SAGA_READ_MODELS)]
         )
     for name in (*SAGA_READ_MODELS, "saga_projection"):
-        kind = _kind(conn, name)
+        kind = relation_kind(conn, name)
         if kind is not None:
             conn.execute(f'DROP {"VIEW" if kind == "view" else "TABLE"} "{name}"')
             dropped.append(name)
@@ -681,7 +670,7 @@ def _check(
         cols = _columns(conn, table)
         got[name] = table_checksum(conn, f'"{table}"', cols)
         live[name] = None
-        if live_comparable and _kind(conn, name) is not None:
+        if live_comparable and relation_kind(conn, name) is not None:
             try:
                 live[name] = table_checksum(conn, f'"{physical(conn, name)}"', cols)
             except duckdb.Error:  # another shape: not comparable
@@ -724,7 +713,7 @@ def _switch(
     live_position = _live_position(conn, source)
     for name, table in tables.items():
         if current_build(conn, name) is None:
-            kind = _kind(conn, name)
+            kind = relation_kind(conn, name)
             if kind == "table":  # first replay: the live table joins the versioned scheme as build 0
                 old = f"{name}__v{VERSION}_b0"
                 conn.execute(f'DROP TABLE IF EXISTS "{old}"')

@@ -51,6 +51,12 @@ def run(settings: Settings, proj: Projection) -> None:
     ProjectionRunner(settings, [proj]).run(until_caught_up=True)
 
 
+def reshaped(proj: Projection) -> Projection:
+    """Version 2 of ``proj`` (listens): fewer columns and ``ms_played`` renamed ``played_ms``."""
+    columns = (*proj.columns[:5], Column("played_ms", LISTENS.columns[6].type, field="ms_played", nullable=True))
+    return dataclasses.replace(proj, version=2, columns=columns)
+
+
 CONTENT = "event_id, user_id, track_id, artist_id, occurred_at, source, kafka_partition, kafka_offset"
 
 
@@ -90,14 +96,7 @@ def test_replay_equals_fresh_build_then_runner_writes_new_version(settings: Sett
 def test_version_bump_changes_shape_without_downtime(settings: Settings, unique):
     topic, proj = setup_listens(settings, unique, 120)
     run(settings, proj)
-    v2 = dataclasses.replace(
-        proj,
-        version=2,
-        columns=(
-            *proj.columns[:5],
-            Column("played_ms", LISTENS.columns[6].type, field="ms_played", nullable=True),
-        ),
-    )
+    v2 = reshaped(proj)
     result = replay(settings, "listens", projection=v2, batch_size=40, write_rows=40)
     assert result.verified and result.verification.mode == "recount" and result.version == 2
     assert result.verification.got == result.verification.expected and result.verification.got[0] == 120

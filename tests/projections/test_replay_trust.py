@@ -21,10 +21,10 @@ from events.offsets import high_watermarks
 from infra.errors import ConfigError
 from infra.settings import Settings
 from projections import apply, replay_source
-from projections.readmodels import LISTENS, Column, Projection
+from projections.readmodels import Projection
 from projections.replay import ReplayError, replay
 from tests.projections.test_readmodels import listen
-from tests.projections.test_replay import CONTENT, rows, run, setup_listens
+from tests.projections.test_replay import CONTENT, reshaped, rows, run, setup_listens
 from tests.projections.test_replay import settings as settings  # noqa: F401 (the fixture)
 from tests.projections.test_runner import send
 
@@ -223,14 +223,7 @@ def test_version_bump_rewrites_the_lake_and_keeps_the_old_until_drop_old(
     run(settings, proj)
     lake_dir = settings.lake_dir
     assert (lake_dir / "listens").is_dir() and _lake_count(settings, "listens") == 120
-    v2 = dataclasses.replace(
-        proj,
-        version=2,
-        columns=(
-            *proj.columns[:5],
-            Column("played_ms", LISTENS.columns[6].type, field="ms_played", nullable=True),
-        ),
-    )
+    v2 = reshaped(proj)
     result = replay(settings, "listens", projection=v2, batch_size=40, write_rows=40)
     assert result.verified and result.lake_files > 0
     link = lake_dir / "listens"
