@@ -22,7 +22,7 @@ from infra.errors import ConfigError
 from infra.settings import Settings
 from projections import apply, replay_source
 from projections.readmodels import Projection
-from projections.replay import ReplayError, replay
+from projections.replay import ReplayError, ReplayProgress, replay
 from tests.projections.test_readmodels import listen
 from tests.projections.test_replay import CONTENT, reshaped, rows, run, setup_listens
 from tests.projections.test_replay import settings as settings  # noqa: F401 (the fixture)
@@ -168,6 +168,30 @@ def test_from_time_replays_on_top_of_the_live_rows_older_than_the_cut(
     send(settings, topic, "ListenRecorded", [listen(i) for i in range(2000, 2010)], "user_id", "occurred_at")
     run(settings, proj)
     assert rows(settings, "SELECT count(*), count(DISTINCT event_id) FROM listens")[0] == (240, 240)
+
+
+def test_killed_time_cut_replay_resumes_with_its_plan(settings: Settings, unique: Callable[[str], str]):
+    topic, proj = setup_listens(settings, unique, 200)
+    _late_listens(settings, topic)
+    run(settings, proj)
+    before = rows(settings, f"SELECT {CONTENT} FROM listens ORDER BY event_id")
+    cut = _cut(settings, "e60")
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(p: ReplayProgress) -> None:
+        if p.events >= 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        replay(settings, "listens", projection=proj, start=cut.isoformat(), batch_size=20, write_rows=20,
+               progress=stop_early)  # fmt: skip
+    with pytest.raises(ConfigError, match="in progress"):  # another cut may not take over its build
+        replay(settings, "listens", projection=proj, start="0:0")
+    result = replay(settings, "listens", projection=proj, batch_size=20, write_rows=20)  # resumes, same plan
+    assert result.resumed and result.verified and result.copied > 0
+    assert rows(settings, f"SELECT {CONTENT} FROM listens ORDER BY event_id") == before
 
 
 def test_from_time_refuses_what_cannot_be_merged(settings: Settings, unique: Callable[[str], str]):
