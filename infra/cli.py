@@ -626,6 +626,7 @@ _COMMAND_MODULES = (
     "infra.cli_replay",
     "infra.cli_archive",
     "infra.cli_dlq",
+    "infra.cli_serve",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

@@ -690,6 +690,14 @@ class RecommendationsError(BackbeatError):
     """A user's recommendations cannot be shown (no read model yet, or an unknown user)."""
 
 
+class NoRecommendationsModelError(RecommendationsError):
+    """There is no ``recommendations`` read model in the DuckDB file yet."""
+
+
+class UnknownUserError(RecommendationsError):
+    """The read model has no list for this user (unknown, or too little to recommend from)."""
+
+
 @dataclass(frozen=True)
 class ShownItem:
     """One row of a shown list: ``rank`` (1-based), ``track_id``, display ``track``/``artist``
@@ -724,19 +732,22 @@ def _tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
 
 
-def read_recommendations(settings: Settings, user_id: str, n: int = TOP_N) -> UserRecommendations:
+def read_recommendations(
+    settings: Settings, user_id: str, n: int = TOP_N, timeout_s: float = 30.0
+) -> UserRecommendations:
     """The current list of ``user_id`` (at most ``n`` items) from the read model, with names.
 
     Raises:
         NoReadModelsError: there is no DuckDB file yet.
-        RecommendationsError: the read model does not exist yet, or has no list for ``user_id``
-            (the message says which commands to run, or shows some known users).
-        DatabaseBusyError: a runner held the file for too long.
+        NoRecommendationsModelError: the read model does not exist yet (the message says which
+            commands to run).
+        UnknownUserError: it has no list for ``user_id`` (the message shows some known users).
+        DatabaseBusyError: a runner held the file for ``timeout_s`` seconds.
     """
-    with reader(settings.duckdb_path) as conn:
+    with reader(settings.duckdb_path, timeout_s) as conn:
         tables = _tables(conn)
         if NAME not in tables or CONTEXT_TABLE not in tables:
-            raise RecommendationsError(
+            raise NoRecommendationsModelError(
                 f"there is no recommendations read model in {settings.duckdb_path} yet: import listens "
                 "('backbeat import listens FILE') and run the projections ('backbeat project', or "
                 "'backbeat project -p recommendations --until-caught-up')"
@@ -747,7 +758,7 @@ def read_recommendations(settings: Settings, user_id: str, n: int = TOP_N) -> Us
             [user_id],
         ).fetchall()
         if not rows:
-            raise RecommendationsError(_unknown_user(conn, user_id))
+            raise UnknownUserError(_unknown_user(conn, user_id))
         experiment_id, variant, model, generated_at, computed_at = rows[0]
         named = "tracks" in tables and PLAYS_TABLE in tables
         if named:
@@ -839,10 +850,12 @@ __all__ = [
     "TOP_N",
     "VARIANT_COMPARISON_SQL",
     "VARIANT_PER_USER_SQL",
+    "NoRecommendationsModelError",
     "RecommendationsError",
     "RecommendationsWriter",
     "ShownItem",
     "StatefulProjection",
+    "UnknownUserError",
     "UserRecommendations",
     "list_id",
     "read_recommendations",

@@ -29,6 +29,9 @@ from typing import Any
 
 import duckdb
 
+from infra.errors import BackbeatError
+from infra.settings import Settings
+from projections.store import reader
 from projections.tracking import current_build
 from sagas.saga import Saga
 
@@ -161,3 +164,73 @@ def project_sagas(app: Any, con: duckdb.DuckDBPyConnection, *, page: int = 5_000
             con.execute("ROLLBACK")
             raise
         written += len(sagas)
+
+
+# -- reading (the HTTP API's GET /sagas/{id}) -----------------------------------------------------
+class NoSagasReadModelError(BackbeatError):
+    """There is no ``sagas`` read model in the DuckDB file yet."""
+
+
+class UnknownSagaError(BackbeatError):
+    """No saga has this id (or business id) in the ``sagas`` read model."""
+
+
+def _named(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def read_saga(settings: Settings, key: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """One saga from the read model, found by its saga id (UUID text) or its business id (a
+    subscription or order id): ``{"saga": {column: value} (the ``sagas`` row; times naive UTC
+    ``datetime``, ``duration_ms`` in ms), "events": [{version, event, recorded_at, step, detail}]
+    (``detail`` parsed from its JSON), "order_lines": [{order_id, sku, quantity}]}``. Read through
+    :func:`projections.store.reader`, so it answers while the projection writes.
+
+    Raises:
+        NoReadModelsError: there is no DuckDB file yet.
+        NoSagasReadModelError: the ``sagas`` read model was never projected.
+        UnknownSagaError: no saga has ``key`` as its id or business id.
+        DatabaseBusyError: a writer held the file for ``timeout_s`` seconds.
+    """
+    with reader(settings.duckdb_path, timeout_s) as con:
+        present = {
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() UNION SELECT view_name FROM duckdb_views()"
+            ).fetchall()
+        }
+        if not {"sagas", "saga_events", "saga_order_lines"} <= present:
+            raise NoSagasReadModelError(
+                f"there is no sagas read model in {settings.duckdb_path} yet: it is written by "
+                "'backbeat sagas run' (or 'backbeat sagas list', which projects the event store first)"
+            )
+        found = _named(
+            con.execute(
+                "SELECT * FROM sagas WHERE saga_id = $k OR business_id = $k ORDER BY saga_id = $k DESC, "
+                "requested_at DESC LIMIT 1",
+                {"k": key},
+            )
+        )
+        if not found:
+            raise UnknownSagaError(
+                f"no saga {key!r} in the sagas read model (neither a saga id nor a subscription or order "
+                "id); 'backbeat sagas list' shows the sagas there"
+            )
+        saga = found[0]
+        sid = saga["saga_id"]
+        events = _named(
+            con.execute(
+                "SELECT version, event, recorded_at, step, detail FROM saga_events WHERE saga_id = ? "
+                "ORDER BY version",
+                [sid],
+            )
+        )
+        lines = _named(
+            con.execute(
+                "SELECT order_id, sku, quantity FROM saga_order_lines WHERE saga_id = ? ORDER BY sku", [sid]
+            )
+        )
+    for e in events:
+        e["detail"] = json.loads(e["detail"]) if e["detail"] else None
+    return {"saga": saga, "events": events, "order_lines": lines}

@@ -1,0 +1,45 @@
+"""``backbeat serve``: the HTTP API over the read models (registered by :mod:`infra.cli`).
+
+A thin shell over :func:`infra.api.create_app`, served by uvicorn, which stops cleanly on
+SIGTERM and Ctrl-C (requests in flight finish first).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout", min=0.1, help="Seconds a read waits for a runner's batch before answering 503."
+        ),
+    ] = 10.0,
+) -> None:
+    """Serve the read models over HTTP (FastAPI), while the runners write.
+
+    GET /users/{id}/recommendations, /users/{id}/features, /tracks/{id}, /tracks/search?q=,
+    /sagas/{id}; /health and /metrics (Prometheus); OpenAPI at /openapi.json, docs at /docs.
+    Errors are RFC 9457 problem details. Reads BACKBEAT_DATA_DIR's DuckDB file, opened
+    read-only per request; stop with Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    from infra.api import create_app
+    from infra.console import err_console
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    err_console.print(f"serving {settings.duckdb_path} on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(create_app(settings, read_timeout_s=read_timeout), host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``backbeat serve`` to the ``backbeat`` app."""
+    app.command("serve")(serve)
