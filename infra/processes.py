@@ -79,6 +79,20 @@ def read_running(run_dir: Path, name: str) -> Running | None:
         return None
 
 
+def _await_exec(proc: subprocess.Popen[bytes], argv: list[str], timeout_s: float = 5.0) -> None:
+    """Wait until ``/proc/<pid>/cmdline`` shows ``argv`` (or the process ended, or ``timeout_s``
+    seconds). ``Popen`` returns once the exec has closed the child's close-on-exec pipe, which the
+    kernel does before it sets up the new program's arguments: in between, the cmdline reads
+    empty, and :func:`is_alive` would call a process that is starting dead (seen under load: a
+    supervisor's first liveness check declared its child exited)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        cmd = _cmdline(proc.pid)
+        if cmd is not None and cmd[: len(argv)] == argv:
+            return
+        time.sleep(0.002)
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
@@ -107,6 +121,7 @@ def spawn(
             env=env,
         )
     running = Running(name, proc.pid, list(argv), address, str(log_path))
+    _await_exec(proc, running.argv)
     pid_file(run_dir, name).write_text(json.dumps(running.__dict__))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
