@@ -148,6 +148,7 @@ from projections.tracking import (
     now_utc,
     relation_kind,
     save_offsets,
+    switch_to_build,
 )
 
 #: DuckDB's memory limit in a replay's process while deduplicating and verifying (its default is
@@ -901,31 +902,11 @@ def _switch(
 ) -> None:
     """Make ``build`` the current version of ``proj`` (inside the caller's transaction)."""
     name, stamp = proj.name, now_utc()
-    if current_build(conn, name) is None:
-        kind = relation_kind(conn, name)
-        if kind == "table":  # first replay: the live table joins the versioned scheme as build 0
-            old = _retiring(conn, name, live_version, proj.version)
-            old_version = live_version if live_version is not None else proj.version
-            conn.execute(f'DROP TABLE IF EXISTS "{old}"')
-            conn.execute(f'ALTER TABLE "{name}" RENAME TO "{old}"')
-            ends = _live_offsets(conn, name, proj.topic)
-            conn.execute(
-                f"INSERT OR REPLACE INTO {BUILDS_TABLE} "
-                "VALUES (?, 0, ?, ?, ?, 'kafka', 'old', '{}', ?, ?, ?, ?)",
-                [name, old_version, old, proj.topic, _offsets_json(ends), stamp, stamp,
-                 "the live table before the first replay"],
-            )  # fmt: skip
-        elif kind == "view":
-            conn.execute(f'DROP VIEW "{name}"')
-    else:
-        conn.execute(
-            f"UPDATE {BUILDS_TABLE} SET state = 'old' WHERE projection = ? AND state = 'current'", [name]
-        )
-    conn.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM "{build.table}"')
-    conn.execute(
-        f"UPDATE {BUILDS_TABLE} SET state = 'current', switched_at = ? WHERE projection = ? AND build = ?",
-        [stamp, name, build.build],
-    )
+    retired = live_version if live_version is not None else proj.version
+    switch_to_build(
+        conn, name, build.table, build.build, retired_version=retired, topic=proj.topic, source="kafka",
+        retired_stop=_offsets_json(_live_offsets(conn, name, proj.topic)),
+    )  # fmt: skip
     conn.execute(f"DELETE FROM {OFFSETS_TABLE} WHERE projection = ?", [name])
     conn.execute(f"UPDATE {OFFSETS_TABLE} SET projection = ? WHERE projection = ?", [name, build.table])
     conn.execute(

@@ -384,6 +384,55 @@ def relation_kind(conn: duckdb.DuckDBPyConnection, name: str) -> str | None:
     return None
 
 
+def switch_to_build(
+    conn: duckdb.DuckDBPyConnection,
+    name: str,
+    table: str,
+    build: int,
+    *,
+    retired_version: int,
+    topic: str,
+    source: str,
+    retired_stop: str,
+    stop: str | None = None,
+) -> None:
+    """Make build ``build`` (table ``table``) the current version of read model ``name``, inside the
+    caller's transaction: the first time, the live table is renamed ``<name>__v<retired_version>_b0``
+    and recorded as build 0 (``old``; ``topic``/``source`` say where it was read from,
+    ``retired_stop`` its end as JSON); then ``name`` becomes ``CREATE OR REPLACE VIEW name AS SELECT *
+    FROM table``, the previous current build ``old`` and this one ``current`` (its ``stop_offsets``
+    set to ``stop`` when given). The one switch of every blue/green replay (Kafka read models,
+    :mod:`projections.replay`; saga read models, :mod:`sagas.replay`).
+
+    Raises:
+        duckdb.Error: a statement failed (the caller's transaction rolls back).
+    """
+    stamp = now_utc()
+    if current_build(conn, name) is None:
+        kind = relation_kind(conn, name)
+        if kind == "table":  # first replay: the live table joins the versioned scheme as build 0
+            old = f"{name}__v{retired_version}_b0"
+            conn.execute(f'DROP TABLE IF EXISTS "{old}"')
+            conn.execute(f'ALTER TABLE "{name}" RENAME TO "{old}"')
+            conn.execute(
+                f"INSERT OR REPLACE INTO {BUILDS_TABLE} VALUES (?, 0, ?, ?, ?, ?, 'old', '{{}}', ?, ?, ?, ?)",
+                [name, retired_version, old, topic, source, retired_stop, stamp, stamp,
+                 "the live table before the first replay"],
+            )  # fmt: skip
+        elif kind == "view":
+            conn.execute(f'DROP VIEW "{name}"')
+    else:
+        conn.execute(
+            f"UPDATE {BUILDS_TABLE} SET state = 'old' WHERE projection = ? AND state = 'current'", [name]
+        )
+    conn.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM "{table}"')
+    conn.execute(
+        f"UPDATE {BUILDS_TABLE} SET state = 'current', switched_at = ?, "
+        "stop_offsets = coalesce(?, stop_offsets) WHERE projection = ? AND build = ?",
+        [stamp, stop, name, build],
+    )
+
+
 def reset(settings: Settings, names: Iterable[str], timeout_s: float = 120.0) -> list[str]:
     """Drop the read models ``names``: their tables (with their ``<name>_…`` views and table
     macros; for a replayed read model the view ``name`` and every version's table, with their
@@ -453,5 +502,6 @@ __all__ = [
     "rebind",
     "relation_kind",
     "reset",
+    "switch_to_build",
     "save_offsets",
 ]

@@ -87,7 +87,13 @@ from projections.replay import (
     table_checksum,
 )
 from projections.store import reader, writer
-from projections.tracking import BOOKKEEPING_DDL, BUILDS_TABLE, current_build, now_utc, relation_kind
+from projections.tracking import (
+    BOOKKEEPING_DDL,
+    BUILDS_TABLE,
+    now_utc,
+    relation_kind,
+    switch_to_build,
+)
 from sagas import readmodel
 from sagas.readmodel import POSITIONS_DDL, VERSION, physical
 
@@ -709,32 +715,12 @@ def _switch(
     conn: duckdb.DuckDBPyConnection, source: SagaSource, build: int, tables: Mapping[str, str], position: int
 ) -> None:
     """Make build ``build`` the current version of every table of ``source`` (caller's transaction)."""
-    stamp = now_utc()
     live_position = _live_position(conn, source)
     for name, table in tables.items():
-        if current_build(conn, name) is None:
-            kind = relation_kind(conn, name)
-            if kind == "table":  # first replay: the live table joins the versioned scheme as build 0
-                old = f"{name}__v{VERSION}_b0"
-                conn.execute(f'DROP TABLE IF EXISTS "{old}"')
-                conn.execute(f'ALTER TABLE "{name}" RENAME TO "{old}"')
-                conn.execute(
-                    f"INSERT OR REPLACE INTO {BUILDS_TABLE} VALUES (?, 0, ?, ?, ?, ?, 'old', ?, ?, ?, ?, ?)",
-                    [name, VERSION, old, source.label, source.kind, _offsets_json(0),
-                     _offsets_json(live_position or 0), stamp, stamp, "the live table before a replay"],
-                )  # fmt: skip
-            elif kind == "view":
-                conn.execute(f'DROP VIEW "{name}"')
-        else:
-            conn.execute(
-                f"UPDATE {BUILDS_TABLE} SET state = 'old' WHERE projection = ? AND state = 'current'", [name]
-            )
-        conn.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM "{table}"')
-        conn.execute(
-            f"UPDATE {BUILDS_TABLE} SET state = 'current', switched_at = ?, stop_offsets = ? "
-            "WHERE projection = ? AND build = ?",
-            [stamp, _offsets_json(position), name, build],
-        )
+        switch_to_build(
+            conn, name, table, build, retired_version=VERSION, topic=source.label, source=source.kind,
+            retired_stop=_offsets_json(live_position or 0), stop=_offsets_json(position),
+        )  # fmt: skip
     conn.execute(POSITIONS_DDL)
     conn.execute("INSERT OR REPLACE INTO saga_projection VALUES (?, ?)", [source.name, position])
 
