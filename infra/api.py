@@ -10,13 +10,16 @@ the API answers while runners write; a read waits at most ``read_timeout_s`` for
 Errors are RFC 9457 problem details (``application/problem+json``: ``type``, ``title``,
 ``status``, ``detail``, ``instance``): 404 for an unknown user, track, saga or route, 400 for a
 bad ``as_of``, 422 for a parameter FastAPI rejects (with ``errors``), 503 (with ``Retry-After``)
-when there is no DuckDB file or read model yet, or the file stayed busy. ``/health`` and
-``/metrics`` (Prometheus text: request counter and latency histogram per route template) are
-there too; ``/docs`` and ``/openapi.json`` describe it all. The page is ``docs/http-api.md``.
+when there is no DuckDB file or read model yet, or the file stayed busy. ``/health`` (the
+readiness document of every backbeat process, :mod:`infra.ops`) and ``/metrics`` (Prometheus
+text: request counter and latency histogram per route template, plus :mod:`infra.metrics`'
+process metrics) are there too; ``/docs`` and ``/openapi.json`` describe it all. The page is
+``docs/http-api.md``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -28,6 +31,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from infra import metrics as metrics_mod
+from infra import ops
 from infra.errors import BackbeatError
 from infra.settings import Settings
 
@@ -172,16 +177,32 @@ def create_app(settings: Settings, *, read_timeout_s: float = 10.0) -> FastAPI:
         503: {"description": "No read model yet, or busy (problem details)", **problem},
     }
 
+    def observe() -> metrics_mod.Observation:
+        present = settings.duckdb_path.exists()
+        return metrics_mod.Observation(ready=True, detail={"duckdb": "present" if present else "absent"})
+
+    metrics_mod.register("api", observe)
+
     @app.get("/health", tags=["operations"])
-    def health() -> dict[str, str]:
-        """``{"status": "ok", "duckdb": "present" | "absent"}``: the server is up; whether the
-        read-model file exists yet."""
-        return {"status": "ok", "duckdb": "present" if settings.duckdb_path.exists() else "absent"}
+    def health() -> JSONResponse:
+        """Readiness, the same document every backbeat process serves (:func:`infra.ops.health`):
+        ``{"status": "ready", "process", "pid", "components": {"api": {"ready": true, "duckdb":
+        "present" | "absent"}}}``. The API is ready as soon as it answers; whether the read-model
+        file exists yet is in ``duckdb`` (reads answer 503 until it does)."""
+        status, body = ops.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/health/live", tags=["operations"])
+    def live() -> dict[str, Any]:
+        """Liveness: ``{"status": "alive", "pid"}`` while the server answers."""
+        return {"status": "alive", "pid": os.getpid()}
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     def metrics() -> Response:
-        """Prometheus text exposition of the request counter and latency histogram."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text: the request counter and latency histogram, then the process metrics
+        every backbeat process exports (:mod:`infra.metrics`: ``backbeat_up``, ``process_*``)."""
+        body = generate_latest(registry) + generate_latest(metrics_mod.REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/users/{user_id}/recommendations", tags=["users"], responses=responses)
     def recommendations(

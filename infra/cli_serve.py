@@ -1,7 +1,8 @@
 """``backbeat serve``: the HTTP API over the read models (registered by :mod:`infra.cli`).
 
 A thin shell over :func:`infra.api.create_app`, served by uvicorn, which stops cleanly on
-SIGTERM and Ctrl-C (requests in flight finish first).
+SIGTERM and Ctrl-C (requests in flight finish first); uvicorn's lines go through the one logging
+setup (:mod:`infra.logs`, ``BACKBEAT_LOG_FORMAT=json`` for JSON lines).
 """
 
 from __future__ import annotations
@@ -31,13 +32,22 @@ def serve(
     read-only per request; stop with Ctrl-C or SIGTERM."""
     import uvicorn
 
+    from infra import logs, metrics
     from infra.api import create_app
     from infra.console import err_console
     from infra.settings import get_settings
 
     settings = get_settings()
+    logs.set_process("api")
+    metrics.set_process("api")
     err_console.print(f"serving {settings.duckdb_path} on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(create_app(settings, read_timeout_s=read_timeout), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(settings, read_timeout_s=read_timeout),
+        host=host,
+        port=port,
+        log_config=logs.logging_config(),
+        log_level="warning",
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -248,7 +248,8 @@ def test_no_duckdb_file_is_503_and_health_says_absent(server: Server, tmp_path: 
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(url) or proc.poll() is not None, 30, "the second server")
-        assert httpx.get(url + "/health").json() == {"status": "ok", "duckdb": "absent"}
+        body = httpx.get(url + "/health").json()
+        assert (body["status"], body["components"]["api"]) == ("ready", {"ready": True, "duckdb": "absent"})
         for path in ("/tracks/x", "/users/u1/recommendations", "/users/u1/features", "/sagas/x"):
             r = httpx.get(url + path)
             body = _assert_problem(r, 503, path)
@@ -269,7 +270,10 @@ def test_openapi_and_docs(server: Server):
 
 
 def test_health(server: Server):
-    assert _get(server, "/health").json() == {"status": "ok", "duckdb": "present"}
+    body = _get(server, "/health").json()
+    assert body["status"] == "ready" and body["process"] == "api" and body["pid"] == server.proc.pid
+    assert body["components"] == {"api": {"ready": True, "duckdb": "present"}}
+    assert _get(server, "/health/live").json()["status"] == "alive"
 
 
 def test_metrics_count_requests_per_route(server: Server):
@@ -282,6 +286,7 @@ def test_metrics_count_requests_per_route(server: Server):
     )  # fmt: skip
     assert float(line.rsplit(" ", 1)[1]) >= 3
     assert 'backbeat_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/tracks/{track_id}"}' in text
+    assert 'backbeat_up{process="api"} 1.0' in text and "process_resident_memory_bytes" in text
 
 
 def test_reads_succeed_while_a_writer_writes(server: Server):
