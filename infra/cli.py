@@ -94,14 +94,25 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Show whether the embedded broker and registry run, with pids and logs."""
+    """Show whether the embedded broker and registry run, with pids and logs; then every running
+    backbeat process that serves /metrics and /health (worker, runner, archiver, saga processes),
+    with its address and what /health says (ready, starting, stopping, unreachable)."""
     from infra import services
 
+    settings = _settings()
     rows = [
         (s.name, s.address, s.state, s.pid if s.pid is not None else "", s.log or "")
-        for s in services.status(_settings())
+        for s in services.status(settings)
     ]
     console.print(table(["service", "address", "state", "pid", "log"], rows))
+    procs = services.process_health(settings)
+    if procs:
+        console.print(
+            table(
+                ["process", "pid", "metrics and health", "health", "not ready yet"],
+                [(p.process, str(p.pid or ""), p.url, p.status, ", ".join(p.waiting)) for p in procs],
+            )
+        )
 
 
 @topics_app.command("apply")

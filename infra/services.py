@@ -108,6 +108,61 @@ def _restore_archive(settings: Settings, report: Callable[[str], None] | None) -
 
 
 @dataclass(frozen=True)
+class ProcessHealth:
+    """One running process's ops endpoint, as ``backbeat status`` shows it: ``process`` (its
+    kind, e.g. ``worker``), ``pid``, ``url`` (of ``/metrics`` and ``/health``), ``status``
+    (``ready``, ``starting``, ``stopping``, or ``unreachable``) and the components not ready."""
+
+    process: str
+    pid: int | None
+    url: str
+    status: str
+    waiting: tuple[str, ...]
+
+
+def process_health(settings: Settings, timeout_s: float = 2.0) -> list[ProcessHealth]:
+    """Every process that wrote ``<run_dir>/<process>.ops.json`` (:mod:`infra.ops`), with what its
+    ``/health`` answers now; files of processes that are gone are removed."""
+    import json
+    import urllib.error
+
+    out: list[ProcessHealth] = []
+    if not settings.run_dir.is_dir():
+        return out
+    for path in sorted(settings.run_dir.glob("*.ops.json")):
+        process = path.name.removesuffix(".ops.json")
+        try:
+            doc = json.loads(path.read_text())
+            url, pid = str(doc["url"]), int(doc["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if not _pid_alive(pid):
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            out.append(ProcessHealth(process, pid, url, "unreachable", ()))
+            continue
+        waiting = tuple(n for n, c in body.get("components", {}).items() if not c.get("ready"))
+        out.append(ProcessHealth(process, pid, url, str(body.get("status", "?")), waiting))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """What ``status`` reports for one service."""
 

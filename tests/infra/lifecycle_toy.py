@@ -17,6 +17,7 @@ import time
 from infra import metrics
 from infra.errors import BackbeatError
 from infra.lifecycle import LoopService, run_process
+from infra.settings import Settings
 
 log = logging.getLogger("backbeat.toy")
 
@@ -44,7 +45,9 @@ def main() -> int:
         "toy", lambda: metrics.Observation(records_in={"toy": count[0]}, ready=count[0] >= 3, positions={("toy", 0): 5})
     )
     service = LoopService("toy", run, stop.set)
-    code = run_process("toy", [service], ops_port=None if port == "off" else int(port))
+    code = run_process(
+        "toy", [service], ops_port=None if port == "off" else int(port), run_dir=Settings.from_env().run_dir
+    )
     print(f"result {service.result}", flush=True)
     return code
 

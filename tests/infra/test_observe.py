@@ -233,10 +233,16 @@ def test_an_unexpected_error_exits_1_with_its_traceback():
 
 def test_sigterm_marks_health_stopping_then_stops_the_loop_cleanly(tmp_path: Path):
     port = free_port()
-    proc = _toy("ok", "0", str(port))
+    proc = _toy("ok", "0", str(port), env={"BACKBEAT_DATA_DIR": str(tmp_path)})
     try:
         wait_for(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200 if _alive(port) else None, 30,
                  "the toy to be ready")  # fmt: skip
+        assert ops.read_address(tmp_path / "run", "toy") == f"http://127.0.0.1:{port}"
+        shown = subprocess.run(
+            [sys.executable, "-m", "infra.cli", "status"], cwd=REPO_ROOT, capture_output=True, text=True,
+            env={**os.environ, "BACKBEAT_DATA_DIR": str(tmp_path), "COLUMNS": "200"}, timeout=60,
+        )  # fmt: skip
+        assert re.search(rf"toy\s.*{proc.pid}.*http://127.0.0.1:{port}.*ready", shown.stdout), shown
         status, text = _get(f"http://127.0.0.1:{port}/metrics")
         assert (_value(text, "backbeat_records_in_total", component="toy", topic="toy") or 0) >= 3
         proc.send_signal(signal.SIGTERM)
@@ -244,6 +250,7 @@ def test_sigterm_marks_health_stopping_then_stops_the_loop_cleanly(tmp_path: Pat
         assert seen == "stopping"
         out, _err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and re.search(r"result \d+", out)
+        assert ops.read_address(tmp_path / "run", "toy") is None  # removed on a clean stop
     finally:
         if proc.poll() is None:
             proc.kill()
