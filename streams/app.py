@@ -39,8 +39,8 @@ import faust
 from events.catalog import TopicSpec
 from events.offsets import high_watermarks
 from infra import logs, metrics, ops
-from infra.lifecycle import OpsService
 from infra.errors import ConfigError
+from infra.lifecycle import OpsService
 from infra.provision import apply_topics
 from infra.runtime import tune_gc
 from infra.settings import Settings

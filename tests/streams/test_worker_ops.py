@@ -80,7 +80,9 @@ def value(metrics: dict, name: str, **labels: str) -> float | None:
     return next(iter(found.values()), None)
 
 
-def test_metrics_and_health_of_a_running_worker(stack: Settings, unique: Callable[[str], str], tmp_path: Path):
+def test_metrics_and_health_of_a_running_worker(
+    stack: Settings, unique: Callable[[str], str], tmp_path: Path
+):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     config, env = ingest_setup(stack, unique("ops"), BACKBEAT_OPS_PORT=str(port))
@@ -110,7 +112,9 @@ def test_metrics_and_health_of_a_running_worker(stack: Settings, unique: Callabl
             lambda: (m := scrape(base)) and value(m, "backbeat_records_in_total", component=COMPONENT) == produced
             and m, 30, "records in",
         )  # fmt: skip
-        assert value(m, "backbeat_records_in_total", component=COMPONENT, topic=config.source_topic) == produced
+        assert (
+            value(m, "backbeat_records_in_total", component=COMPONENT, topic=config.source_topic) == produced
+        )
         assert value(m, "backbeat_dead_letters_total", component=COMPONENT, reason="decode_error") == 1
         assert value(m, "backbeat_dead_letters_total", component=COMPONENT, reason="validation_error") == 1
         assert value(m, "backbeat_records_out_total", component=COMPONENT, topic=config.dlq_topic) == 2
