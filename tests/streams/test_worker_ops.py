@@ -8,6 +8,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,10 +23,10 @@ from infra import ops
 from infra.processes import free_port
 from infra.settings import REPO_ROOT, Settings
 from streams.config import IngestConfig
-from tests.conftest import wait_for
+from streams.runtime.agent import BatchAgent, Result
+from streams.runtime.runner import AgentRunner, PartitionState, RunnerConfig
+from tests.conftest import settings_for, wait_for
 from tests.streams.workers import Worker, ingest_setup
-
-pytestmark = pytest.mark.integration
 
 T0 = 1_700_000_000_000
 COMPONENT = "agent:listening-ingest"
@@ -80,6 +82,7 @@ def value(metrics: dict, name: str, **labels: str) -> float | None:
     return next(iter(found.values()), None)
 
 
+@pytest.mark.integration
 def test_metrics_and_health_of_a_running_worker(
     stack: Settings, unique: Callable[[str], str], tmp_path: Path
 ):
@@ -161,6 +164,7 @@ def test_metrics_and_health_of_a_running_worker(
         worker.kill()
 
 
+@pytest.mark.integration
 def test_json_log_lines_of_backbeat_worker(stack: Settings, unique: Callable[[str], str], tmp_path: Path):
     """``backbeat worker --ops-port`` with ``BACKBEAT_LOG_FORMAT=json``: every stderr line is a JSON
     object of process ``worker`` (Faust's and mode's lines included), and the dead-letter line
@@ -208,3 +212,84 @@ def test_json_log_lines_of_backbeat_worker(stack: Settings, unique: Callable[[st
     assert any(f"/metrics and /health on {base}" in o["event"] for o in parsed)
     stats = [o for o in parsed if o["event"].startswith("ingest stats ")]
     assert stats and json.loads(stats[-1]["event"][len("ingest stats ") :])["records_in"] == 2
+
+
+class _Agent(BatchAgent):
+    """The smallest agent: what :meth:`AgentRunner.observe` reads, nothing consumed."""
+
+    name = "observed"
+    stats_name = "observed"
+    decodes = False
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, dict[str, int]] = {}
+
+    source_topic = "observed.source"  # type: ignore[assignment]
+    changelog_topic = "observed.changelog"  # type: ignore[assignment]
+    output_topics = ("observed.out",)  # type: ignore[assignment]
+
+    def restore(self, partition, items):  # noqa: ANN001, ANN201
+        self.partitions[partition] = {}
+
+    def process(self, batch, now_ms):  # noqa: ANN001, ANN201
+        return Result()
+
+    def checkpoint(self, partition, offset):  # noqa: ANN001, ANN201
+        return []
+
+    def revoke(self, partition):  # noqa: ANN001, ANN201
+        self.partitions.pop(partition, None)
+
+    def state_entries(self) -> int:
+        return sum(len(s) for s in list(self.partitions.values()))
+
+
+def test_observe_reads_while_the_loop_thread_changes_its_dicts(tmp_path: Path):
+    """``observe()`` runs on the ops server's thread while the runner's thread assigns and
+    revokes partitions and adds counters: no "changed size during iteration", and every
+    observation is one the loop could have been in (counts only grow while a partition stays)."""
+    settings = settings_for(tmp_path, free_port(), free_port())
+    runner = AgentRunner(_Agent(), settings, RunnerConfig(group_id="observed"))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:  # what _on_assign/_batch/_on_revoke do to the runner's dicts
+        i = 0
+        while not stop.is_set():
+            i += 1
+            for p in range(8):
+                state = runner.assigned.get(p)
+                if state is None:
+                    runner.assigned[p] = state = PartitionState(None, {}, {})
+                    runner.agent.partitions[p] = {}
+                state.counters["records_in"] = state.counters.get("records_in", 0) + 1
+                state.counters[f"new-{i % 50}"] = 1  # keys come and go
+                state.counters.pop(f"new-{(i + 25) % 50}", None)
+                state.next = (state.next or 0) + 1
+                runner.agent.partitions[p][f"k{i % 100}"] = i
+            if i % 7 == 0:
+                for p in range(0, 8, 2):
+                    runner.assigned.pop(p, None)
+                    runner.agent.revoke(p)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    observed = 0
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                o = runner.observe()
+            except BaseException as exc:  # noqa: BLE001 - the failure this test looks for
+                errors.append(exc)
+                break
+            assert set(o.positions) <= {("observed.source", p) for p in range(8)}
+            assert o.records_in["observed.source"] >= 0 and o.dead_letters == {}
+            assert o.state_entries is not None and o.state_entries <= 8 * 100
+            assert o.detail["assigned"] == sorted(p for _, p in o.positions)
+            observed += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert observed > 100
