@@ -28,7 +28,8 @@ def last_stats(log: Path, names: tuple[str, ...]) -> Stats:
         for name in names:
             marker = f" {name} stats "
             if marker in line:
-                out[name] = json.loads(line.split(marker, 1)[1])
+                # the JSON object, then what the log format adds after the message (``process=…``)
+                out[name] = json.JSONDecoder().raw_decode(line.split(marker, 1)[1])[0]
     return out
 
 

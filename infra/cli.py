@@ -376,22 +376,39 @@ def schemas_check(
 @app.command()
 def worker(
     loglevel: Annotated[
-        str, typer.Option("--loglevel", "-l", help="critical|error|warning|info|debug")
-    ] = "info",
+        str | None,
+        typer.Option(
+            "--loglevel", "-l", help="critical|error|warning|info|debug (default BACKBEAT_LOG_LEVEL, info)"
+        ),
+    ] = None,
+    ops_port: Annotated[
+        str | None,
+        typer.Option(
+            "--ops-port",
+            help="Port of /metrics and /health (default BACKBEAT_OPS_PORT, else 9460, or a free one "
+            "when 9460 is taken); 'off' serves nothing.",
+        ),
+    ] = None,
 ) -> None:
     """Run the stream agents (a Faust worker of streams.app) until stopped.
 
-    The same as 'faust -A streams.app worker -l info'. BACKBEAT_STREAMS_AGENTS chooses the agent
+    The same as 'faust -A streams.app worker'. BACKBEAT_STREAMS_AGENTS chooses the agent
     groups (ingest, features, ads; default all). Listening ingest reads playback.listens,
     dead-letters bad records to playback.listens.dlq and emits SessionEnded events to
     listening.sessions; every agent checkpoints its state to a changelog topic and restores it
     from there at start (a crash loses nothing and publishes nothing twice). Stop it with Ctrl-C
-    or SIGTERM: the batch in flight is checkpointed first."""
+    or SIGTERM: the batch in flight is checkpointed first.
+
+    Operations: GET /metrics (Prometheus: records in/out, dead letters by reason, consumer lag,
+    batch seconds, state entries, per agent) and GET /health (200 once every agent has restored
+    its state and caught up with the log as it stood at start; 503 "starting" before, "stopping"
+    on SIGTERM) on --ops-port; the address is written to <data_dir>/run/worker.ops.json. Logs go
+    to stderr, one JSON object per line with BACKBEAT_LOG_FORMAT=json."""
     from streams.app import create_app, run_worker
 
-    faust_app = create_app()
+    faust_app = create_app(ops_port=ops_port, log_level=loglevel)
     sys.argv = [sys.argv[0]]  # Faust's worker parses the command line itself
-    run_worker(faust_app, loglevel)
+    run_worker(faust_app)
 
 
 def _runner_progress(bar: object, task: object) -> object:

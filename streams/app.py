@@ -13,6 +13,17 @@ The agent groups (``BACKBEAT_STREAMS_AGENTS``, default all): ``ingest`` (listeni
 :mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`). On first start the
 worker creates the topics its agents need that are missing, exactly as ``backbeat topics
 apply`` does (Faust itself never creates topics), and applies :func:`infra.runtime.tune_gc`.
+
+Operations (the shape of every backbeat process, :mod:`infra.lifecycle`): the app's
+``logging_config`` is :func:`infra.logs.logging_config` (process ``worker``), so Faust's, mode's
+and the agents' lines come out through the one setup (``BACKBEAT_LOG_FORMAT``,
+``BACKBEAT_LOG_LEVEL``; Faust's ``-l`` is superseded by ``BACKBEAT_LOG_LEVEL``); the app runs
+:class:`infra.lifecycle.OpsService` (``/metrics``, ``/health``; port ``--ops-port`` /
+``BACKBEAT_OPS_PORT`` / 9460, address in ``<data_dir>/run/worker.ops.json``) with one component
+``agent:<name>`` per agent (:meth:`streams.runtime.runner.AgentRunner.observe`). ``/health`` is
+200 once every agent has restored its partitions and read up to the high watermarks that stood
+at its assignment. Faust's own web server (port 6066) is never started
+(:class:`streams.runtime.service.RuntimeBoot`).
 """
 
 from __future__ import annotations
@@ -26,6 +37,10 @@ from typing import Any
 import faust
 
 from events.catalog import TopicSpec
+from events.offsets import high_watermarks
+from infra import logs, metrics, ops
+from infra.errors import ConfigError
+from infra.lifecycle import OpsService
 from infra.provision import apply_topics
 from infra.runtime import tune_gc
 from infra.settings import Settings
@@ -37,6 +52,9 @@ from streams.runtime.service import AgentService, RuntimeBoot
 
 log = logging.getLogger(__name__)
 
+#: The process name of the worker (log lines, ``/metrics``, ``infra.ops.DEFAULT_PORTS``).
+PROCESS = "worker"
+
 
 class BackbeatApp(faust.App):
     """The Faust app of the agents: Faust's worker and service tree without its Kafka consumer
@@ -44,12 +62,19 @@ class BackbeatApp(faust.App):
 
     BootStrategy = RuntimeBoot
 
-    def __init__(self, app_id: str, settings: Settings, config: IngestConfig, **conf: Any) -> None:
+    def __init__(
+        self, app_id: str, settings: Settings, config: IngestConfig, ops_port: int | None = None, **conf: Any
+    ) -> None:
         super().__init__(app_id, **conf)
         self.backbeat_settings = settings
         self.ingest_config = config
         self.agent_services: list[AgentService] = []
         self.topic_specs: list[TopicSpec] = []
+        self.log_level = "INFO"  # the level of ``logging_config`` (create_app sets it)
+        #: ``/metrics`` and ``/health``; registered first, so it starts before the agents and
+        #: stops after them (``/health`` says ``stopping`` while they finish their batches).
+        self.ops_service = OpsService(PROCESS, ops_port, settings.run_dir)
+        self.service(self.ops_service)
 
     def add_agent(self, agent: BatchAgent, specs: list[TopicSpec]) -> AgentService:
         """Register ``agent`` (started and stopped with the app) and the topics it needs."""
@@ -113,19 +138,38 @@ AGENT_GROUPS: dict[str, Callable[[BackbeatApp], None]] = {
 }
 
 
-def create_app(settings: Settings | None = None, config: IngestConfig | None = None) -> BackbeatApp:
+def create_app(
+    settings: Settings | None = None,
+    config: IngestConfig | None = None,
+    *,
+    ops_port: str | int | None = None,
+    log_level: str | None = None,
+) -> BackbeatApp:
     """The app (not started) for ``settings`` and ``config`` (default: the environment), with
     the agent groups ``config.agents`` registered.
 
+    ``ops_port``: the ``--ops-port`` option (:func:`infra.ops.port_setting`: default
+    ``BACKBEAT_OPS_PORT``, else 9460; ``off``: no endpoint); ``log_level``: the level of the
+    worker's logging (default ``BACKBEAT_LOG_LEVEL``, INFO). Names this process ``worker`` in
+    log lines and metrics.
+
     Raises:
-        ConfigError: a malformed ``BACKBEAT_*`` variable.
+        ConfigError: a malformed ``BACKBEAT_*`` variable or ops port.
     """
     settings = settings or Settings.from_env()
     config = config or IngestConfig.from_env()
+    port = ops.port_setting(PROCESS, None if ops_port is None else str(ops_port))
+    level = (log_level or logs.log_level()).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"log level {level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    logs.set_process(PROCESS)
+    metrics.set_process(PROCESS, lambda topic: high_watermarks(settings, topic))
     app = BackbeatApp(
         config.app_id,
         settings,
         config,
+        port,
+        logging_config=logs.logging_config(level),
         broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp],
         datadir=str(settings.data_dir / "faust" / config.app_id),
         web_enabled=False,
@@ -133,16 +177,18 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         web_host="127.0.0.1",
         topic_allow_declare=False,
     )
+    app.log_level = level
     for group in config.agents:
         AGENT_GROUPS[group](app)
     return app
 
 
-def run_worker(app: BackbeatApp, loglevel: str = "info") -> None:
-    """Run a Faust worker for ``app`` in this process until stopped (``backbeat worker``)."""
+def run_worker(app: BackbeatApp) -> None:
+    """Run a Faust worker for ``app`` in this process until stopped (``backbeat worker``); its
+    logging is the app's ``logging_config`` (:func:`create_app`)."""
     from faust.worker import Worker
 
-    Worker(app, loglevel=loglevel).execute_from_commandline()
+    Worker(app, loglevel=app.log_level).execute_from_commandline()
 
 
 _app: BackbeatApp | None = None

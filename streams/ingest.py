@@ -149,6 +149,10 @@ class ListenIngest(BatchAgent):
         """Open sessions per assigned partition."""
         return {"open_sessions": {p: sz.open_sessions() for p, sz in sorted(self.partitions.items())}}
 
+    def state_entries(self) -> int:
+        """Users with state (open session or remembered ids) across the assigned partitions."""
+        return sum(len(sz.users) for sz in list(self.partitions.values()))
+
     def reconciles(self, counts: Mapping[str, int]) -> bool:
         """``records_in = sessionised + duplicates + late + dead_lettered``."""
         out = sum(counts.get(k, 0) for k in ("sessionised", "duplicates", "late", "dead_lettered"))

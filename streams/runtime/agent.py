@@ -168,6 +168,13 @@ class BatchAgent(abc.ABC):
         counters reshaped); ``counts`` are the summed counters of the assigned partitions."""
         return {}
 
+    def state_entries(self) -> int | None:
+        """Keys in the agent's state across its assigned partitions (``backbeat_state_entries``;
+        default ``None``: not reported). Called on the ops server's thread while the agent
+        runs: it must be cheap (``len`` of the state's dicts) and must not iterate a dict the
+        agent changes (take ``list(d.values())`` first)."""
+        return None
+
     def reconciles(self, counts: Mapping[str, int]) -> bool | None:
         """Whether the summed counters account for every record once (``None``: no rule)."""
         return None

@@ -4,13 +4,17 @@ versions it was checked against: the one place that names it (a test per item,
 
 The runtime overrides no private Faust or aiokafka internals. It relies on these public parts:
 
-* ``faust.App`` with a ``BootStrategy`` subclass whose ``enable_kafka_consumer`` and
-  ``enable_kafka_producer`` are ``False`` (faust/app/base.py documents the switch): the worker
-  starts no Faust consumer group, producer or table recovery;
-* ``App.service(instance)``: a mode ``Service`` started and stopped with the app (the agents);
+* ``faust.App`` with a ``BootStrategy`` subclass whose ``enable_kafka_consumer``,
+  ``enable_kafka_producer`` and ``enable_web`` are ``False`` (faust/app/base.py documents the
+  switches): the worker starts no Faust consumer group, producer, table recovery or web server
+  (not even when ``faust worker`` is run without ``--without-web``);
+* ``App.service(instance)``: a mode ``Service`` started and stopped with the app, in the order
+  registered, and stopped in reverse (the ops server first, then the agents);
+* the ``logging_config`` setting (a ``logging.config.dictConfig`` dict), which
+  ``faust.worker.Worker`` applies instead of its own handlers (:func:`infra.logs.logging_config`);
 * ``faust.worker.Worker``: command line, signals, logging (``faust -A streams.app worker``);
 * ``mode.Service`` (``faust.Service``): ``on_start`` / ``on_started`` / ``on_stop``,
-  ``add_future``, ``sleep``, ``crash``;
+  ``add_future``, ``sleep``, ``crash`` (:class:`infra.lifecycle.LoopService`);
 * ``aiokafka.partitioner.murmur2``: Kafka's default partitioner hash (the agents partition some
   outputs by it, as the Java client does);
 * confluent-kafka: ``Consumer.consume``, ``subscribe(on_assign=, on_revoke=, on_lost=)`` with

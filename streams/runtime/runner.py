@@ -34,6 +34,10 @@ written in part is completed by replaying from the older position (the domain st
 skip records at or below each entry's own source offset); a commit that did not happen changes
 nothing (the position record decides). Hence outputs, state and counters equal an uninterrupted
 run, and no output identity appears twice on an output topic.
+
+Metrics (:mod:`infra.metrics`): the runner reports component ``agent:<name>`` while it runs
+(:meth:`AgentRunner.observe`, read at scrape time from what the loop keeps anyway) and the
+seconds of each batch (:func:`infra.metrics.observe_batch`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from events.control import CONTROL_HEADER, watermark_of
 from events.log import ErrorKind, classify, wait_out
 from events.offsets import high_watermarks, partitions_of
 from events.registry_client import registry_for
+from infra import logs, metrics
 from infra.errors import ConfigError, TransientError
 from infra.settings import Settings
 from streams.runtime.agent import BatchAgent, PartitionBatch, Raw
@@ -62,10 +67,28 @@ from streams.runtime.store import POSITION_KEY, Position, recover
 
 log = logging.getLogger("backbeat.streams.runtime")
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+
+#: Dead letters of one batch logged one by one (the rest are summed up in one line).
+DEAD_LETTER_LINES = 10
 
 #: Write a position-only record for an idle partition once the outputs written since its last
 #: one exceed this many records (bounds the read-back at its next restore).
 REFRESH_AFTER = 200_000
+
+
+def _copy(d: dict[K, V]) -> dict[K, V]:
+    """A copy of ``d``, which another thread may be changing: ``dict(d)`` copies in C while
+    holding the GIL and runs no Python code for ``int``/``str`` keys, so no other thread changes
+    ``d`` during it; should an interpreter ever raise "dictionary changed size during
+    iteration", the copy is taken again."""
+    for _ in range(100):
+        try:
+            return dict(d)
+        except RuntimeError:
+            continue
+    return dict(d)
 
 
 def group_id(app_id: str, agent_name: str) -> str:
@@ -109,6 +132,7 @@ class Prepared:
     dead: list[Raw]
     counts: dict[str, int]
     last_offset: int
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (offset, reason, error)
 
 
 @dataclass
@@ -153,6 +177,8 @@ class AgentRunner:
         self._last_stats = time.monotonic()
         self._last_stall_check = time.monotonic()
         self._targets: dict[int, int] = {}  # high watermarks at assignment, for readiness
+        self._out: dict[str, int] = {}  # records written since start, by topic (metrics)
+        self.component = f"agent:{agent.name}"
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -204,16 +230,19 @@ class AgentRunner:
     def run(self) -> None:
         """The thread body: set up, loop until stopped, close. An unexpected error is logged,
         kept in :attr:`failure` and ends the loop (the hosting service then stops the worker)."""
+        metrics.register(self.component, self.observe)
         try:
-            self._run()
+            with logs.bind(agent=self.agent.name):
+                self._run()
         except BaseException as exc:  # noqa: BLE001 - reported to the service, which stops the worker
             if isinstance(exc, TransientError) and self._stop.is_set():
                 log.info("%s: stopped while waiting for a service", self.agent.name)
                 return
             self.failure = exc
-            log.exception("%s: stopped by an error", self.agent.name)
+            log.exception("%s: stopped by an error", self.agent.name, extra={"agent": self.agent.name})
         finally:
             self.ready.clear()
+            metrics.unregister(self.component)
 
     def _run(self) -> None:
         self._check_partitions()
@@ -269,7 +298,9 @@ class AgentRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
         parts = [tp.partition for tp in partitions if tp.topic == self.source]
-        self._waiting_out(lambda: self._restore(parts), f"the changelog {self.changelog} to restore {parts}")
+        with logs.bind(topic=self.changelog):
+            self._waiting_out(lambda: self._restore(parts),
+                              f"the changelog {self.changelog} to restore {parts}")  # fmt: skip
         for tp in partitions:
             state = self.assigned.get(tp.partition)
             tp.offset = OFFSET_BEGINNING if state is None or state.next is None else state.next
@@ -285,12 +316,14 @@ class AgentRunner:
                 self.agent.revoke(tp.partition)
                 del self.assigned[tp.partition]
                 self._targets.pop(tp.partition, None)
-        log.info("%s: revoked %s", self.agent.name, sorted(tp.partition for tp in partitions))
+        log.info("%s: revoked %s", self.agent.name, sorted(tp.partition for tp in partitions),
+                 extra={"topic": self.source})  # fmt: skip
         if not self.assigned:
             self.ready.clear()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.warning("%s: partitions lost (session timed out): %s", self.agent.name, partitions)
+        log.warning("%s: partitions lost (session timed out): %s", self.agent.name, partitions,
+                    extra={"topic": self.source})  # fmt: skip
         self._on_revoke(consumer, partitions)
 
     def _restore(self, parts: list[int]) -> None:
@@ -314,7 +347,7 @@ class AgentRunner:
                 log.warning(
                     "%s: partition %d: the last checkpoint was cut short (%d records after the last "
                     "complete one); restoring the complete one and undoing the rest",
-                    self.agent.name, p, len(rec.tail),
+                    self.agent.name, p, len(rec.tail), extra={"topic": self.changelog, "partition": p},
                 )  # fmt: skip
             self.agent.revoke(p)
             self.agent.restore(p, rec.items)
@@ -346,13 +379,15 @@ class AgentRunner:
             "%d outputs published after their checkpoints (read back %d records)",
             self.agent.name, parts, read, time.monotonic() - started,
             {p: s.next for p, s in sorted(restored.items())}, len(skip), n,
+            extra={"topic": self.changelog, "partition": parts[0] if len(parts) == 1 else None},
         )  # fmt: skip
 
     def _set_targets(self, parts: list[int]) -> None:
         try:
             marks = high_watermarks(self.settings, self.source)
         except Exception as exc:  # noqa: BLE001 - readiness only
-            log.warning("%s: cannot read high watermarks for readiness: %s", self.agent.name, exc)
+            log.warning("%s: cannot read high watermarks for readiness: %s", self.agent.name, exc,
+                        extra={"topic": self.source})  # fmt: skip
             return
         for p in parts:
             self._targets[p] = marks.get(p, 0)
@@ -363,7 +398,8 @@ class AgentRunner:
             return
         if all((self.assigned[p].next or 0) >= t for p, t in self._targets.items() if p in self.assigned):
             self.ready.set()
-            log.info("%s: caught up with partitions %s", self.agent.name, sorted(self.assigned))
+            log.info("%s: caught up with partitions %s", self.agent.name, sorted(self.assigned),
+                     extra={"topic": self.source})  # fmt: skip
 
     # -- rewind ----------------------------------------------------------------------------------
     def _rewind(self, consumer: Consumer, reason: str) -> None:
@@ -372,9 +408,11 @@ class AgentRunner:
         self.stats.rewinds += 1
         parts = sorted(self.assigned)
         log.warning(
-            "%s: rewinding partitions %s to their last checkpoint: %s", self.agent.name, parts, reason
-        )
-        self._waiting_out(lambda: self._restore(parts), f"the broker to rewind {parts}")
+            "%s: rewinding partitions %s to their last checkpoint: %s", self.agent.name, parts, reason,
+            extra={"topic": self.source, "partition": parts[0] if len(parts) == 1 else None},
+        )  # fmt: skip
+        with logs.bind(topic=self.changelog):
+            self._waiting_out(lambda: self._restore(parts), f"the broker to rewind {parts}")
         self._seek_to_positions(consumer)
 
     def _seek_to_positions(self, consumer: Consumer) -> None:
@@ -387,7 +425,8 @@ class AgentRunner:
                 except KafkaException as exc:  # not fetching yet: try again shortly
                     raise TransientError(str(exc)) from exc
 
-            self._waiting_out(seek, f"seeking {self.source}[{p}]")
+            with logs.bind(topic=self.source, partition=p, offset=offset):
+                self._waiting_out(seek, f"seeking {self.source}[{p}]")
 
     # -- a batch ---------------------------------------------------------------------------------
     def _batch(self, consumer: Consumer, msgs: list[Message]) -> None:
@@ -399,7 +438,8 @@ class AgentRunner:
             if err is not None:
                 kind = classify(err)
                 if kind is not ErrorKind.EOF:
-                    log.warning("%s: consumer: %s (%s)", self.agent.name, err.str(), kind.value)
+                    log.warning("%s: consumer: %s (%s)", self.agent.name, err.str(), kind.value,
+                                extra={"topic": msg.topic(), "partition": msg.partition()})  # fmt: skip
                 continue
             p = msg.partition()
             state = assigned.get(p)
@@ -415,10 +455,11 @@ class AgentRunner:
         if not self.stats.first_batch_at:
             self.stats.first_batch_at = time.time() - (time.perf_counter() - started)
         generation = self._generation
-        prepared = self._waiting_out(
-            lambda: {p: self._prepare(p, part) for p, part in by_part.items()},
-            "the schema registry to decode a batch",
-        )
+        with logs.bind(topic=self.source):
+            prepared = self._waiting_out(
+                lambda: {p: self._prepare(p, part) for p, part in by_part.items()},
+                "the schema registry to decode a batch",
+            )
         if self._generation != generation or self._stop.is_set():
             # a rebalance happened while waiting: the assignment re-read its positions, and what
             # this batch held is fetched again from there
@@ -446,9 +487,33 @@ class AgentRunner:
             self._rewind(consumer, str(exc))
             return
         self.stats.batches += 1
-        self.stats.busy_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.busy_s += seconds
         self.stats.last_batch_at = time.time()
+        metrics.observe_batch(self.component, seconds)
+        self._log_rejected(prepared)
         self._check_ready()
+
+    def _log_rejected(self, prepared: dict[int, Prepared]) -> None:
+        """One line per record set aside in this batch (the first :data:`DEAD_LETTER_LINES`;
+        then one line for the rest), each naming the record's topic, partition and offset."""
+        logged = more = 0
+        where = "dead-lettered" if self.agent.dlq_topic is not None else "skipped as invalid"
+        level = logging.WARNING if self.agent.dlq_topic is not None else logging.DEBUG
+        for p, prep in prepared.items():
+            for offset, reason, error in prep.rejected:
+                if logged >= DEAD_LETTER_LINES:
+                    more += 1
+                    continue
+                logged += 1
+                log.log(
+                    level, "%s: %s %s[%d]@%d (%s): %s", self.agent.name, where, self.source, p, offset,
+                    reason, error[:300],
+                    extra={"topic": self.source, "partition": p, "offset": offset, "agent": self.agent.name},
+                )  # fmt: skip
+        if more:
+            log.log(level, "%s: %s %d more records of this batch", self.agent.name, where, more,
+                    extra={"topic": self.source, "agent": self.agent.name})  # fmt: skip
 
     def _prepare(self, p: int, msgs: list[Message]) -> Prepared:
         """Split, decode and validate one partition's records, in offset order (step 1 of the
@@ -460,6 +525,7 @@ class AgentRunner:
         batch = PartitionBatch(p)
         offsets, records, messages, marks = batch.offsets, batch.records, batch.messages, batch.marks
         dead: list[Raw] = []
+        rejected: list[tuple[int, str, str]] = []
         controls = 0
         is_data: list[bool] = []
         values: list[bytes | None] = []
@@ -495,6 +561,7 @@ class AgentRunner:
             record = decoded[j]
             if record is None and decoder is not None:
                 dead.append(self._dead_letter(msg, "decode_error", reasons[j]))
+                rejected.append((msg.offset(), "decode_error", reasons[j]))
                 j += 1
                 continue
             j += 1
@@ -503,6 +570,7 @@ class AgentRunner:
                 if reason is not None:
                     invalid += 1
                     dead.append(self._dead_letter(msg, "validation_error", reason))
+                    rejected.append((msg.offset(), "validation_error", reason))
                     continue
             offsets.append(msg.offset())
             records.append(record)
@@ -517,7 +585,7 @@ class AgentRunner:
             counts[f"{kind}_validation_error"] = invalid
             if self.agent.dlq_topic is None:
                 dead = []
-        return Prepared(batch, dead, counts, msgs[-1].offset())
+        return Prepared(batch, dead, counts, msgs[-1].offset(), rejected)
 
     def _dead_letter(self, msg: Message, reason: str, error: str) -> Raw:
         dlq = self.agent.dlq_topic or ""
@@ -553,6 +621,7 @@ class AgentRunner:
         assert producer is not None
         skip = self._skip
         before = len(skip)
+        out = self._tally(emits, raws, skip)
         if emits:
             producer.send_emits(emits, skip)
         if raws:
@@ -577,21 +646,36 @@ class AgentRunner:
                 failpoint("changelog-half")
             first = False
             producer.send_changelog(self.changelog, p, records)
+            out[self.changelog] = out.get(self.changelog, 0) + len(records)
             commits.append(TopicPartition(self.source, p, state.next))
-        self._refresh_idle(ends, set(prepared))
+        out[self.changelog] = out.get(self.changelog, 0) + self._refresh_idle(ends, set(prepared))
         producer.acknowledge()  # 2. checkpoints on the broker
         failpoint("changelog-acked")
+        self._out = metrics.totals([*self._out.items(), *out.items()])  # a new dict: observe() reads it
         try:  # 3. source offsets (lag tools read them; restarts use the position records)
             consumer.commit(offsets=commits, asynchronous=False)
         except KafkaException as exc:
-            log.warning("%s: offset commit failed (positions are in the changelog): %s", self.agent.name, exc)
+            log.warning("%s: offset commit failed (positions are in the changelog): %s", self.agent.name, exc,
+                        extra={"topic": self.source})  # fmt: skip
         failpoint("committed")
         if skip and all((s.next or 0) >= s.skip_until for s in self.assigned.values()):
             skip.clear()  # every partition is past what it could emit again
 
-    def _refresh_idle(self, ends: dict[str, int], processed: set[int]) -> None:
+    def _tally(self, emits: list[Any], raws: list[Raw], skip: set[str]) -> dict[str, int]:
+        """Records of this batch that will be sent (not in ``skip``), by topic (for metrics)."""
+        out: dict[str, int] = {}
+        for e in emits:
+            if not (skip and e.event_id in skip):
+                out[e.topic] = out.get(e.topic, 0) + 1
+        for r in raws:
+            if not (skip and r.output_id is not None and r.output_id in skip):
+                out[r.topic] = out.get(r.topic, 0) + 1
+        return out
+
+    def _refresh_idle(self, ends: dict[str, int], processed: set[int]) -> int:
         """A position-only record for idle partitions whose recorded output positions fell far
-        behind, so their next restore reads back little."""
+        behind, so their next restore reads back little; returns how many were written."""
+        n = 0
         producer = self._producer
         assert producer is not None
         for p, state in self.assigned.items():
@@ -603,6 +687,8 @@ class AgentRunner:
                 producer.send_changelog(
                     self.changelog, p, [(POSITION_KEY, Position(state.next, ends, state.counters).encode())]
                 )
+                n += 1
+        return n
 
     # -- idle, stats, stalls ---------------------------------------------------------------------
     def _idle(self) -> None:
@@ -618,7 +704,8 @@ class AgentRunner:
         try:
             marks = high_watermarks(self.settings, self.source)
         except Exception as exc:  # noqa: BLE001 - a check only
-            log.warning("%s: cannot check for a stall: %s", self.agent.name, exc)
+            log.warning("%s: cannot check for a stall: %s", self.agent.name, exc,
+                        extra={"topic": self.source})  # fmt: skip
             return
         behind = {
             p: marks.get(p, 0) - (s.next or 0)
@@ -627,9 +714,12 @@ class AgentRunner:
         }
         if behind:
             self.stalled = True
+            first = min(behind)
             log.error(
                 "%s: stalled: partitions %s have %d records to read but nothing arrived for %.0f s",
                 self.agent.name, sorted(behind), sum(behind.values()), quiet,
+                extra={"topic": self.source, "partition": first if len(behind) == 1 else None,
+                       "offset": self.assigned[first].next if len(behind) == 1 else None},
             )  # fmt: skip
         else:
             self.stalled = False
@@ -672,6 +762,57 @@ class AgentRunner:
         if rec is not None:
             out["reconciles"] = rec
         return out
+
+    def observe(self) -> metrics.Observation:
+        """This agent now, for ``/metrics`` and ``/health`` (component ``agent:<name>``).
+
+        ``records_in``: data records read from the source topic (control records excluded;
+        dead-lettered ones included), summed over the assigned partitions from their persisted
+        counters (so they survive restarts; a revoked partition's counts leave with it);
+        ``records_out``: records written since this process started, by topic (outputs, dead
+        letters and the changelog); ``dead_letters``: by reason (``decode_error``,
+        ``validation_error``; an agent without a dead-letter topic reports none and counts its
+        bad records as ``invalid`` in ``detail``); ``retries``: transient waits;
+        ``state_entries``: :meth:`BatchAgent.state_entries` (``None``: not reported);
+        ``positions``: next offset per assigned source partition (0 before its first record);
+        ``ready``: restored and caught up with the high watermarks standing at assignment
+        (:attr:`ready`).
+
+        Runs on the ops server's thread while the loop runs: it reads copies of the loop's dicts
+        (:func:`_copy`), never iterates them, and calls nothing of the agent but
+        ``state_entries``.
+        """
+        assigned = _copy(self.assigned)
+        counts: dict[str, int] = {}
+        positions: dict[tuple[str, int], int] = {}
+        for p, state in sorted(assigned.items()):
+            for name, n in _copy(state.counters).items():
+                counts[name] = counts.get(name, 0) + n
+            positions[(self.source, p)] = state.next or 0
+        dlq = self.agent.dlq_topic is not None
+        reasons = ("decode_error", "validation_error") if dlq else ()
+        dead = {r: counts.get(f"dead_lettered_{r}", 0) for r in reasons}
+        detail: dict[str, Any] = {
+            "assigned": sorted(assigned),
+            "stalled": self.stalled,
+            "batches": self.stats.batches,
+            "restores": self.stats.restores,
+            "rewinds": self.stats.rewinds,
+        }
+        if not dlq and counts.get("invalid"):
+            detail["invalid"] = counts["invalid"]
+        if self.failure is not None:
+            detail["error"] = repr(self.failure)
+        return metrics.Observation(
+            records_in={self.source: counts.get("records_in", 0)},
+            records_out=self._out,
+            dead_letters=dead,
+            retries=self.stats.transient_waits,
+            state_entries=self.agent.state_entries(),
+            positions=positions,
+            ready=self.ready.is_set(),
+            detail=detail,
+        )
 
     def _maybe_log_stats(self) -> None:
         if time.monotonic() - self._last_stats >= self.config.stats_interval_s:

@@ -1,81 +1,66 @@
 """Agents inside a Faust worker: each :class:`~streams.runtime.runner.AgentRunner` runs on its own
-thread, owned by a mode ``Service`` of the Faust app, so ``faust -A streams.app worker`` and
-``backbeat worker`` start, stop (SIGTERM/SIGINT: the batch in flight is checkpointed first) and
-log them like any Faust service.
+thread, owned by an :class:`AgentService` (an :class:`infra.lifecycle.LoopService`, the one
+loop-service class of every backbeat process) that the Faust app starts and stops, so
+``faust -A streams.app worker`` and ``backbeat worker`` start, stop (SIGTERM/SIGINT: ``/health``
+says ``stopping``, then the batch in flight is checkpointed) and log them like any other
+backbeat loop.
 
 Faust provides the worker (command line, signals, logging, the service tree, timers); the
 runtime provides consuming, state and checkpoints. The app's boot strategy therefore leaves out
 Faust's own Kafka consumer and producer (``BootStrategy.enable_kafka_consumer = False``, the
 public switch faust-streaming documents for apps that bring their own): no Faust consumer group
-is joined and no Faust table is recovered. Nothing here touches a private Faust or aiokafka
-attribute (:mod:`streams.runtime.pins` lists what is relied on, with a test per item).
+is joined and no Faust table is recovered. It leaves out Faust's web server too
+(``enable_web = False``): ``/metrics`` and ``/health`` are served by
+:class:`infra.lifecycle.OpsService` like in every other process, and Faust's own pages (port
+6066) would show nothing of the runtime's agents. Nothing here touches a private Faust or
+aiokafka attribute (:mod:`streams.runtime.pins` lists what is relied on, with a test per item).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
-import faust
 from faust.app.base import BootStrategy
 
+from infra.errors import BackbeatError
+from infra.lifecycle import LoopService
 from streams.runtime.runner import AgentRunner
 
 
-class AgentService(faust.Service):
-    """Runs one :class:`AgentRunner` on a thread for the life of the service; a runner that dies
-    of an error stops the whole worker (a supervisor restarts it), so nothing half-runs."""
+class AgentFailed(BackbeatError):
+    """An agent's runner ended by itself: an error it already logged with its traceback, or it
+    returned without being asked to stop. The worker stops (exit status 1; a supervisor
+    restarts it), so nothing half-runs."""
+
+
+class AgentService(LoopService):
+    """Runs one :class:`AgentRunner` on a thread for the life of the service (component
+    ``agent:<name>`` in ``/metrics`` and ``/health``); a runner that dies of an error stops the
+    whole worker."""
 
     def __init__(self, runner: AgentRunner, **kwargs: Any) -> None:
         self.runner = runner
-        self._thread: threading.Thread | None = None
-        super().__init__(**kwargs)
+        super().__init__(runner.component, self._run_runner, runner.stop, **kwargs)
 
-    @property
-    def label(self) -> str:
-        """The agent's name (mode's log prefix)."""
-        return f"Agent {self.runner.agent.name}"
-
-    @property
-    def shortlabel(self) -> str:
-        """The agent's name (mode's short log prefix)."""
-        return self.runner.agent.name
-
-    async def on_start(self) -> None:
-        """Start the runner's thread."""
-        self._thread = threading.Thread(
-            target=self.runner.run, name=f"agent-{self.runner.agent.name}", daemon=True
-        )
-        self._thread.start()
-
-    async def on_started(self) -> None:
-        """Watch the runner: stop the worker if it dies of an error."""
-        self.add_future(self._watch())
-
-    async def _watch(self) -> None:
-        while not self.should_stop:
-            await self.sleep(0.5)
-            thread = self._thread
-            if thread is not None and not thread.is_alive() and not self.runner.stopping:
-                self.log.error("runner of %s ended: %r; stopping the worker", self.runner.agent.name,
-                               self.runner.failure)  # fmt: skip
-                await self.crash(self.runner.failure or RuntimeError("agent runner ended"))
-                return
-
-    async def on_stop(self) -> None:
-        """Ask the runner to stop and wait for it (the batch in flight is checkpointed first)."""
-        self.runner.stop()
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join, 120.0)
+    def _run_runner(self) -> None:
+        self.runner.run()
+        if self.runner.stopping:
+            return
+        failure = self.runner.failure
+        raise AgentFailed(
+            f"the runner of {self.runner.agent.name} ended: {failure!r}; stopping the worker"
+            if failure is not None
+            else f"the runner of {self.runner.agent.name} ended by itself; stopping the worker"
+        ) from failure
 
 
 class RuntimeBoot(BootStrategy):
-    """Faust's services minus its Kafka consumer and producer (module docstring)."""
+    """Faust's services minus its Kafka consumer and producer and its web server (module
+    docstring)."""
 
     enable_kafka_consumer = False
     enable_kafka_producer = False
+    enable_web = False
 
 
-__all__ = ["AgentService", "RuntimeBoot"]
+__all__ = ["AgentFailed", "AgentService", "RuntimeBoot"]

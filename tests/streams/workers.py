@@ -62,7 +62,8 @@ class Worker:
             fh.seek(self._start_at)
             text = fh.read().decode(errors="replace")
         lines = [ln for ln in text.splitlines() if marker in ln]
-        return json.loads(lines[-1].split(marker, 1)[1]) if lines else None
+        # the JSON object, then whatever the log format adds after the message (``process=…``)
+        return json.JSONDecoder().raw_decode(lines[-1].split(marker, 1)[1])[0] if lines else None
 
 
 class TopicReader:
