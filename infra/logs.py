@@ -135,6 +135,7 @@ def logging_config(level: str | None = None, fmt: str | None = None) -> dict[str
             "aiokafka": {"level": "WARNING"},
             "kafka": {"level": "WARNING"},
             "httpx": {"level": "WARNING"},
+            "httpx2": {"level": "WARNING"},
         },
     }
 
