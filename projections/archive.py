@@ -769,6 +769,11 @@ class ArchiverMeter:
         """Register component ``archiver``."""
         metrics.register(PROCESS, self.observe)
 
+    def locked(self) -> None:
+        """The archive lock is taken: no longer waiting for it."""
+        with self._lock:
+            self._obs = metrics.Observation(detail={"waiting_for_lock": False})
+
     def unregister(self) -> None:
         """Stop reporting."""
         metrics.unregister(PROCESS)
@@ -859,6 +864,7 @@ def _run_archiver(
     lock = ArchiveLock(settings)
     if not lock.acquire(wait=True, stop=stop_event):
         return ArchiveStats()
+    meter.locked()
     changed: set[str] = set()
     refused: set[str] = set()
     retries = 0

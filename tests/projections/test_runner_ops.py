@@ -232,3 +232,15 @@ def test_runner_ops_port_off_and_bad_arguments(settings: Settings, unique: Calla
     bad = subprocess.run([*cmd[:3], "--topic", "listens"], cwd=REPO_ROOT, env=env_for(settings),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "NAME=TOPIC" in bad.stderr
+
+
+def test_runner_error_exits_1_with_the_message(settings: Settings, unique: Callable[[str], str]):
+    missing = unique("ops.missing")
+    cmd = [sys.executable, "-m", "projections.runner", "--projection", "listens", f"--topic=listens={missing}",
+           "--until-caught-up", "--ops-port", "0"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=env_for(settings), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert missing in done.stderr and "projection-runner" in done.stderr
+    assert done.stdout.strip() == ""  # no stats line for a failed run
