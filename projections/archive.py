@@ -29,8 +29,13 @@ The log identities (cluster id, topic id) found to continue the archive are kept
 ``_topic.json`` so that :func:`projections.tracking.rebind` can tell which stored projection
 offsets an archive restore may carry over.
 
-``python -m projections.archive`` runs :func:`run_archiver` until SIGTERM/SIGINT (``backbeat up``
-starts it in the background).
+``python -m projections.archive`` runs :func:`run_archiver` as process ``archiver`` under the one
+lifecycle (:func:`infra.lifecycle.run_process`: logging, ``/metrics`` and ``/health`` on
+``--ops-port``, SIGTERM/SIGINT write what is buffered, then exit 0); ``backbeat up`` starts it in
+the background. Its metrics component ``archiver`` (:class:`ArchiverMeter`) reports records read
+and written per topic, the archived positions (so ``backbeat_consumer_lag`` is what is not in the
+archive yet, buffered records included), retries, and ``ready`` once the topics found at start
+are archived up to the high watermarks taken then.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -51,7 +55,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pyarrow as pa
@@ -65,10 +68,16 @@ from events.log import LogReader, read_batches
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
 from events.serde import AvroDecoder
-from infra.errors import InfraError
+from infra import metrics
+from infra.errors import BackbeatError, InfraError
+from infra.lifecycle import LoopService, run_process
+from infra.ops import DEFAULT_PORTS, port_setting
 from infra.settings import Settings
 
 log = logging.getLogger("backbeat.archive")
+
+#: The process and metrics component name of the continuous archiver.
+PROCESS = "archiver"
 
 HEADER_TYPE = pa.list_(pa.struct([pa.field("key", pa.string()), pa.field("value", pa.binary())]))
 ARCHIVE_SCHEMA = pa.schema(
@@ -542,6 +551,8 @@ class Archiver:
         self.buffers: dict[tuple[str, int], _Buffer] = {}
         self.positions: dict[tuple[str, int], int] = {}
         self.checks: dict[tuple[str, int], ArchivedMessage] = {}
+        #: records taken for the archive per topic (read and not archived before)
+        self.taken: dict[str, int] = {}
 
     # preparing a topic: metadata, positions, continuity, identity
     def prepare(
@@ -621,6 +632,7 @@ class Archiver:
         if buf is None:
             buf = self.buffers[tp] = _Buffer()
         buf.add(msg)
+        self.taken[topic] = self.taken.get(topic, 0) + 1
         self.positions[tp] = off + 1
         if len(buf.offsets) >= self.chunk_records or buf.nbytes >= self.chunk_bytes:
             self.flush(tp)
@@ -635,12 +647,31 @@ class Archiver:
         buf = self.buffers.get(tp)
         if buf is None or not buf.offsets:
             return
+        t0 = time.monotonic()
         table, undecoded = build_table(tp[1], buf, self.decoder)
-        write_chunk(self.settings, tp[0], tp[1], table)
+        path = write_chunk(self.settings, tp[0], tp[1], table)
         del self.buffers[tp]
         self.stats.files += 1
         self.stats.undecoded += undecoded
         self.stats.per_topic[tp[0]] = self.stats.per_topic.get(tp[0], 0) + table.num_rows
+        metrics.observe_batch(PROCESS, time.monotonic() - t0)
+        log.debug("archived %d record(s) to %s", table.num_rows, path.name,
+                  extra={"topic": tp[0], "partition": tp[1], "offset": buf.offsets[0]})  # fmt: skip
+
+    def archived_to(self, reader: LogReader | None = None) -> dict[tuple[str, int], int]:
+        """``{(topic, partition): next offset not in the archive files}``: the first buffered
+        offset, else the next offset to read (``reader``'s position when it moved past control or
+        transaction markers). Call from the thread that runs the archiver."""
+        out: dict[tuple[str, int], int] = {}
+        for tp, nxt in self.positions.items():
+            buf = self.buffers.get(tp)
+            if tp in self.checks:
+                out[tp] = nxt
+            elif buf is not None and buf.offsets:
+                out[tp] = buf.offsets[0]
+            else:
+                out[tp] = max(nxt, reader.positions.get(tp, nxt)) if reader is not None else nxt
+        return out
 
     def drop_topic(self, topic: str) -> None:
         """Forget ``topic``'s buffers, positions and checks (after a mismatch)."""
@@ -707,6 +738,83 @@ def archive_once(
         lock.release()
 
 
+class ArchiverMeter:
+    """What the continuous archiver (:func:`run_archiver`) reports to :mod:`infra.metrics`, as
+    component ``archiver``:
+
+    - ``records_in`` ``{topic: records}``: records read and taken for the archive (a record
+      archived before and read again to check continuity is not counted);
+    - ``records_out`` ``{topic: records}``: records written to Parquet files;
+    - ``retries``: waits on a transient error (topics could not be listed, a file could not be
+      written because the registry is unreachable; the buffer is kept and written later);
+    - ``positions`` ``{(topic, partition): next offset not in the archive files}`` (so
+      ``backbeat_consumer_lag`` counts buffered records too, at most ``max_delay_s`` old);
+    - ``ready``: the topics found at start are archived up to the high watermarks taken when
+      they were first assigned (a topic refused as another log is left out: see ``refused``);
+    - ``detail``: ``files`` written, ``records`` written, ``undecoded`` values, ``topics``
+      archived, ``refused`` topics (their live log does not continue the archive), and
+      ``waiting_for_lock`` while another archiver holds the archive.
+
+    The archiver's thread calls :meth:`update` once per loop; :meth:`observe` (the ops server's
+    thread) reads the copy under a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._obs = metrics.Observation(detail={"waiting_for_lock": True})
+        self.targets: dict[tuple[str, int], int] | None = None
+        self._ready = False
+
+    def register(self) -> None:
+        """Register component ``archiver``."""
+        metrics.register(PROCESS, self.observe)
+
+    def locked(self) -> None:
+        """The archive lock is taken: no longer waiting for it."""
+        with self._lock:
+            self._obs = metrics.Observation(detail={"waiting_for_lock": False})
+
+    def unregister(self) -> None:
+        """Stop reporting."""
+        metrics.unregister(PROCESS)
+
+    def update(
+        self, archiver: Archiver, reader: LogReader, assigned: set[str], refused: set[str], retries: int
+    ) -> None:
+        """Take the archiver's counters now (on the archiver's thread)."""
+        positions = archiver.archived_to(reader)
+        targets = self.targets
+        ready = self._ready or (
+            targets is not None
+            and all(positions.get(tp, 0) >= t for tp, t in targets.items() if tp[0] in assigned)
+        )
+        if ready and not self._ready:
+            log.info("archiver: caught up with the high watermarks taken at start")
+        self._ready = ready
+        stats = archiver.stats
+        obs = metrics.Observation(
+            records_in=dict(archiver.taken),
+            records_out=dict(stats.per_topic),
+            retries=retries,
+            positions=positions,
+            ready=ready,
+            detail={
+                "files": stats.files,
+                "records": stats.records,
+                "undecoded": stats.undecoded,
+                "topics": len(assigned),
+                "refused": sorted(refused),
+            },
+        )
+        with self._lock:
+            self._obs = obs
+
+    def observe(self) -> metrics.Observation:
+        """The latest :class:`~infra.metrics.Observation` (see the class doc)."""
+        with self._lock:
+            return self._obs
+
+
 def run_archiver(
     settings: Settings,
     stop_event: threading.Event,
@@ -727,18 +835,45 @@ def run_archiver(
     topics; at most that much is lost from the archive if the machine dies). New topics are picked
     up every ``refresh_s`` s; a topic whose live log does not continue the archive is logged and
     retried at the next refresh. ``interval_s`` is the poll timeout (s). Waits for the archive
-    lock while another archiver holds it.
+    lock while another archiver holds it. While it runs it is metrics component ``archiver``
+    (:class:`ArchiverMeter`).
     """
+    meter = ArchiverMeter()
+    meter.register()
+    try:
+        return _run_archiver(
+            settings, stop_event, interval_s, meter, topics=topics, chunk_records=chunk_records,
+            max_delay_s=max_delay_s, refresh_s=refresh_s,
+        )  # fmt: skip
+    finally:
+        meter.unregister()
+
+
+def _run_archiver(
+    settings: Settings,
+    stop_event: threading.Event,
+    interval_s: float,
+    meter: ArchiverMeter,
+    *,
+    topics: Sequence[str] | None,
+    chunk_records: int,
+    max_delay_s: float,
+    refresh_s: float,
+) -> ArchiveStats:
     t0 = time.monotonic()
     lock = ArchiveLock(settings)
     if not lock.acquire(wait=True, stop=stop_event):
         return ArchiveStats()
+    meter.locked()
     changed: set[str] = set()
+    refused: set[str] = set()
+    retries = 0
 
     def on_fatal(topic: str, partition: int, err: KafkaError) -> None:
         log.error(
             "archiver: reading %s[%d] failed: %s; the log changed under the archiver, the topic is "
             "dropped and checked again at the next refresh", topic, partition, err.str(),
+            extra={"topic": topic, "partition": partition},
         )  # fmt: skip
         changed.add(topic)
 
@@ -754,9 +889,13 @@ def run_archiver(
             if now >= next_refresh:
                 next_refresh = now + refresh_s
                 try:
-                    _assign_new(settings, archiver, reader, topics, assigned)
+                    marks = _assign_new(settings, archiver, reader, topics, assigned, refused)
                 except InfraError as exc:
+                    retries += 1
                     log.error("archiver: %s", exc)
+                else:
+                    if meter.targets is None:  # the first pass: the watermarks at start
+                        meter.targets = marks
             msgs = reader.poll(10_000, interval_s) if assigned else []
             if not assigned:
                 stop_event.wait(interval_s)
@@ -768,11 +907,15 @@ def run_archiver(
                 try:
                     archiver.handle(msg)
                 except ArchiveMismatchError as exc:
-                    log.error("archiver: %s", exc)
+                    log.error("archiver: %s", exc, extra={"topic": msg.topic(), "partition": msg.partition(),
+                                                         "offset": msg.offset()})  # fmt: skip
+                    refused.add(msg.topic())
                     _unassign(archiver, reader, msg.topic(), assigned)
-            _flush_due(archiver, max_delay_s)
+            retries += _flush_due(archiver, max_delay_s)
+            meter.update(archiver, reader, assigned, refused, retries)
         for tp in list(archiver.buffers):
             archiver.flush(tp)
+        meter.update(archiver, reader, assigned, refused, retries)
         archiver.stats.seconds = time.monotonic() - t0
         return archiver.stats
     finally:
@@ -781,14 +924,20 @@ def run_archiver(
         lock.release()
 
 
-def _flush_due(archiver: Archiver, max_delay_s: float) -> None:
+def _flush_due(archiver: Archiver, max_delay_s: float) -> int:
+    """Write the buffers whose oldest record waited ``max_delay_s`` s; returns how many could not
+    be written yet (kept, tried again)."""
     now = time.monotonic()
+    failed = 0
     for tp, buf in list(archiver.buffers.items()):
         if buf.offsets and now - buf.since >= max_delay_s:
             try:
                 archiver.flush(tp)
             except InfraError as exc:  # registry down: keep the buffer, retry later
-                log.warning("archiver: cannot write %s[%d] yet: %s", tp[0], tp[1], exc)
+                failed += 1
+                log.warning("archiver: cannot write %s[%d] yet: %s", tp[0], tp[1], exc,
+                            extra={"topic": tp[0], "partition": tp[1], "offset": buf.offsets[0]})  # fmt: skip
+    return failed
 
 
 def _unassign(archiver: Archiver, reader: LogReader, topic: str, assigned: set[str]) -> None:
@@ -803,45 +952,76 @@ def _assign_new(
     reader: LogReader,
     topics: Sequence[str] | None,
     assigned: set[str],
-) -> None:
+    refused: set[str],
+) -> dict[tuple[str, int], int]:
+    """Assign the topics to archive that are not yet; returns the high watermarks of those
+    assigned now (``{(topic, partition): offset}``). A topic refused (:class:`ArchiveMismatchError`)
+    joins ``refused``; one assigned leaves it.
+
+    Raises:
+        InfraError: the broker cannot be reached.
+    """
     new = [t for t in topics_to_archive(settings, topics) if t not in assigned]
+    out: dict[tuple[str, int], int] = {}
     for topic in new:
         try:
             marks = {topic: high_watermarks(settings, topic)}
             starts = archiver.prepare([topic], marks)
         except ArchiveMismatchError as exc:
-            log.error("archiver: %s", exc)
+            log.error("archiver: %s", exc, extra={"topic": topic})
             archiver.drop_topic(topic)
+            refused.add(topic)
             continue
         if topic not in starts:
             continue
         reader.assign({(topic, p): archiver.start_offset(topic, p) for p in sorted(starts[topic])})
         assigned.add(topic)
-        log.info("archiving %s (%d partitions)", topic, len(starts[topic]))
+        refused.discard(topic)
+        out.update({(topic, p): m for p, m in marks[topic].items()})
+        log.info("archiving %s (%d partitions)", topic, len(starts[topic]), extra={"topic": topic})
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the archiver with the ``BACKBEAT_*`` settings until SIGTERM/SIGINT."""
+    """Entry point: run the archiver with the ``BACKBEAT_*`` settings as process ``archiver``
+    (:func:`infra.lifecycle.run_process`) until SIGTERM/SIGINT, which write what is buffered
+    first. Exit status 0; 1 on an error (logged); 2 on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m projections.archive", description=__doc__.split("\n")[0])
     parser.add_argument("--topic", action="append", help="archive only these topics")
     parser.add_argument("--chunk-records", type=int, default=50_000)
     parser.add_argument("--max-delay-s", type=float, default=5.0)
+    parser.add_argument(
+        "--ops-port",
+        default=None,
+        metavar="PORT",
+        help="port of /metrics and /health; 'off' = none; default BACKBEAT_OPS_PORT, else "
+        f"{DEFAULT_PORTS[PROCESS]}",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+        ops_port = port_setting(PROCESS, args.ops_port)
+    except BackbeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
 
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+    def run() -> ArchiveStats:
+        log.info("archiver started: %s -> %s", settings.bootstrap_servers, archive_root(settings))
+        stats = run_archiver(
+            settings, stop, topics=args.topic, chunk_records=args.chunk_records, max_delay_s=args.max_delay_s
+        )
+        log.info("archiver stopped: %d records in %d files", stats.records, stats.files)
+        return stats
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    log.info("archiver started: %s -> %s", settings.bootstrap_servers, archive_root(settings))
-    stats = run_archiver(
-        settings, stop, topics=args.topic, chunk_records=args.chunk_records, max_delay_s=args.max_delay_s
-    )
-    log.info("archiver stopped: %d records in %d files", stats.records, stats.files)
-    return 0
+    try:
+        return run_process(
+            PROCESS, [LoopService(PROCESS, run, stop.set)], ops_port=ops_port, run_dir=settings.run_dir,
+            high_watermarks=lambda topic: high_watermarks(settings, topic),
+        )  # fmt: skip
+    except BackbeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def iter_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
@@ -857,12 +1037,14 @@ if __name__ == "__main__":
 
 __all__ = [
     "ARCHIVE_SCHEMA",
+    "PROCESS",
     "ArchiveFile",
     "ArchiveMismatchError",
     "ArchiveProgress",
     "ArchiveStats",
     "ArchivedMessage",
     "ArchiverBusyError",
+    "ArchiverMeter",
     "archive_files",
     "archive_once",
     "archive_root",

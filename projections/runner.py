@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -57,11 +58,14 @@ from events.log import LogReader, wait_out
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
 from events.serde import AvroDecoder
+from infra import metrics
 from infra.errors import BackbeatError, ConfigError, OffsetMismatchError, TransientError
+from infra.lifecycle import LoopService, run_process
+from infra.ops import DEFAULT_PORTS, port_setting
 from infra.settings import Settings
 from projections import lake
 from projections.apply import Applied, apply_batch
-from projections.decoding import BatchPreparer, Prepared
+from projections.decoding import INVALID, BatchPreparer, Prepared, Reject
 from projections.readmodels import PROJECTIONS, Projection, get_projection
 from projections.recommendations import RECOMMENDATIONS, RecommendationsWriter
 from projections.store import WriterSession, writer
@@ -145,6 +149,169 @@ class Progress:
 
 ProgressHook = Callable[[Progress], None]
 
+#: The process name of ``python -m projections.runner`` (:data:`infra.ops.DEFAULT_PORTS`).
+PROCESS = "projection-runner"
+
+
+def component_name(projection: str) -> str:
+    """The metrics component of read model ``projection``: ``projection:<name>``."""
+    return f"projection:{projection}"
+
+
+def reject_kind(reason: str) -> str:
+    """The ``reason`` label of a reject (``backbeat_dead_letters_total``) from its stored reason
+    text (:mod:`projections.decoding`, listed by ``backbeat projections rejects``):
+
+    - ``validation_error``: a domain rule broken (``invalid: …``, :mod:`events.validation`);
+    - ``wrong_event_type``: another event type than the read model reads (``event type X is not Y…``);
+    - ``mapping_error``: the event does not map to a row (``… lacks field(s) …``, ``cannot map to …``);
+    - ``decode_error``: anything else: no value (tombstone), not Confluent-framed Avro, a schema
+      id the registry does not know, a body that does not decode.
+    """
+    if reason.startswith(INVALID):
+        return "validation_error"
+    if reason.startswith("event type ") and " is not " in reason:
+        return "wrong_event_type"
+    if " lacks field(s) " in reason or reason.startswith("cannot map to "):
+        return "mapping_error"
+    return "decode_error"
+
+
+class RunnerMeter:
+    """What one :class:`ProjectionRunner` reports to :mod:`infra.metrics`: one component per read
+    model it feeds (:func:`component_name`), so that each read model has its own lag and
+    readiness even when the process runs several runners (:func:`run_together`) and two of them
+    read the same topic (``ad_reports`` and ``ad_reports_item``).
+
+    A component's :class:`~infra.metrics.Observation`:
+
+    - ``records_in`` ``{source topic: records}``: records read from the read model's topic and
+      committed (control records included);
+    - ``records_out`` ``{read model (table) name: rows}``: rows applied to the read model — the
+      *topic* label of ``backbeat_records_out_total`` is the read model's name here;
+    - ``dead_letters`` ``{reason: records}``: records stored in ``projection_rejects``, by
+      :func:`reject_kind`;
+    - ``retries``: waits for an unreachable registry (``RunStats.waits`` of the runner, so every
+      read model fed by that runner shows the same count);
+    - ``positions`` ``{(topic, partition): next offset}``: committed, i.e. what the read model holds;
+    - ``ready``: every partition of its topic reached the high watermark taken at start;
+    - ``detail``: ``applied`` and ``rejects`` of this read model, and ``duplicates``,
+      ``redelivered``, ``batches``, ``waits`` of its runner (shared by the read models listed in
+      ``runner``, which are written in the same transactions).
+
+    The runner's loop calls :meth:`commit` per committed batch; :meth:`observe` runs on the ops
+    server thread: both hold a lock and :meth:`observe` copies, so a scrape never sees a batch
+    half-counted.
+    """
+
+    def __init__(self, projections: Sequence[Projection]) -> None:
+        self._lock = threading.Lock()
+        self.topic_of = {p.name: p.topic for p in projections}
+        self.records_in: dict[str, int] = {}
+        self.applied: dict[str, int] = {}
+        self.rejects: dict[str, Counter[str]] = {p.name: Counter() for p in projections}
+        self.positions: dict[TopicPart, int] = {}
+        self.targets: dict[TopicPart, int] | None = None
+        self.stats = RunStats()
+        self._ready: set[str] = set()
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self) -> None:
+        """Register a component per read model (replacing an earlier runner's of the same name)."""
+        for name in self.topic_of:
+            metrics.register(component_name(name), lambda name=name: self.observe(name))
+
+    def unregister(self) -> None:
+        """Stop reporting (the run ended)."""
+        for name in self.topic_of:
+            metrics.unregister(component_name(name))
+
+    # -- updates (the runner's thread) ----------------------------------------------------------
+    def start(self, positions: Mapping[TopicPart, int], targets: Mapping[TopicPart, int]) -> None:
+        """The stored positions and the high watermarks to reach, known after start-up."""
+        with self._lock:
+            self.positions = dict(positions)
+            self.targets = dict(targets)
+        self._log_ready()
+
+    def fresh_rejects(self, rejects: Sequence[Reject]) -> list[Reject]:
+        """The rejects at or after the committed positions (those a batch stores; the others are
+        redelivered, :func:`projections.apply.apply_batch`)."""
+        with self._lock:
+            pos = dict(self.positions)
+        return [r for r in rejects if r.offset >= pos.get((r.topic, r.partition), 0)]
+
+    def commit(
+        self,
+        stats: RunStats,
+        counts: Mapping[str, int],
+        applied: Mapping[str, int],
+        rejects: Sequence[Reject],
+        positions: Mapping[TopicPart, int],
+    ) -> None:
+        """Account one committed batch: ``counts`` records read per topic, rows ``applied`` per
+        read model, the ``rejects`` stored (:meth:`fresh_rejects`), the reader's ``positions``
+        after the batch; ``stats`` is the runner's running total."""
+        with self._lock:
+            for topic, n in counts.items():
+                self.records_in[topic] = self.records_in.get(topic, 0) + n
+            for name, n in applied.items():
+                self.applied[name] = self.applied.get(name, 0) + n
+            for r in rejects:
+                self.rejects.setdefault(r.projection, Counter())[reject_kind(r.reason)] += 1
+            for tp, off in positions.items():
+                if off > self.positions.get(tp, -1):
+                    self.positions[tp] = off
+            self.stats = RunStats(**{**asdict(stats), "per_projection": {}})
+        self._log_ready()
+
+    def advance(self, positions: Mapping[TopicPart, int]) -> None:
+        """Positions the reader moved on without records (past control or transaction markers)
+        while nothing was pending."""
+        self.commit(self.stats, {}, {}, [], positions)
+
+    def _is_ready(self, name: str) -> bool:
+        topic = self.topic_of[name]
+        if self.targets is None:
+            return False
+        return all(self.positions.get(tp, 0) >= t for tp, t in self.targets.items() if tp[0] == topic)
+
+    def _log_ready(self) -> None:
+        with self._lock:
+            now = {n for n in self.topic_of if n not in self._ready and self._is_ready(n)}
+            self._ready |= now
+        for name in sorted(now):
+            log.info("%s: caught up with the log's end at start", name,
+                     extra={"projection": name, "topic": self.topic_of[name]})  # fmt: skip
+
+    # -- reading (the ops server's thread) ------------------------------------------------------
+    def observe(self, name: str) -> metrics.Observation:
+        """The :class:`~infra.metrics.Observation` of read model ``name`` (see the class doc)."""
+        topic = self.topic_of[name]
+        with self._lock:
+            positions = {tp: off for tp, off in self.positions.items() if tp[0] == topic}
+            rejects = dict(self.rejects.get(name, {}))
+            applied = self.applied.get(name, 0)
+            stats = self.stats
+            return metrics.Observation(
+                records_in={topic: self.records_in.get(topic, 0)},
+                records_out={name: applied},
+                dead_letters=rejects,
+                retries=stats.waits,
+                positions=positions,
+                ready=name in self._ready or self._is_ready(name),
+                detail={
+                    "applied": applied,
+                    "rejects": sum(rejects.values()),
+                    "duplicates": stats.duplicates,
+                    "redelivered": stats.redelivered,
+                    "batches": stats.batches,
+                    "waits": stats.waits,
+                    "runner": sorted(self.topic_of),
+                },
+            )
+
+
 #: One batch transaction: ``(connection, lake dir, {topic: projection}, prepared batch, log
 #: identity) -> Applied``; it must write the batch's offsets (``save_offsets``) in the same
 #: transaction. :func:`projections.apply.apply_batch` is the default.
@@ -160,6 +327,21 @@ STATEFUL: dict[str, tuple[Projection, Callable[[Settings], BatchWriter]]] = {
 #: Runners in one process create tables one at a time (concurrent CREATEs of the same bookkeeping
 #: table would conflict in DuckDB).
 _START_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A batch handed to the writer thread: its transaction's future (what it did, seconds), its
+    record and control counts, records per topic, the rejects it stores, the reader's positions
+    after it and the read models it feeds."""
+
+    future: Future[tuple[Applied, float]]
+    records: int
+    controls: int
+    counts: Mapping[str, int]
+    rejects: list[Reject]
+    positions: dict[TopicPart, int]
+    projections: list[str]
 
 
 class ProjectionRunner:
@@ -211,6 +393,7 @@ class ProjectionRunner:
         self._lookup = lookup or registry_for(settings.registry_url).parsed_schema_by_id
         self._stop = threading.Event()
         self._apply: BatchWriter = write or apply_batch
+        self.meter = RunnerMeter(self.projections)
 
     # -- control --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -296,12 +479,24 @@ class ProjectionRunner:
         until :meth:`stop` / SIGTERM / SIGINT (handlers installed when called from the main
         thread). Returns the :class:`RunStats`.
 
+        While it runs, each read model is a metrics component (:class:`RunnerMeter`, registered
+        here and unregistered at the end), readable by ``/metrics`` and ``/health`` when the
+        process serves them (:mod:`infra.ops`).
+
         Raises:
             OffsetMismatchError: stored offsets do not belong to the live log (see
                 :mod:`projections.tracking`), or it changed while running.
             InfraError: the broker, a topic or the registry cannot be reached.
             DatabaseBusyError: the DuckDB file stayed locked (another long writer or query).
         """
+        meter = self.meter = RunnerMeter(self.projections)
+        meter.register()
+        try:
+            return self._run(until_caught_up, meter)
+        finally:
+            meter.unregister()
+
+    def _run(self, until_caught_up: bool, meter: RunnerMeter) -> RunStats:
         started = time.monotonic()
         stats = RunStats()
         identity, marks, stored = self._start()
@@ -314,17 +509,21 @@ class ProjectionRunner:
         preparer = BatchPreparer(self.by_topic, self._lookup)
         reader = self._reader(stored)
         positions = reader.positions
+        meter.start(positions, marks)
         restore = self._install_signals()
-        pending: tuple[Future[Applied], int, int] | None = None
+        pending: _Pending | None = None
 
         def settle() -> None:
             nonlocal pending
             if pending is None:
                 return
-            future, records, controls = pending
-            pending = None
-            stats.add(future.result(), records, controls)
+            batch, pending = pending, None
+            done, seconds = batch.future.result()
+            stats.add(done, batch.records, batch.controls)
             stats.elapsed_s = time.monotonic() - started
+            meter.commit(stats, batch.counts, done.applied, batch.rejects, batch.positions)
+            for name in batch.projections:
+                metrics.observe_batch(component_name(name), seconds)
             if self.progress is not None:
                 self.progress(Progress(stats, starts, dict(positions), targets))
 
@@ -337,15 +536,24 @@ class ProjectionRunner:
                     msgs = reader.collect(self.batch_size, self.linger_s, stop=self._stop, until=caught_up)
                     if not msgs:  # idle: let readers have the file until records arrive
                         settle()
+                        meter.advance(positions)
                         pool.submit(session.close).result()
                         continue
+                    t0 = time.monotonic()
+                    after = dict(positions)
                     prepared = self._prepare(preparer, msgs, stats)
                     if prepared is None:
                         break
                     settle()
                     self._verify_identity(reader, identity)
-                    future = pool.submit(self._write, session, prepared, identity)
-                    pending = (future, prepared.records, prepared.controls)
+                    rejects = meter.fresh_rejects(prepared.rejects)
+                    self._log_rejects(rejects)
+                    future = pool.submit(self._write, session, prepared, identity, t0)
+                    counts = Counter(m.topic() for m in msgs)
+                    names = [self.by_topic[t].name for t in counts]
+                    pending = _Pending(
+                        future, prepared.records, prepared.controls, counts, rejects, after, names
+                    )
                 settle()
         finally:
             restore()
@@ -353,10 +561,28 @@ class ProjectionRunner:
         stats.elapsed_s = time.monotonic() - started
         return stats
 
-    def _write(self, session: WriterSession, prepared: Prepared, identity: LogIdentity) -> Applied:
-        """One batch transaction (runs on the writer thread)."""
+    def _write(
+        self, session: WriterSession, prepared: Prepared, identity: LogIdentity, t0: float
+    ) -> tuple[Applied, float]:
+        """One batch transaction (runs on the writer thread); returns what it did and the batch's
+        seconds since ``t0`` (decode to commit)."""
         with session.connection() as conn:
-            return self._apply(conn, self.settings.lake_dir, self.by_topic, prepared, identity)
+            done = self._apply(conn, self.settings.lake_dir, self.by_topic, prepared, identity)
+        return done, time.monotonic() - t0
+
+    @staticmethod
+    def _log_rejects(rejects: Sequence[Reject]) -> None:
+        """One warning per read model and partition with rejects in a batch (the first one's
+        offset and reason; ``backbeat projections rejects`` lists them all)."""
+        groups: dict[tuple[str, str, int], list[Reject]] = {}
+        for r in rejects:
+            groups.setdefault((r.projection, r.topic, r.partition), []).append(r)
+        for (name, topic, part), group in groups.items():
+            first = group[0]
+            log.warning(
+                "%s: %d record(s) rejected, the first: %s", name, len(group), first.reason,
+                extra={"projection": name, "topic": topic, "partition": part, "offset": first.offset},
+            )  # fmt: skip
 
     def _install_signals(self) -> Callable[[], None]:
         return _on_signals(self.stop)
@@ -487,23 +713,20 @@ def share_runners(projections: Sequence[Projection]) -> list[list[Projection]]:
     return groups
 
 
-def run_projections(
+def build_runners(
     settings: Settings,
     names: Sequence[str] | None = None,
     *,
-    until_caught_up: bool = False,
     topics: dict[str, str] | None = None,
-    progress: ProgressHook | None = None,
     batch_size: int = 50_000,
-) -> RunStats:
-    """Run the projections ``names`` (default: all, :data:`STATEFUL` ones included) — the function
-    ``backbeat project`` calls. ``topics`` overrides source topics (``{projection: topic}``).
-    Plain projections share one runner (a second one when two read the same topic,
-    :func:`share_runners`); each stateful one gets its own (:func:`run_together`).
+) -> list[ProjectionRunner]:
+    """The runners of the projections ``names`` (default: all, :data:`STATEFUL` ones included).
+    ``topics`` overrides source topics (``{projection: topic}``). Plain projections share one
+    runner (a second one when two read the same topic, :func:`share_runners`); each stateful one
+    gets its own.
 
     Raises:
         ConfigError: an unknown projection name.
-        OffsetMismatchError, InfraError, DatabaseBusyError: as :meth:`ProjectionRunner.run`.
     """
     wanted = list(dict.fromkeys(names or [*PROJECTIONS, *STATEFUL]))
     unknown = [n for n in wanted if n not in PROJECTIONS and n not in STATEFUL]
@@ -525,6 +748,27 @@ def run_projections(
                     settings, [on_topic(proj)], batch_size=batch_size, write=make_writer(settings)
                 )
             )
+    return runners
+
+
+def run_projections(
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    *,
+    until_caught_up: bool = False,
+    topics: dict[str, str] | None = None,
+    progress: ProgressHook | None = None,
+    batch_size: int = 50_000,
+) -> RunStats:
+    """Run the projections ``names`` (default: all, :data:`STATEFUL` ones included) — the function
+    ``backbeat project`` calls, in process. ``topics`` overrides source topics (``{projection:
+    topic}``); the runners are :func:`build_runners`', run at once by :func:`run_together`.
+
+    Raises:
+        ConfigError: an unknown projection name.
+        OffsetMismatchError, InfraError, DatabaseBusyError: as :meth:`ProjectionRunner.run`.
+    """
+    runners = build_runners(settings, names, topics=topics, batch_size=batch_size)
     return run_together(runners, until_caught_up=until_caught_up, progress=progress)
 
 
@@ -548,42 +792,71 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="read projection NAME from TOPIC instead of its declared topic",
     )
     parser.add_argument("--batch-size", type=int, default=50_000, help="records per transaction")
+    parser.add_argument(
+        "--ops-port",
+        default=None,
+        metavar="PORT",
+        help="port of /metrics and /health; 'off' = none; default BACKBEAT_OPS_PORT, else "
+        f"{DEFAULT_PORTS[PROCESS]}",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: prints the run's stats as one JSON line; exit 1 on a backbeat error."""
+    """Command-line entry: runs the projections as process ``projection-runner`` under the one
+    lifecycle (:func:`infra.lifecycle.run_process`: logging, ``/metrics`` and ``/health``,
+    SIGTERM/SIGINT stop after the batch in flight) and prints the run's stats as one JSON line
+    on stdout at the end (also after SIGTERM). Exit status 0; 1 on a backbeat error (logged);
+    2 on bad arguments."""
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         topics = dict(item.split("=", 1) for item in args.topic)
     except ValueError:
         print("error: --topic takes NAME=TOPIC", file=sys.stderr)
         return 2
     try:
-        stats = run_projections(
-            Settings.from_env(),
-            args.projection or None,
-            until_caught_up=args.until_caught_up,
-            topics=topics,
-            batch_size=args.batch_size,
-        )
+        settings = Settings.from_env()
+        ops_port = port_setting(PROCESS, args.ops_port)
+        runners = build_runners(settings, args.projection or None, topics=topics, batch_size=args.batch_size)
     except BackbeatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({**asdict(stats), "rate": round(stats.rate, 1)}), flush=True)
-    return 0
+
+    def stop_all() -> None:
+        for r in runners:
+            r.stop()
+
+    service = LoopService(
+        PROCESS, lambda: run_together(runners, until_caught_up=args.until_caught_up), stop_all
+    )
+    try:
+        code = run_process(
+            PROCESS, [service], ops_port=ops_port, run_dir=settings.run_dir,
+            high_watermarks=lambda topic: high_watermarks(settings, topic),
+        )  # fmt: skip
+    except BackbeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stats = service.result
+    if code == 0 and isinstance(stats, RunStats):
+        print(json.dumps({**asdict(stats), "rate": round(stats.rate, 1)}), flush=True)
+    return code
 
 
 __all__ = [
+    "PROCESS",
     "STATEFUL",
     "BatchWriter",
     "Progress",
     "ProgressHook",
     "ProjectionRunner",
     "RunStats",
+    "RunnerMeter",
+    "build_runners",
     "combine_stats",
+    "component_name",
     "main",
+    "reject_kind",
     "run_projections",
     "run_together",
     "share_runners",
