@@ -429,6 +429,14 @@ def project(
     until_caught_up: Annotated[
         bool, typer.Option(help="Stop when every partition reached the end of the log taken at start.")
     ] = False,
+    ops_port: Annotated[
+        str | None,
+        typer.Option(
+            "--ops-port",
+            help="Port of /metrics and /health while it runs (a number, 0 = any free port, 'off'; "
+            "default BACKBEAT_OPS_PORT, else 9461). Not served with --until-caught-up.",
+        ),
+    ] = None,
 ) -> None:
     """Materialise read models into DuckDB and the Parquet lake: listens, sessions, tracks, the
     feature store (user_features, track_features), recommendations, the ad reports
@@ -436,16 +444,25 @@ def project(
 
     Batches are decoded to Arrow and written in one DuckDB transaction together with the
     consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
-    unless --until-caught-up. 'backbeat sql' works while it runs."""
-    from projections.runner import run_projections
+    unless --until-caught-up; while it runs it is process projection-runner: /metrics and
+    /health on --ops-port, logs through BACKBEAT_LOG_FORMAT. 'backbeat sql' works while it runs."""
+    from infra.ops import port_setting
+    from projections.runner import PROCESS, build_runners, run_as_process, run_projections
 
     settings = _settings()
     with progress_bar() as bar:
         task = bar.add_task("project", total=None)
-        stats = run_projections(
-            settings, projection or None, until_caught_up=until_caught_up,
-            progress=_runner_progress(bar, task),  # type: ignore[arg-type]
-        )  # fmt: skip
+        hook = _runner_progress(bar, task)
+        if until_caught_up:
+            stats = run_projections(settings, projection or None, until_caught_up=True, progress=hook)  # type: ignore[arg-type]
+        else:
+            port = port_setting(PROCESS, ops_port)
+            code, result = run_as_process(
+                settings, build_runners(settings, projection or None), ops_port=port, progress=hook  # type: ignore[arg-type]
+            )
+            if result is None:
+                raise typer.Exit(code or 1)
+            stats = result
     console.print(
         f"applied {stats.applied:,} rows from {stats.records:,} records "
         f"({stats.rate:,.0f} records/s) into {settings.duckdb_path}"

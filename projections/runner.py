@@ -802,6 +802,38 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_as_process(
+    settings: Settings,
+    runners: Sequence[ProjectionRunner],
+    *,
+    until_caught_up: bool = False,
+    ops_port: int | None,
+    progress: ProgressHook | None = None,
+) -> tuple[int, RunStats | None]:
+    """Run ``runners`` together as process ``projection-runner`` under the one lifecycle
+    (:func:`infra.lifecycle.run_process`): logging, ``/metrics`` and ``/health`` on ``ops_port``,
+    SIGTERM/SIGINT stop after the batch in flight. Returns ``(exit status, stats)``; the stats
+    are ``None`` when a runner failed (status 1, the error logged).
+
+    Raises:
+        infra.errors.ConfigError: the ops port is taken, or a bad ``BACKBEAT_LOG_*`` setting.
+    """
+
+    def stop_all() -> None:
+        for r in runners:
+            r.stop()
+
+    service = LoopService(
+        PROCESS, lambda: run_together(runners, until_caught_up=until_caught_up, progress=progress), stop_all
+    )
+    code = run_process(
+        PROCESS, [service], ops_port=ops_port, run_dir=settings.run_dir,
+        high_watermarks=lambda topic: high_watermarks(settings, topic),
+    )  # fmt: skip
+    stats = service.result if isinstance(service.result, RunStats) else None
+    return code, stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: runs the projections as process ``projection-runner`` under the one
     lifecycle (:func:`infra.lifecycle.run_process`: logging, ``/metrics`` and ``/health``,
@@ -822,23 +854,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    def stop_all() -> None:
-        for r in runners:
-            r.stop()
-
-    service = LoopService(
-        PROCESS, lambda: run_together(runners, until_caught_up=args.until_caught_up), stop_all
-    )
     try:
-        code = run_process(
-            PROCESS, [service], ops_port=ops_port, run_dir=settings.run_dir,
-            high_watermarks=lambda topic: high_watermarks(settings, topic),
-        )  # fmt: skip
+        code, stats = run_as_process(
+            settings, runners, until_caught_up=args.until_caught_up, ops_port=ops_port
+        )
     except BackbeatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stats = service.result
-    if code == 0 and isinstance(stats, RunStats):
+    if code == 0 and stats is not None:
         print(json.dumps({**asdict(stats), "rate": round(stats.rate, 1)}), flush=True)
     return code
 
@@ -857,6 +880,7 @@ __all__ = [
     "component_name",
     "main",
     "reject_kind",
+    "run_as_process",
     "run_projections",
     "run_together",
     "share_runners",
