@@ -12,9 +12,9 @@ import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from infra.processes import free_port, stop
-from infra.services import start_registry
-from infra.settings import Settings
+from infra import services
+from infra.processes import Running, free_port, pid_file, stop
+from infra.services import REGISTRY
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.integration
@@ -39,11 +39,14 @@ def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_registry_serves_metrics_health_and_json_logs(
-    stack: Settings, tmp_path: Path, unique, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a broker of its own: a second registry writing to the session's _schemas would hand out ids
+    # the session's registry does not know (it does not follow the topic)
     monkeypatch.setenv("BACKBEAT_LOG_FORMAT", "json")  # start_registry passes the environment on
-    own = settings_for(tmp_path, int(stack.bootstrap_servers.rsplit(":", 1)[1]), free_port())
-    running = start_registry(own)
+    own = settings_for(tmp_path, free_port(), free_port())
+    services.up(own)
+    running = Running(**json.loads(pid_file(own.run_dir, REGISTRY).read_text()))
     try:
         url = own.registry_url
         status, ctype, body = get(f"{url}/health")
@@ -58,7 +61,7 @@ def test_registry_serves_metrics_health_and_json_logs(
         assert before[written] == 0
         assert before[("backbeat_up", (("process", "schema-registry"),))] == 1
 
-        subject = unique("ops") + "-backbeat.test.Ops"
+        subject = "ops-backbeat.test.Ops"
         schema = json.dumps({"type": "record", "name": "Ops", "namespace": "backbeat.test",
                              "fields": [{"name": "a", "type": "string"}]})  # fmt: skip
         SchemaRegistryClient({"url": url}).register_schema(subject, Schema(schema, "AVRO"))
@@ -69,6 +72,7 @@ def test_registry_serves_metrics_health_and_json_logs(
         assert get(f"{url}/subjects")[0] == 200
     finally:
         assert stop(running)
+        services.down(own)
     lines = Path(running.log).read_text().splitlines()
     assert lines
     records = [json.loads(line) for line in lines]  # every line is JSON (the log has stdout too)
