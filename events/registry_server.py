@@ -26,7 +26,12 @@ Endpoints (Confluent API reference, docs.confluent.io …/schema-registry/develo
 ``GET /schemas/ids/{id}/subjects``, ``GET /schemas/types``, ``GET|PUT|DELETE /config``,
 ``GET|PUT|DELETE /config/{s}`` (``?defaultToGlobal=true``),
 ``POST /compatibility/subjects/{s}/versions/{v}``, ``POST /compatibility/subjects/{s}/versions``
-(``?verbose=true``), ``GET /``.
+(``?verbose=true``), ``GET /``; and, like every long-running backbeat process, ``GET /metrics``
+(Prometheus text, :mod:`infra.metrics`: component ``schema-registry`` with the ``_schemas`` records
+written since start as ``records_out``, subjects as ``state_entries``) and ``GET /health`` (``200``
+once the state is loaded, which is before the server listens; ``503 stopping`` on shutdown),
+served on the registry's own port (:mod:`infra.ops` bodies). Logging: :func:`infra.logs.setup_logging`
+(console or JSON lines, ``BACKBEAT_LOG_FORMAT``; ``--log-level`` or ``BACKBEAT_LOG_LEVEL``).
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ from events.registry_state import (
     encode_record,
     parse_level,
 )
-from infra.errors import BackbeatError, InfraError, RegistryError
+from infra import metrics, ops
+from infra.errors import BackbeatError, ConfigError, InfraError, RegistryError
+from infra.logs import setup_logging
 from infra.settings import Settings
 
 log = logging.getLogger("backbeat.registry")
@@ -75,6 +82,8 @@ ACCEPTED_CONTENT_TYPES = {
     "application/vnd.schemaregistry+json",
     "application/json",
 }
+#: Process name (``infra.ops.DEFAULT_PORTS``) and metrics component name.
+PROCESS = "schema-registry"
 #: librdkafka gives up on a write after this many ms; flushing waits longer, so a finished flush
 #: means every write has a final outcome.
 WRITE_TIMEOUT_MS = 15_000
@@ -165,6 +174,8 @@ class SchemaStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: Records written and acknowledged since start.
+        self.written = 0
         self._producer = Producer(
             settings.producer_conf(**{"linger.ms": 0, "message.timeout.ms": WRITE_TIMEOUT_MS})
         )
@@ -197,6 +208,7 @@ class SchemaStore:
                 error_code=50001,
                 http_status=500,
             )
+        self.written += len(records)
 
     def close(self) -> None:
         """Flush what is pending (nothing, normally)."""
@@ -542,6 +554,32 @@ async def delete_subject(request: web.Request) -> web.Response:
     return _json(await _registry(request).delete_subject(request.match_info["subject"]))
 
 
+def observe(registry: Registry) -> metrics.Observation:
+    """The ``schema-registry`` metrics component: ``_schemas`` records written since start,
+    subjects (soft-deleted included) as state entries; always ready (it serves once loaded)."""
+    subjects = len(registry.state.subjects(True))
+    return metrics.Observation(
+        records_out={SCHEMAS_TOPIC: registry.store.written},
+        state_entries=subjects,
+        ready=True,
+        detail={"subjects": subjects},
+    )
+
+
+async def get_metrics(_request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text of :data:`infra.metrics.REGISTRY`."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def get_health(_request: web.Request) -> web.Response:
+    """``GET /health``: :func:`infra.ops.health` (200 ready, 503 stopping)."""
+    status, body = ops.health()
+    return web.json_response(body, status=status)
+
+
 def make_app(registry: Registry) -> web.Application:
     """The aiohttp application serving ``registry``."""
     app = web.Application(middlewares=[errors_middleware])
@@ -567,10 +605,16 @@ def make_app(registry: Registry) -> web.Application:
     app.router.add_post("/subjects/{subject}/versions", register)
     app.router.add_get("/subjects/{subject}/versions/{version}", get_version)
     app.router.add_get("/subjects/{subject}/versions/{version}/schema", get_version_schema)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/health", get_health)
+
+    async def stopping(_app: web.Application) -> None:
+        ops.mark_stopping()
 
     async def close_store(_app: web.Application) -> None:
         await asyncio.to_thread(registry.store.close)
 
+    app.on_shutdown.append(stopping)
     app.on_cleanup.append(close_store)
     return app
 
@@ -588,13 +632,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Kafka bootstrap servers (default: BACKBEAT_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="default BACKBEAT_LOG_LEVEL, else INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        setup_logging(PROCESS, level=args.log_level)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     env = dict(os.environ)  # keeps SASL/TLS settings; the flag wins for the servers
     if args.bootstrap_servers:
         env["BACKBEAT_BOOTSTRAP_SERVERS"] = args.bootstrap_servers
@@ -606,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     except BackbeatError as exc:
         log.error("%s", exc)
         return 1
+    metrics.set_process(PROCESS)
+    metrics.register(PROCESS, lambda: observe(registry))
     log.info("serving on http://%s:%d (Kafka %s)", args.host, args.port, settings.bootstrap_servers)
     # run_app handles SIGTERM and SIGINT: it stops accepting, finishes requests, runs on_cleanup.
     web.run_app(make_app(registry), host=args.host, port=args.port, print=None, handle_signals=True)

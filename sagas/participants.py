@@ -10,6 +10,11 @@ Command line (the saga fault run starts it as a subprocess; SIGTERM/SIGINT stop 
         --fail-after-effect 0.02 --capture-fail 0.02 --entitlement-fail 0.05 --stock-file stock.json
 
 ``stock.json`` maps SKU → units (``{"sku-1": 100}``). Settings come from ``BACKBEAT_*`` variables.
+The process runs under the one lifecycle (:func:`infra.lifecycle.run_process`, process name
+``saga-participants``): ``/metrics`` and ``/health`` on ``--ops-port`` / ``BACKBEAT_OPS_PORT``
+(default 9464), the metrics component ``saga-participants`` summing the three runners (records
+in by command topic, replies out by topic, dead letters by reason, registry waits), ready once
+all three have caught up. Exit status 0, 1 when a participant failed, 2 for bad options.
 """
 
 from __future__ import annotations
@@ -17,12 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from events.offsets import high_watermarks
+from infra import metrics
+from infra.errors import ConfigError
+from infra.lifecycle import LoopService, run_process
+from infra.logs import setup_logging
+from infra.ops import port_setting
 from infra.settings import Settings
 from sagas.entitlements import EntitlementService
 from sagas.eventstore import eventstore_env, open_application
@@ -33,6 +44,9 @@ from sagas.process import KafkaProcess
 from sagas.runner import ProcessRunner, RunStats
 
 log = logging.getLogger("backbeat.sagas.participants")
+
+#: Process name (``infra.ops.DEFAULT_PORTS``) and metrics component name.
+PROCESS = COMPONENT = "saga-participants"
 
 
 @dataclass(frozen=True)
@@ -93,12 +107,16 @@ def run_participants(
     stop_event: threading.Event,
     *,
     on_ready: Callable[[], None] | None = None,
+    on_runner: Callable[[ProcessRunner], None] | None = None,
+    component: str | None = None,
 ) -> dict[str, RunStats]:
     """Run the three services until ``stop_event`` is set; returns each one's stats by name.
 
     Each service runs in its own thread with its own application and :class:`ProcessRunner`;
     ``on_ready`` is called (from one of those threads) once every runner has caught up with its
-    input topics, i.e. applied everything they held when it started. If a thread fails,
+    input topics, i.e. applied everything they held when it started. ``on_runner`` is called
+    with each runner once built (to report its metrics); ``component`` names the metrics
+    component whose batch histogram the runners feed (``None``: none). If a thread fails,
     ``stop_event`` is set (the others stop) and its exception is raised here after every thread
     has ended.
 
@@ -127,7 +145,9 @@ def run_participants(
         try:
             app = open_application(make)
             seen: list[bool] = []
-            runner = ProcessRunner(app, settings, on_round=lambda s: caught_up(s, seen))
+            runner = ProcessRunner(app, settings, on_round=lambda s: caught_up(s, seen), component=component)
+            if on_runner is not None:
+                on_runner(runner)
             stats[runner.name] = runner.run(until=lambda _s: stop_event.is_set())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
@@ -166,6 +186,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--entitlement-fail", type=float, default=0.0, help="rate of failed grants")
     parser.add_argument("--stock-file", type=Path, help="JSON object SKU -> units (default: no stock)")
     parser.add_argument("--gateway-db", type=Path, help="gateway SQLite file (default <data_dir>/gateway/…)")
+    parser.add_argument(
+        "--ops-port",
+        default=None,
+        help="port of /metrics and /health, or 'off' (default BACKBEAT_OPS_PORT, else 9464)",
+    )
     return parser.parse_args(argv)
 
 
@@ -200,10 +225,59 @@ def config_from_args(args: argparse.Namespace) -> ParticipantsConfig:
     )
 
 
+class ParticipantsObserver:
+    """The ``saga-participants`` metrics component: the sum of the three runners' counters
+    (:meth:`sagas.runner.ProcessRunner.observation`), ready once all have caught up."""
+
+    def __init__(self) -> None:
+        self.runners: list[ProcessRunner] = []
+        self.ready = threading.Event()
+
+    def add(self, runner: ProcessRunner) -> None:
+        """Report ``runner`` too (called from its thread)."""
+        self.runners.append(runner)
+
+    def on_ready(self) -> None:
+        """Every runner has caught up: log it (tests and tools wait for this line) and be ready."""
+        self.ready.set()
+        log.info("participants ready (caught up)")
+
+    def observe(self) -> metrics.Observation:
+        """The summed :class:`infra.metrics.Observation` (any thread; copies only)."""
+        records_in: dict[str, int] = {}
+        records_out: dict[str, int] = {}
+        letters: dict[str, int] = {}
+        positions: dict[tuple[str, int], int] = {}
+        retries = 0
+        detail: dict[str, object] = {}
+        for runner in list(self.runners):
+            o = runner.observation()
+            for into, counts in (
+                (records_in, o.records_in),
+                (records_out, o.records_out),
+                (letters, o.dead_letters),
+            ):
+                for key, n in counts.items():
+                    into[key] = into.get(key, 0) + n
+            positions.update(o.positions)
+            retries += o.retries
+            detail[runner.name] = {"ready": o.ready, **o.detail}
+        return metrics.Observation(
+            records_in=records_in, records_out=records_out, dead_letters=letters, retries=retries,
+            positions=positions, ready=self.ready.is_set(), detail=detail,
+        )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m sagas.participants``; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """Entry point of ``python -m sagas.participants``; returns the exit status (0; 1 when a
+    participant failed; 2 for bad options or ``BACKBEAT_LOG_*``/``BACKBEAT_OPS_PORT``)."""
     args = _parse(argv)
+    try:
+        setup_logging(PROCESS)
+        ops_port = port_setting(PROCESS, args.ops_port)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(args)
     except (ValueError, OSError) as exc:
@@ -211,13 +285,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = Settings.from_env()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    observer = ParticipantsObserver()
     log.info(
         "participants: stock of %d SKUs, gateway %s", len(config.initial_stock), config.gateway_file(settings)
     )
-    run_participants(settings, config, stop, on_ready=lambda: log.info("participants ready (caught up)"))
-    return 0
+
+    def work() -> dict[str, RunStats]:
+        return run_participants(
+            settings, config, stop, on_ready=observer.on_ready, on_runner=observer.add, component=COMPONENT
+        )
+
+    metrics.register(COMPONENT, observer.observe)
+    try:
+        return run_process(
+            PROCESS, [LoopService(COMPONENT, work, stop.set)], ops_port=ops_port, run_dir=settings.run_dir,
+            high_watermarks=lambda topic: high_watermarks(settings, topic),
+        )  # fmt: skip
+    finally:
+        metrics.unregister(COMPONENT)
 
 
 if __name__ == "__main__":

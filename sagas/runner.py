@@ -17,14 +17,15 @@ One process, one thread, so the application needs no locks:
    step's timer can fire;
 4. publish the outbox (:class:`sagas.outbox.OutboxRelay`).
 
-SIGTERM/SIGINT stop it after the current batch; SIGKILL loses nothing (every effect is in the
+:meth:`ProcessRunner.stop` ends it after the current batch (the process entry points,
+:mod:`sagas.orchestrator_main` and :mod:`sagas.participants`, call it on SIGTERM/SIGINT through
+:func:`infra.lifecycle.run_process`); SIGKILL loses nothing (every effect is in the
 event store before the relay publishes it, and every input position is recorded with it).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from events.offsets import high_watermarks
 from events.producer import EventProducer
 from events.registry_client import registry_for
 from events.serde import AvroDecoder, DecodeError
+from infra import metrics
 from infra.errors import InfraError, TransientError
 from infra.settings import Settings
 from sagas.messages import Inbound
@@ -62,7 +64,11 @@ class RejectedRecord(Exception):
 @dataclass
 class RunStats:
     """Counters of one run (this process's lifetime). ``records`` = ``applied`` + ``ignored``
-    + ``dead_lettered`` + ``redelivered``; ``waits``: rounds that waited for the registry."""
+    + ``dead_lettered`` + ``redelivered``; ``waits``: rounds that waited for the registry.
+
+    By key: ``records_by_topic`` (input topic → records read), ``published_by_topic`` (topic →
+    messages the outbox relay published; their sum is ``published``), ``dead_letters_by_reason``
+    (``dlq_reason`` → records dead-lettered; their sum is ``dead_lettered``)."""
 
     records: int = 0
     applied: int = 0
@@ -74,6 +80,9 @@ class RunStats:
     waits: int = 0
     caught_up: bool = False
     started_at: float = field(default_factory=time.monotonic)
+    records_by_topic: dict[str, int] = field(default_factory=dict)
+    published_by_topic: dict[str, int] = field(default_factory=dict)
+    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
 
     def line(self, name: str) -> str:
         """One log line of the counters."""
@@ -137,11 +146,35 @@ def _dead_letter(producer: EventProducer, msg: Any, reason: str, error: str, *, 
         producer.flush()
 
 
+class _CountingProducer:
+    """The runner's producer as the outbox relay sees it: counts what is produced, by topic,
+    into ``counts`` (read by :meth:`ProcessRunner.observation`)."""
+
+    def __init__(self, producer: EventProducer, counts: dict[str, int]) -> None:
+        self._producer = producer
+        self._counts = counts
+
+    def encoder(self, topic: str, event_type: str) -> Any:
+        return self._producer.encoder(topic, event_type)
+
+    def produce_raw(
+        self, topic: str, values: Any, keys: Any, timestamps_ms: Any = None, headers: Any = None
+    ) -> None:
+        self._producer.produce_raw(topic, values, keys, timestamps_ms, headers)
+        self._counts[topic] = self._counts.get(topic, 0) + len(values)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        self._producer.flush(timeout_s)
+
+
 class ProcessRunner:
-    """Runs ``app`` against the broker of ``settings`` until :meth:`stop` (or a signal).
+    """Runs ``app`` against the broker of ``settings`` until :meth:`stop`.
 
     ``poll_timeout_s`` bounds each consume call (s); ``clock`` gives ms since the epoch (tests
-    pass a fake); ``on_round`` is called after every round with the stats (progress output).
+    pass a fake); ``on_round`` is called after every round with the stats (progress output);
+    ``component``: the metrics component (:mod:`infra.metrics`) whose batch-duration histogram
+    gets one observation per round that did work (``None``: none). :meth:`observation` reports
+    the counters; registering it is the caller's job (a process may run several runners).
     """
 
     def __init__(
@@ -155,6 +188,7 @@ class ProcessRunner:
         clock: Callable[[], int] | None = None,
         on_round: Callable[[RunStats], None] | None = None,
         stats_every_s: float = 5.0,
+        component: str | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -164,20 +198,37 @@ class ProcessRunner:
         self.clock = clock or (lambda: int(time.time() * 1000))
         self.on_round = on_round
         self.stats_every_s = stats_every_s
+        self.component = component
         self.stats = RunStats()
         self._stop = threading.Event()
         self.producer = EventProducer(settings)
-        self.relay = OutboxRelay(app, self.producer)
+        self.relay = OutboxRelay(app, _CountingProducer(self.producer, self.stats.published_by_topic))
         self.decoder = registry_for(settings.registry_url).decoder()
+        #: ``{(topic, partition): next offset}`` of every input partition, refreshed by the loop's
+        #: thread after each round (read from other threads: the application is not shared).
+        self.positions: dict[tuple[str, int], int] = {}
 
     def stop(self) -> None:
         """Ask the loop to end after the current round."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT → :meth:`stop` (main thread only)."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
+    def observation(self) -> metrics.Observation:
+        """The counters as an :class:`infra.metrics.Observation` (copies, so any thread may call
+        it): records in by input topic, records out by topic (the outbox relay), dead letters by
+        reason, ``retries`` = rounds that waited for the registry, positions, ``ready`` = caught up
+        with the high watermarks seen at start; ``detail``: applied, ignored, redelivered,
+        timers fired and published counts."""
+        s = self.stats
+        return metrics.Observation(
+            records_in=dict(s.records_by_topic),
+            records_out=dict(s.published_by_topic),
+            dead_letters=dict(s.dead_letters_by_reason),
+            retries=s.waits,
+            positions=dict(self.positions),
+            ready=s.caught_up,
+            detail={"applied": s.applied, "ignored": s.ignored, "redelivered": s.redelivered,
+                    "timers_fired": s.timers_fired, "published": s.published},
+        )  # fmt: skip
 
     def _reader(self) -> LogReader:
         reader = LogReader(
@@ -186,7 +237,8 @@ class ProcessRunner:
             conf={"fetch.wait.max.ms": 50},
             hint="Run 'backbeat sagas reset' to start the sagas afresh",
         )
-        reader.assign({(t, p): self.app.next_offset(t, p) for t, p in partitions_of(self.app.input_topics)})
+        self.positions = {(t, p): self.app.next_offset(t, p) for t, p in partitions_of(self.app.input_topics)}
+        reader.assign(dict(self.positions))
         return reader
 
     def _targets(self) -> dict[tuple[str, int], int]:
@@ -225,6 +277,8 @@ class ProcessRunner:
         try:
             while not self._stop.is_set():
                 messages = reader.poll(self.batch, self.poll_timeout_s)
+                began = time.monotonic()
+                fired = published = 0
                 try:
                     self._apply_round(messages)
                 except TransientError:
@@ -234,8 +288,14 @@ class ProcessRunner:
                 if not self.stats.caught_up and self._caught_up(targets):
                     self.stats.caught_up = True
                 if self.stats.caught_up:
-                    self.stats.timers_fired += self.app.fire_due(self.clock())
-                self.stats.published += self.relay.publish_pending()
+                    fired = self.app.fire_due(self.clock())
+                    self.stats.timers_fired += fired
+                published = self.relay.publish_pending()
+                self.stats.published += published
+                if messages:
+                    self.positions = {tp: self.app.next_offset(*tp) for tp in self.positions}
+                if self.component is not None and (messages or fired or published):
+                    metrics.observe_batch(self.component, time.monotonic() - began)
                 if self.on_round is not None:
                     self.on_round(self.stats)
                 if time.monotonic() - last_log >= self.stats_every_s:
@@ -263,23 +323,20 @@ class ProcessRunner:
             lambda: [_decoded(msg, self.decoder) for msg in messages],
             what=f"{self.name}: decoding", stop=self._stop, on_wait=waited, logger=log,
         )  # fmt: skip
+        by_topic = self.stats.records_by_topic
         for msg, got in zip(messages, decoded, strict=True):
             self.stats.records += 1
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            by_topic[topic] = by_topic.get(topic, 0) + 1
             entry: Inbound | SkipRecord
             if isinstance(got, DecodeError):
                 exc = got
                 if offset >= self.app.next_offset(topic, partition):
                     _dead_letter(self.producer, msg, "undecodable", str(exc), flush=False)
                     lettered = True
-                    log.warning(
-                        "%s: dead-lettered %s[%d]@%d: undecodable %s",
-                        self.name,
-                        topic,
-                        partition,
-                        offset,
-                        exc,
-                    )
+                    where = {"topic": topic, "partition": partition, "offset": offset}
+                    log.warning("%s: dead-lettered %s[%d]@%d: undecodable %s", self.name, topic, partition,
+                                offset, exc, extra=where)  # fmt: skip
                 entry = SkipRecord(topic, partition, offset)
             else:
                 entry = got
@@ -300,7 +357,7 @@ class ProcessRunner:
         if outcome == "redelivered":
             self.stats.redelivered += 1
         elif dead_letter:
-            self.stats.dead_lettered += 1
+            self._lettered("undecodable")
         elif outcome == "applied":
             self.stats.applied += 1
         else:
@@ -323,6 +380,12 @@ class ProcessRunner:
             return
         _dead_letter(self.producer, msg, reason, error)
         self.app.skip_record(msg.topic(), msg.partition(), msg.offset())
+        self._lettered(reason)
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        log.warning("%s: dead-lettered %s[%d]@%d: %s %s", self.name, topic, partition, offset, reason, error,
+                    extra={"topic": topic, "partition": partition, "offset": offset})  # fmt: skip
+
+    def _lettered(self, reason: str) -> None:
         self.stats.dead_lettered += 1
-        log.warning("%s: dead-lettered %s[%d]@%d: %s %s", self.name, msg.topic(), msg.partition(),
-                    msg.offset(), reason, error)  # fmt: skip
+        by_reason = self.stats.dead_letters_by_reason
+        by_reason[reason] = by_reason.get(reason, 0) + 1
