@@ -54,6 +54,7 @@ from typing import Any
 
 import duckdb
 
+from events.control import is_control
 from events.log import LogReader, wait_out
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
@@ -185,8 +186,9 @@ class RunnerMeter:
 
     A component's :class:`~infra.metrics.Observation`:
 
-    - ``records_in`` ``{source topic: records}``: records read from the read model's topic and
-      committed (control records included);
+    - ``records_in`` ``{source topic: records}``: data records read from the read model's topic
+      and committed (control records, the producers' watermarks, are not counted: the same rule
+      as the agents', so one side's records out equal the other side's records in);
     - ``records_out`` ``{read model (table) name: rows}``: rows applied to the read model — the
       *topic* label of ``backbeat_records_out_total`` is the read model's name here;
     - ``dead_letters`` ``{reason: records}``: records stored in ``projection_rejects``, by
@@ -549,7 +551,7 @@ class ProjectionRunner:
                     rejects = meter.fresh_rejects(prepared.rejects)
                     self._log_rejects(rejects)
                     future = pool.submit(self._write, session, prepared, identity, t0)
-                    counts = Counter(m.topic() for m in msgs)
+                    counts = Counter(m.topic() for m in msgs if not is_control(m.headers()))
                     names = [self.by_topic[t].name for t in counts]
                     pending = _Pending(
                         future, prepared.records, prepared.controls, counts, rejects, after, names
