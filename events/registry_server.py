@@ -67,6 +67,7 @@ from events.registry_state import (
 )
 from infra import metrics, ops
 from infra.errors import BackbeatError, ConfigError, InfraError, RegistryError
+from infra.lifecycle import WebAppService, run_process
 from infra.logs import setup_logging
 from infra.settings import Settings
 
@@ -653,10 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics.set_process(PROCESS)
     metrics.register(PROCESS, lambda: observe(registry))
     log.info("serving on http://%s:%d (Kafka %s)", args.host, args.port, settings.bootstrap_servers)
-    # run_app handles SIGTERM and SIGINT: it stops accepting, finishes requests, runs on_cleanup.
-    web.run_app(make_app(registry), host=args.host, port=args.port, print=None, handle_signals=True)
+    # the one lifecycle (infra.lifecycle): SIGTERM/SIGINT stop accepting, finish requests and run
+    # the app's on_cleanup; /metrics and /health are the registry's own routes, on its port
+    server = WebAppService(PROCESS, make_app(registry), args.host, args.port)
+    code = run_process(PROCESS, [server], ops_port=None, log_level=args.log_level)
     log.info("stopped")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

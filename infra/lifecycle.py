@@ -150,11 +150,13 @@ class OpsService(mode.Service):
 class ProcessWorker(mode.Worker):
     """mode's worker with backbeat's logging (no stdout redirection: commands print results)."""
 
-    def __init__(self, process: str, *services: mode.ServiceT, **kwargs: Any) -> None:
+    def __init__(
+        self, process: str, *services: mode.ServiceT, log_level: str | None = None, **kwargs: Any
+    ) -> None:
         self.process = process
         super().__init__(
             *services,
-            logging_config=logs.logging_config(),
+            logging_config=logs.logging_config(log_level),
             override_logging=True,
             redirect_stdouts=False,
             daemon=True,
@@ -162,19 +164,60 @@ class ProcessWorker(mode.Worker):
         )
 
 
+class WebAppService(mode.Service):
+    """Serves an aiohttp application on ``host:port`` for the life of the service (aiohttp's
+    ``AppRunner``/``TCPSite``, the pieces ``web.run_app`` is made of): on stop it stops
+    accepting, lets requests in flight finish and runs the app's shutdown and cleanup hooks.
+
+    Raises (from start):
+        OSError: the port is taken.
+    """
+
+    def __init__(self, name: str, app: Any, host: str, port: int, **kwargs: Any) -> None:
+        self.web_name = name
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: Any = None
+        super().__init__(**kwargs)
+
+    @property
+    def label(self) -> str:
+        """The server's name (mode's log prefix)."""
+        return self.web_name
+
+    async def on_start(self) -> None:
+        """Bind and serve."""
+        from aiohttp import web
+
+        self._runner = web.AppRunner(self.app, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def on_stop(self) -> None:
+        """Stop accepting, finish requests, run the app's cleanup."""
+        ops.mark_stopping()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 def run_process(
     process: str,
-    loops: Sequence[LoopService],
+    services: Sequence[mode.Service],
     *,
     ops_port: int | None,
     run_dir: Any = None,
     high_watermarks: metrics.HighWatermarks | None = None,
+    log_level: str | None = None,
 ) -> int:
-    """Run ``loops`` as process ``process`` until they end or SIGTERM/SIGINT; returns the exit
-    status (0, or 1 when a loop failed).
+    """Run ``services`` (:class:`LoopService`, :class:`WebAppService`, any mode service) as process
+    ``process`` until SIGTERM/SIGINT, or until every :class:`LoopService` among them has ended;
+    returns the exit status (0, or 1 when a service failed).
 
-    ``ops_port`` (:func:`infra.ops.port_setting`; ``None`` = no endpoint), ``run_dir`` (where the
-    endpoint's address is written), ``high_watermarks`` (for ``backbeat_consumer_lag``).
+    ``ops_port`` (:func:`infra.ops.port_setting`; ``None`` = no separate endpoint, e.g. for an
+    HTTP server that serves ``/metrics`` and ``/health`` itself), ``run_dir`` (where the
+    endpoint's address is written), ``high_watermarks`` (for ``backbeat_consumer_lag``),
+    ``log_level`` (default ``BACKBEAT_LOG_LEVEL``).
 
     Raises:
         infra.errors.ConfigError: a bad ``BACKBEAT_LOG_*`` setting, or the ops port is taken.
@@ -182,7 +225,8 @@ def run_process(
     logs.set_process(process)
     metrics.set_process(process, high_watermarks)
     ops_service = OpsService(process, ops_port, run_dir)
-    worker = ProcessWorker(process, ops_service, *loops)
+    worker = ProcessWorker(process, ops_service, *services, log_level=log_level)
+    loops = [s for s in services if isinstance(s, LoopService)]
 
     async def done() -> None:
         if all(not (s._thread and s._thread.is_alive()) for s in loops):
@@ -194,8 +238,8 @@ def run_process(
         worker.execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return 1 if any(s.failure is not None for s in loops) else code
+        return 1 if any(s.failure is not None for s in loops) or worker.crash_reason else code
     return 0
 
 
-__all__ = ["STOP_TIMEOUT_S", "LoopService", "OpsService", "ProcessWorker", "run_process"]
+__all__ = ["STOP_TIMEOUT_S", "LoopService", "OpsService", "ProcessWorker", "WebAppService", "run_process"]

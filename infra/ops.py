@@ -36,14 +36,14 @@ from infra.errors import ConfigError
 
 log = logging.getLogger("backbeat.ops")
 
-#: The default ``/metrics`` + ``/health`` port of each kind of process.
+#: The default ``/metrics`` + ``/health`` port of each kind of process. The HTTP servers (the
+#: schema registry, ``backbeat serve``) serve both paths on their own port instead.
 DEFAULT_PORTS = {
     "worker": 9460,
     "projection-runner": 9461,
     "archiver": 9462,
     "saga-orchestrator": 9463,
     "saga-participants": 9464,
-    "schema-registry": 9465,
 }
 
 StartResponse = Callable[..., Any]

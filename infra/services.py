@@ -71,21 +71,35 @@ def start_registry(settings: Settings, timeout_s: float = 30.0) -> Running:
 def start_archiver(settings: Settings, timeout_s: float = 30.0) -> Running:
     """Start the continuous archiver (``python -m projections.archive``, :mod:`projections.archive`)
     in the background with the ``BACKBEAT_*`` settings of ``settings``; it counts as started once
-    it has stayed up for a second (an import or configuration error fails then).
+    its ops endpoint answers ``/health/live`` (its address is in ``<run_dir>/archiver.ops.json``,
+    :mod:`infra.ops`), or, with ``BACKBEAT_OPS_PORT=off``, once it has stayed up for a second.
 
     Raises:
         InfraError: it exits at once (the log's tail is quoted).
     """
+    from infra import ops
+    from projections.archive import PROCESS, archive_root
+
     argv = [sys.executable, "-m", "projections.archive"]
     began = time.monotonic()
-    from projections.archive import archive_root
+    (settings.run_dir / f"{PROCESS}.ops.json").unlink(missing_ok=True)  # a killed run's
+    serving = ops.port_setting(PROCESS) is not None
+
+    def ready() -> bool:
+        if not serving:
+            return time.monotonic() - began >= 1.0
+        url = ops.read_address(settings.run_dir, PROCESS)
+        if url is None:
+            return False
+        with urllib.request.urlopen(f"{url}/health/live", timeout=1.0) as resp:
+            return resp.status == 200
 
     return spawn(
         ARCHIVER,
         argv,
         run_dir=settings.run_dir,
         address=str(archive_root(settings)),
-        ready=lambda: time.monotonic() - began >= 1.0,
+        ready=ready,
         timeout_s=timeout_s,
         env={**os.environ, **settings.to_env()},
     )

@@ -236,8 +236,10 @@ def reset_eventstore(settings: Settings, app_names: list[str]) -> list[str]:
 
 
 _OPEN_LOCK = threading.Lock()
-#: PostgreSQL errors of two processes creating the same tables, types or functions at once.
-_DDL_RACES = ("concurrently", "already exists", "duplicate key value")
+#: Errors of two processes creating the same tables, types or functions at once: PostgreSQL's
+#: catalog races, and (SQLite or PostgreSQL) eventsourcing's ``__migration__`` tracking row
+#: inserted by the other process first, after it created the tables.
+_DDL_RACES = ("concurrently", "already exists", "duplicate key value", "__migration__")
 
 A = TypeVar("A")
 
@@ -247,7 +249,9 @@ def open_application(make: Callable[[], A], *, attempts: int = 10) -> A:
     (``CREATE TABLE IF NOT EXISTS``, ``CREATE OR REPLACE FUNCTION``, ``CREATE TYPE``) races with
     another process doing the same on PostgreSQL ("tuple concurrently updated", "duplicate key
     value violates unique constraint pg_type…": PostgreSQL's catalog updates are not safe for
-    concurrent DDL). Constructions in one process are serialised by a lock.
+    concurrent DDL), or with another process that created a new SQLite store's tables and its
+    ``__migration__`` tracking row first (``backbeat sagas start --wait`` right after ``backbeat
+    sagas run``). Constructions in one process are serialised by a lock.
 
     Raises:
         eventsourcing.persistence.PersistenceError: the error persists after ``attempts`` tries,

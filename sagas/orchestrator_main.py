@@ -18,12 +18,10 @@ import argparse
 import logging
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 
 from events.offsets import high_watermarks
@@ -51,28 +49,15 @@ _FINISHED = get_topic(Saga.Finished)  # type: ignore[attr-defined]
 _TIMED_OUT = get_topic(Saga.TimedOut)  # type: ignore[attr-defined]
 
 
-def build_orchestrator(
-    settings: Settings, timing: Timing | None = None, *, attempts: int = 10
-) -> Orchestrator:
-    """The orchestrator on the configured event store (SQLite under ``data_dir`` by default).
-
-    On a new SQLite store, another process opening it at the same moment (``backbeat sagas start
-    --wait`` right after ``backbeat sagas run``) can create the tables first; eventsourcing then
-    fails to insert its ``__migration__`` tracking row. That is retried (up to ``attempts``
-    tries): the tables exist by then.
+def build_orchestrator(settings: Settings, timing: Timing | None = None) -> Orchestrator:
+    """The orchestrator on the configured event store (SQLite under ``data_dir`` by default),
+    opened with :func:`sagas.eventstore.open_application` (which waits out another process
+    creating the same store at the same moment).
 
     Raises:
         eventsourcing.persistence.PersistenceError: the event store cannot be opened.
     """
-    for attempt in range(1, attempts + 1):
-        try:
-            return open_application(lambda: Orchestrator(eventstore_env(settings, APP_NAME), timing=timing))
-        except IntegrityError as exc:
-            if attempt == attempts or "__migration__" not in str(exc):
-                raise
-            log.info("event store tables created by another process meanwhile; opening again")
-            time.sleep(0.05 * attempt)  # backing off from the other process's DDL transaction
-    raise AssertionError("unreachable")
+    return open_application(lambda: Orchestrator(eventstore_env(settings, APP_NAME), timing=timing))
 
 
 class SagaStateCounts:

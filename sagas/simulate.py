@@ -86,7 +86,9 @@ class _Processes:
 
     def __init__(self, settings: Settings, config: SimulationConfig, stock_file: Path) -> None:
         self.settings = settings
-        self.env = {**os.environ, **settings.to_env()}
+        # BACKBEAT_OPS_PORT names one process's port: two children cannot both bind it, so each
+        # serves /metrics and /health on its kind's default port (a free one when that is taken)
+        self.env = {k: v for k, v in {**os.environ, **settings.to_env()}.items() if k != "BACKBEAT_OPS_PORT"}
         self.orchestrator_argv = _python_module(
             "sagas.orchestrator_main",
             "--step-timeout-ms", str(config.step_timeout_ms), "--max-attempts", str(config.max_attempts),

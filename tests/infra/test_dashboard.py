@@ -59,5 +59,5 @@ def test_panels_have_unique_ids_and_the_datasource_is_an_input():
 
 def test_the_scrape_config_covers_every_process_kind():
     text = (GRAFANA / "prometheus.yml").read_text()
-    for process, port in ops.DEFAULT_PORTS.items():
-        assert re.search(rf"job_name: {process}\n\s+static_configs: \[\{{targets: \[\"127.0.0.1:{port}\"\]", text)
+    for process, port in {**ops.DEFAULT_PORTS, "schema-registry": 8081, "api": 8000}.items():
+        assert re.search(rf"job_name: {process}[^\n]*\n\s+static_configs: \[\{{targets: \[\"127.0.0.1:{port}\"\]", text)
