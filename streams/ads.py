@@ -280,6 +280,12 @@ class AdReporting(BatchAgent):
         """Drop the partition's state."""
         self.partitions.pop(partition, None)
 
+    def state_entries(self) -> int:
+        """Keys of state across the assigned partitions: campaign and ad panes, impressions
+        awaiting attribution, and budgets (``len`` of each dict, safe while the agent runs)."""
+        return sum(len(ap.campaign_panes) + len(ap.ad_panes) + len(ap.impressions) + len(ap.budgets)
+                   for ap in list(self.partitions.values()))  # fmt: skip
+
     def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """The partition watermarks."""
         return {"watermarks": {p: ap.watermark for p, ap in sorted(self.partitions.items())}}

@@ -184,6 +184,12 @@ class UserFeatures(BatchAgent):
         """Drop the partition's state."""
         self.partitions.pop(partition, None)
 
+    def state_entries(self) -> int:
+        """Keys of state across the assigned partitions: user panes, track panes and artist
+        affinities (``len`` of each dict, safe while the agent runs)."""
+        return sum(len(pf.user_panes) + len(pf.track_panes) + len(pf.affinity)
+                   for pf in list(self.partitions.values()))  # fmt: skip
+
     def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """Per-window counters (``windows``) and the partition watermarks."""
         windows: dict[str, dict[str, int]] = {}
@@ -309,6 +315,10 @@ class TrackFeatures(BatchAgent):
     def revoke(self, partition: int) -> None:
         """Drop the partition's state."""
         self.partitions.pop(partition, None)
+
+    def state_entries(self) -> int:
+        """Track panes held across the assigned partitions (per window spec and track)."""
+        return sum(len(panes) for tw in list(self.partitions.values()) for panes in list(tw.track_panes))
 
     def stats(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """The partitions' track watermarks."""

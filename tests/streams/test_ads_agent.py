@@ -285,6 +285,12 @@ def test_bad_records_are_dead_lettered_with_their_reason_and_counts_reconcile(
     stats = setup.wait_done(T_BAD + END_OF_INPUT_MS, total=3)
     assert (stats["records_in"], stats["impressions"], stats["dead_lettered"]) == (3, 1, 2)
     assert stats["reconciles"]
+    scraped = setup.worker.metrics()  # /metrics tells the same, by reason
+    ads = ("component", "agent:ad-reporting")
+    assert scraped[("backbeat_records_in_total", (ads, ("topic", source)))] == 3
+    assert {r: scraped[("backbeat_dead_letters_total", (ads, ("reason", r)))]
+            for r in ("decode_error", "validation_error")} == {"decode_error": 1, "validation_error": 1}  # fmt: skip
+    assert ("backbeat_state_entries", (ads,)) in scraped
     dead = setup.read(setup.config.dlq_topic)
     reasons = sorted(dict(m.headers())["dlq_reason"].decode() for m in dead)
     assert reasons == ["decode_error", "validation_error"]

@@ -212,6 +212,11 @@ def test_windowed_counts_equal_a_group_by_with_late_listens(
     setup.worker.start()
     stats = setup.wait_done(mark, len(listens))
     users, tracks = setup.outputs(stats)
+    scraped = setup.worker.metrics()  # the worker's /metrics agree with its stats line
+    uf, tf = (("component", "agent:user-features"),), (("component", "agent:track-features"),)
+    assert scraped[("backbeat_records_in_total", (*uf, ("topic", setup.source)))] == stats["records_in"]
+    assert scraped[("backbeat_state_entries", uf)] > 0  # artist affinities stay after the windows close
+    assert ("backbeat_state_entries", tf) in scraped
 
     rows = read_source(stack, setup.source)
     con = ref.connect(rows)

@@ -20,7 +20,10 @@ class Worker:
     """A `faust -A streams.app worker` subprocess with its log in a file."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
+        from infra.processes import free_port
+
+        self.ops_port = free_port()  # its /metrics and /health (kept across restarts)
+        self.env = {**env, "BACKBEAT_OPS_PORT": str(self.ops_port)}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self._start_at = 0  # where this incarnation's lines begin in the (appended) log
@@ -46,6 +49,17 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """``{(sample name, sorted labels): value}`` of one scrape of its ``/metrics``."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}  # fmt: skip
 
     def check(self) -> None:
         """Fail at once when the worker died."""
