@@ -125,6 +125,18 @@ def port_setting(
     return port
 
 
+def add_port_argument(parser: Any, process: str) -> None:
+    """Add ``--ops-port PORT`` to an ``argparse`` parser of process kind ``process`` (read it
+    with :func:`port_setting`)."""
+    parser.add_argument(
+        "--ops-port",
+        default=None,
+        metavar="PORT",
+        help="port of /metrics and /health (0 = any free port, 'off' = none); default "
+        f"BACKBEAT_OPS_PORT, else {DEFAULT_PORTS.get(process, 0)}",
+    )
+
+
 class OpsServer:
     """``/metrics`` and ``/health`` on ``host:port`` in a daemon thread.
 
@@ -198,6 +210,7 @@ def read_address(run_dir: Path, process: str) -> str | None:
 __all__ = [
     "DEFAULT_PORTS",
     "OpsServer",
+    "add_port_argument",
     "app",
     "health",
     "mark_stopping",

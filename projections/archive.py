@@ -71,7 +71,7 @@ from events.serde import AvroDecoder
 from infra import metrics
 from infra.errors import BackbeatError, InfraError
 from infra.lifecycle import LoopService, run_process
-from infra.ops import DEFAULT_PORTS, port_setting
+from infra.ops import add_port_argument, port_setting
 from infra.settings import Settings
 
 log = logging.getLogger("backbeat.archive")
@@ -990,13 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topic", action="append", help="archive only these topics")
     parser.add_argument("--chunk-records", type=int, default=50_000)
     parser.add_argument("--max-delay-s", type=float, default=5.0)
-    parser.add_argument(
-        "--ops-port",
-        default=None,
-        metavar="PORT",
-        help="port of /metrics and /health; 'off' = none; default BACKBEAT_OPS_PORT, else "
-        f"{DEFAULT_PORTS[PROCESS]}",
-    )
+    add_port_argument(parser, PROCESS)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

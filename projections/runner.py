@@ -62,7 +62,7 @@ from events.serde import AvroDecoder
 from infra import metrics
 from infra.errors import BackbeatError, ConfigError, OffsetMismatchError, TransientError
 from infra.lifecycle import LoopService, run_process
-from infra.ops import DEFAULT_PORTS, port_setting
+from infra.ops import add_port_argument, port_setting
 from infra.settings import Settings
 from projections import lake
 from projections.apply import Applied, apply_batch
@@ -794,13 +794,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="read projection NAME from TOPIC instead of its declared topic",
     )
     parser.add_argument("--batch-size", type=int, default=50_000, help="records per transaction")
-    parser.add_argument(
-        "--ops-port",
-        default=None,
-        metavar="PORT",
-        help="port of /metrics and /health; 'off' = none; default BACKBEAT_OPS_PORT, else "
-        f"{DEFAULT_PORTS[PROCESS]}",
-    )
+    add_port_argument(parser, PROCESS)
     return parser.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ from infra import metrics
 from infra.errors import ConfigError
 from infra.lifecycle import LoopService, run_process
 from infra.logs import setup_logging
-from infra.ops import port_setting
+from infra.ops import add_port_argument, port_setting
 from infra.settings import Settings
 from sagas.eventstore import eventstore_env, open_application
 from sagas.orchestrator import Orchestrator
@@ -219,11 +219,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Timing.max_attempts,
         help="tries of a forward step before the saga compensates (default %(default)s)",
     )
-    parser.add_argument(
-        "--ops-port",
-        default=None,
-        help="port of /metrics and /health, or 'off' (default BACKBEAT_OPS_PORT, else 9463)",
-    )
+    add_port_argument(parser, PROCESS)
     return parser.parse_args(argv)  # fmt: skip
 
 

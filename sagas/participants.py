@@ -33,7 +33,7 @@ from infra import metrics
 from infra.errors import ConfigError
 from infra.lifecycle import LoopService, run_process
 from infra.logs import setup_logging
-from infra.ops import port_setting
+from infra.ops import add_port_argument, port_setting
 from infra.settings import Settings
 from sagas.entitlements import EntitlementService
 from sagas.eventstore import eventstore_env, open_application
@@ -186,11 +186,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--entitlement-fail", type=float, default=0.0, help="rate of failed grants")
     parser.add_argument("--stock-file", type=Path, help="JSON object SKU -> units (default: no stock)")
     parser.add_argument("--gateway-db", type=Path, help="gateway SQLite file (default <data_dir>/gateway/…)")
-    parser.add_argument(
-        "--ops-port",
-        default=None,
-        help="port of /metrics and /health, or 'off' (default BACKBEAT_OPS_PORT, else 9464)",
-    )
+    add_port_argument(parser, PROCESS)
     return parser.parse_args(argv)
 
 

@@ -12,14 +12,11 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from events.importers.run import import_listens
 from events.producer import EventProducer
@@ -27,7 +24,9 @@ from infra import services
 from infra.processes import free_port
 from infra.provision import apply_topics
 from infra.settings import Settings
+from tests import ops_client
 from tests.conftest import LISTENS_30MUSIC, env_for, settings_for, wait_for
+from tests.ops_client import Samples, get, total
 
 LISTENS = 86_468  # distinct listens in the file (tests/integration/test_pipeline.py checks it against DuckDB)
 INGEST = "agent:listening-ingest"
@@ -45,35 +44,13 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _get(url: str) -> tuple[int, str] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (ConnectionError, urllib.error.URLError):
-        return None
+def scrape(p: Proc) -> Samples:
+    """One scrape of ``p`` (empty while it does not answer)."""
+    return ops_client.scrape(p.url, required=False)
 
 
-def scrape(p: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``{(sample name, sorted labels): value}`` of one scrape (empty when it does not answer)."""
-    got = _get(p.url + "/metrics")
-    if got is None or got[0] != 200:
-        return {}
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(got[1])
-        for s in fam.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """Sum of ``name`` over the samples whose labels include ``labels``."""
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return ops_client.value(samples, name, **labels) or 0.0
 
 
 def _start(name: str, argv: list[str], env: dict[str, str], data_dir: Path) -> Proc:
@@ -101,7 +78,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings
         runner = _start("runner", [*cli, "project", "-p", "listens", "-p", "sessions"], env, settings.data_dir)
         procs += [worker, runner]
         for p in procs:
-            wait_for(lambda p=p: _get(p.url + "/health/live") or p.proc.poll() is not None, 90,
+            wait_for(lambda p=p: get(p.url + "/health/live") or p.proc.poll() is not None, 90,
                      f"{p.name} to serve /health/live")  # fmt: skip
             assert p.proc.poll() is None, p.log.read_text()[-3000:]
         yield settings, worker, runner
@@ -199,7 +176,7 @@ def test_bad_records_are_counted_by_reason_on_both_sides(running):
 def test_status_shows_both_ready_and_logs_are_json(running):
     settings, worker, runner = running
     for p in (worker, runner):
-        wait_for(lambda p=p: (_get(p.url + "/health") or (0, ""))[0] == 200, 60, f"{p.name} ready")
+        wait_for(lambda p=p: (get(p.url + "/health") or (0, ""))[0] == 200, 60, f"{p.name} ready")
     shown = subprocess.run(
         [sys.executable, "-m", "infra.cli", "status"], env=env_for(settings) | {"COLUMNS": "250"},
         capture_output=True, text=True, timeout=60,
@@ -221,4 +198,4 @@ def test_sigterm_stops_both_cleanly(running):
         p.proc.send_signal(signal.SIGTERM)
     for p in (worker, runner):
         assert p.proc.wait(120) == 0, p.log.read_text()[-3000:]
-        assert _get(p.url + "/health/live") is None  # the endpoint is closed
+        assert get(p.url + "/health/live") is None  # the endpoint is closed

@@ -12,13 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from events.catalog import TopicSpec
 from events.offsets import high_watermarks
@@ -30,6 +27,7 @@ from infra.settings import REPO_ROOT, Settings
 from projections.sql import query
 from projections.store import turnstile_path
 from tests.conftest import env_for, wait_for
+from tests.ops_client import Samples, health, matching, scrape, value
 from tests.projections.test_readmodels import listen
 
 pytestmark = pytest.mark.integration
@@ -43,45 +41,14 @@ def settings(stack: Settings, tmp_path: Path) -> Settings:
 
 
 # -- helpers (also used by test_archive_ops) ---------------------------------------------------
-def get(url: str) -> tuple[int, str] | None:
-    """``(status, body)`` of ``GET url``; ``None`` while nothing listens there."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return value(samples, name, **labels)
 
 
-def health(base: str) -> tuple[int, dict] | None:
-    got = get(f"{base}/health")
-    return None if got is None else (got[0], json.loads(got[1]))
-
-
-def scrape(base: str) -> dict[tuple[str, frozenset], float]:
-    """``{(sample name, labels): value}`` of ``/metrics``."""
-    got = get(f"{base}/metrics")
-    assert got is not None and got[0] == 200, got
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(got[1])
-        for s in family.samples
-    }
-
-
-def sample(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def lags(samples: dict, component: str, topic: str) -> dict[str, float]:
+def lags(samples: Samples, component: str, topic: str) -> dict[str, float]:
     """``{partition: backbeat_consumer_lag}`` of ``component`` on ``topic``."""
-    out = {}
-    for (name, labels), value in samples.items():
-        d = dict(labels)
-        if name == "backbeat_consumer_lag" and d.get("component") == component and d.get("topic") == topic:
-            out[d["partition"]] = value
-    return out
+    found = matching(samples, "backbeat_consumer_lag", component=component, topic=topic)
+    return {dict(labels)["partition"]: v for labels, v in found.items()}
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> tuple[str, str]:

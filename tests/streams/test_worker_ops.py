@@ -10,13 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from events.producer import EventProducer
 from infra import ops
@@ -26,6 +23,7 @@ from streams.config import IngestConfig
 from streams.runtime.agent import BatchAgent, Result
 from streams.runtime.runner import AgentRunner, PartitionState, RunnerConfig
 from tests.conftest import settings_for, wait_for
+from tests.ops_client import Samples, get, matching, scrape
 from tests.streams.workers import Worker, ingest_setup
 
 T0 = 1_700_000_000_000
@@ -48,35 +46,12 @@ def send(settings: Settings, config: IngestConfig, records: list[dict], raw: lis
     producer.flush()
 
 
-def get(url: str) -> tuple[int, str] | None:
-    """``(status, body)`` of a GET, or ``None`` when nothing listens on the port."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (ConnectionError, urllib.error.URLError):
-        return None
-
-
-def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``/metrics``: ``{(name, sorted labels): value}``."""
-    answer = get(f"{base}/metrics")
-    assert answer is not None and answer[0] == 200, answer
-    out = {}
-    for family in text_string_to_metric_families(answer[1]):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def samples(metrics: dict, name: str, **labels: str) -> dict[tuple, float]:
+def samples(metrics: Samples, name: str, **labels: str) -> dict[tuple, float]:
     """The samples of ``name`` whose labels include ``labels``."""
-    want = set(labels.items())
-    return {lab: v for (n, lab), v in metrics.items() if n == name and want <= set(lab)}
+    return matching(metrics, name, **labels)
 
 
-def value(metrics: dict, name: str, **labels: str) -> float | None:
+def value(metrics: Samples, name: str, **labels: str) -> float | None:
     found = samples(metrics, name, **labels)
     assert len(found) <= 1, found
     return next(iter(found.values()), None)

@@ -52,14 +52,9 @@ class Worker:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """``{(sample name, sorted labels): value}`` of one scrape of its ``/metrics``."""
-        import urllib.request
+        from tests.ops_client import scrape
 
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}  # fmt: skip
+        return scrape(f"http://127.0.0.1:{self.ops_port}")
 
     def check(self) -> None:
         """Fail at once when the worker died."""
