@@ -22,7 +22,8 @@ class Worker:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         from infra.processes import free_port
 
-        self.ops_port = free_port()  # its /metrics and /health (kept across restarts)
+        # its /metrics and /health (the caller's port if it chose one; kept across restarts)
+        self.ops_port = int(env.get("BACKBEAT_OPS_PORT") or free_port())
         self.env = {**env, "BACKBEAT_OPS_PORT": str(self.ops_port)}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
