@@ -1,8 +1,10 @@
 """``backbeat serve``: the HTTP API over the read models (registered by :mod:`infra.cli`).
 
-A thin shell over :func:`infra.api.create_app`, served by uvicorn, which stops cleanly on
-SIGTERM and Ctrl-C (requests in flight finish first); uvicorn's lines go through the one logging
-setup (:mod:`infra.logs`, ``BACKBEAT_LOG_FORMAT=json`` for JSON lines).
+A thin shell over :func:`infra.api.create_app`, served by uvicorn on a thread of the one process
+lifecycle (:func:`infra.lifecycle.run_process`, process ``api``): SIGTERM and Ctrl-C stop it
+cleanly (requests in flight finish first); uvicorn's lines go through the one logging setup
+(:mod:`infra.logs`, ``BACKBEAT_LOG_FORMAT=json`` for JSON lines). The API serves its own
+``/metrics`` and ``/health``, so no separate ops port is opened.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
+#: The process name (metrics, logs, ``/health``).
+PROCESS = "api"
 
 
 def serve(
@@ -35,19 +40,28 @@ def serve(
     from infra import logs, metrics
     from infra.api import create_app
     from infra.console import err_console
+    from infra.lifecycle import LoopService, run_process
     from infra.settings import get_settings
 
     settings = get_settings()
-    logs.set_process("api")
-    metrics.set_process("api")
+    logs.set_process(PROCESS)
+    metrics.set_process(PROCESS)
+    # log_config=None: the process's one logging setup (applied by run_process) renders uvicorn's
+    # lines; on the loop's thread uvicorn installs no signal handlers: mode's worker owns them
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, read_timeout_s=read_timeout), host=host, port=port,
+            log_config=None, log_level="warning",
+        )
+    )  # fmt: skip
+
+    def stop() -> None:
+        server.should_exit = True  # uvicorn stops accepting and lets requests in flight finish
+
     err_console.print(f"serving {settings.duckdb_path} on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(
-        create_app(settings, read_timeout_s=read_timeout),
-        host=host,
-        port=port,
-        log_config=logs.logging_config(),
-        log_level="warning",
-    )
+    code = run_process(PROCESS, [LoopService(PROCESS, server.run, stop)], ops_port=None)
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

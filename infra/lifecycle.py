@@ -6,7 +6,8 @@ shape, the one ``faust worker`` already has:
 - **start**: the worker applies the one logging setup (:func:`infra.logs.logging_config`),
   starts :class:`OpsService` (``/metrics`` and ``/health``, :mod:`infra.ops`) and then the
   process's work, each loop a :class:`LoopService` running a blocking loop on its own thread
-  (librdkafka, DuckDB and SQLite calls block);
+  (librdkafka, DuckDB and SQLite calls block; uvicorn's server for the HTTP API), or a
+  :class:`WebAppService` (the schema registry's aiohttp app);
 - **ready**: ``/health`` answers 200 once every component reports ``ready`` (caught up after
   the (re)start; each component decides, see :class:`infra.metrics.Observation`);
 - **stop**: SIGTERM or SIGINT (mode's signal handlers) marks ``/health`` ``stopping``, asks
@@ -43,9 +44,10 @@ class LoopService(mode.Service):
     """Runs ``run()`` on a thread for the life of the service; ``stop()`` asks it to end.
 
     When ``run`` returns by itself the process stops (``on_done``); when it raises, the error
-    is logged (a :class:`~infra.errors.BackbeatError` as its message, anything else with its
-    traceback) and the process stops with status 1, so nothing half-runs. ``result`` holds what
-    ``run`` returned, ``failure`` what it raised.
+    is logged (a :class:`~infra.errors.BackbeatError` as its message, a ``SystemExit`` from a
+    library as its status, anything else with its traceback) and the process stops with
+    status 1, so nothing half-runs. ``result`` holds what ``run`` returned, ``failure`` what it
+    raised.
     """
 
     def __init__(self, name: str, run: Callable[[], Any], stop: Callable[[], None], **kwargs: Any) -> None:
@@ -93,6 +95,8 @@ class LoopService(mode.Service):
             if self.failure is not None:
                 if isinstance(self.failure, BackbeatError):
                     log.error("%s: %s", self.loop_name, self.failure)
+                elif isinstance(self.failure, SystemExit):  # the library said why before exiting
+                    log.error("%s exited with status %s", self.loop_name, self.failure.code)
                 else:
                     log.error("%s ended with an error", self.loop_name, exc_info=self.failure)
                 await self.crash(self.failure)

@@ -86,9 +86,10 @@ def _serve(settings: Settings, port: int, log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen, log: Path) -> None:
-    """SIGTERM, then a clean stop: uvicorn finishes, then re-raises the signal (exit -15), no traceback."""
+    """SIGTERM, then a clean stop (the one lifecycle: uvicorn finishes its requests, exit 0), no
+    traceback."""
     proc.terminate()
-    assert proc.wait(15) in (0, -15), log.read_text()
+    assert proc.wait(15) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
 
 
@@ -320,3 +321,18 @@ def test_reads_succeed_while_a_writer_writes(server: Server):
         stop.set()
         thread.join(30)
     assert statuses == [200] * len(statuses)
+
+
+def test_a_taken_port_exits_1_saying_why(server: Server, tmp_path: Path):
+    """The API runs under the one lifecycle: uvicorn's bind error is logged and the process exits
+    with status 1 (no traceback), like any other process whose work cannot start."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve(server.settings, taken.getsockname()[1], tmp_path / "taken.log")
+        assert proc.wait(60) == 1
+    text = (tmp_path / "taken.log").read_text()
+    assert "address already in use" in text and "api exited with status 3" in text
+    assert "Traceback" not in text
