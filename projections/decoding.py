@@ -57,7 +57,8 @@ class Reject:
 class Prepared:
     """One consumed batch, ready to write: ``tables`` (projection name → rows), ``rejects``,
     ``ends`` (``(topic, partition)`` → the offset after the batch's last record there),
-    ``records`` (all records seen), ``controls`` (control records skipped) and ``filtered``
+    ``records`` (all records seen), ``controls`` (control records skipped; per topic in
+    ``control_topics``) and ``filtered``
     (events the projection's row filter left to another read model); ``firsts``: ``(topic,
     partition)`` → the offset of the batch's first record there, and ``breaks``: ``(topic,
     partition, expected, got)`` for every record whose offset is not the one after the previous
@@ -74,6 +75,7 @@ class Prepared:
     filtered: int = 0
     firsts: dict[tuple[str, int], int] = field(default_factory=dict)
     breaks: list[tuple[str, int, int, int]] = field(default_factory=list)
+    control_topics: dict[str, int] = field(default_factory=dict)
 
     def merge(self, later: Prepared) -> Prepared:
         """This batch followed by ``later`` (read after it) as one: tables concatenated per
@@ -96,9 +98,12 @@ class Prepared:
         breaks += later.breaks
         for key, end in later.ends.items():
             ends[key] = max(end, ends.get(key, 0))
+        control_topics = dict(self.control_topics)
+        for topic, n in later.control_topics.items():
+            control_topics[topic] = control_topics.get(topic, 0) + n
         return Prepared(
             tables, [*self.rejects, *later.rejects], ends, self.records + later.records,
-            self.controls + later.controls, self.filtered + later.filtered, firsts, breaks,
+            self.controls + later.controls, self.filtered + later.filtered, firsts, breaks, control_topics,
         )  # fmt: skip
 
 
@@ -181,6 +186,7 @@ class BatchPreparer:
             if event is None:
                 if is_control(msg.headers()):
                     out.controls += 1
+                    out.control_topics[topic] = out.control_topics.get(topic, 0) + 1
                 else:
                     rejects.append(Reject(proj.name, proj.topic, part, off, reasons[i]))
                 continue

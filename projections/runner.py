@@ -54,7 +54,6 @@ from typing import Any
 
 import duckdb
 
-from events.control import is_control
 from events.log import LogReader, wait_out
 from events.offsets import high_watermarks
 from events.registry_client import registry_for
@@ -551,7 +550,8 @@ class ProjectionRunner:
                     rejects = meter.fresh_rejects(prepared.rejects)
                     self._log_rejects(rejects)
                     future = pool.submit(self._write, session, prepared, identity, t0)
-                    counts = Counter(m.topic() for m in msgs if not is_control(m.headers()))
+                    counts = Counter(m.topic() for m in msgs)  # data records: less the controls
+                    counts.subtract(prepared.control_topics)
                     names = [self.by_topic[t].name for t in counts]
                     pending = _Pending(
                         future, prepared.records, prepared.controls, counts, rejects, after, names

@@ -225,15 +225,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sagas.orchestrator_main``; returns the exit status (0; 1 when
-    the loop failed; 2 for a bad ``--ops-port`` or ``BACKBEAT_LOG_*``/``BACKBEAT_OPS_PORT``)."""
+    the loop failed; 2 for a bad ``--ops-port`` or ``BACKBEAT_*`` setting)."""
     args = _parse(argv)
     try:
         setup_logging(PROCESS)
         ops_port = port_setting(PROCESS, args.ops_port)
+        settings = Settings.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = Settings.from_env()
     loop = OrchestratorLoop(settings, Timing(args.step_timeout_ms, args.max_attempts))
     metrics.register(COMPONENT, loop.observe)
     try:

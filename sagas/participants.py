@@ -266,11 +266,12 @@ class ParticipantsObserver:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sagas.participants``; returns the exit status (0; 1 when a
-    participant failed; 2 for bad options or ``BACKBEAT_LOG_*``/``BACKBEAT_OPS_PORT``)."""
+    participant failed; 2 for bad options or a bad ``BACKBEAT_*`` setting)."""
     args = _parse(argv)
     try:
         setup_logging(PROCESS)
         ops_port = port_setting(PROCESS, args.ops_port)
+        settings = Settings.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -279,7 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    settings = Settings.from_env()
     stop = threading.Event()
     observer = ParticipantsObserver()
     log.info(

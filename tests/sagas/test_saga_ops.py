@@ -306,3 +306,8 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
         )
         assert done.returncode == 2, (argv, done.stderr)
         assert done.stderr.strip(), argv
+    for module in ("sagas.participants", "sagas.orchestrator_main"):  # a bad setting: its message, no traceback
+        done = subprocess.run([sys.executable, "-m", module], env={**env, "BACKBEAT_EMBEDDED": "maybe"},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and "BACKBEAT_EMBEDDED='maybe'" in done.stderr, (module, done.stderr)
+        assert "Traceback" not in done.stderr
