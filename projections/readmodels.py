@@ -349,7 +349,7 @@ _S, _I, _L, _D, _T = pa.string(), pa.int32(), pa.int64(), pa.float64(), pa.times
 
 LISTENS = Projection(
     name="listens",
-    version=1,
+    version=2,
     topic="playback.listens",
     event_type="backbeat.playback.ListenRecorded",
     columns=(
@@ -363,6 +363,8 @@ LISTENS = Projection(
         Column("track_name", _S, nullable=True),
         Column("artist_name", _S, nullable=True),
         Column("session_hint", _S, nullable=True),
+        Column("territory", _S, nullable=True),
+        Column("playback_id", _S, nullable=True),
     ),
     key="event_id",
     policy="first",

@@ -52,7 +52,8 @@ def lines_of(records: list[dict]) -> list[str]:
 
 def expected(record: dict) -> dict:
     """A listen as it decodes: defaults filled in, times as ms."""
-    out = {"ms_played": None, "track_name": None, "artist_name": None, "session_hint": None, **record}
+    out = {"ms_played": None, "track_name": None, "artist_name": None, "session_hint": None,
+           "territory": None, "playback_id": None, **record}
     if isinstance(out["occurred_at"], str):
         out["occurred_at"] = console_io.parse_time_ms(out["occurred_at"])
     return out

@@ -21,6 +21,8 @@ LISTEN = {
     "track_name": None,
     "artist_name": None,
     "session_hint": "2464",
+    "territory": None,
+    "playback_id": None,
 }
 
 

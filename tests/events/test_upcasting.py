@@ -51,7 +51,7 @@ def test_upcasting_decoder_reads_old_and_new_events_in_the_current_shape():
     assert old["ms_played"] == 215_000
     assert old["track_name"] is None and "seconds_played" not in old
     new_event = {**OLD_EVENT, "event_id": "e-new", "ms_played": 1234, "track_name": "x",
-                 "artist_name": None, "session_hint": None}  # fmt: skip
+                 "artist_name": None, "session_hint": None, "territory": None, "playback_id": None}  # fmt: skip
     del new_event["seconds_played"]
     assert decoder.decode(_encode(V2, 2, new_event)) == new_event
 
