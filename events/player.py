@@ -201,7 +201,10 @@ def prepare(
         kept = [r for r in kept if r["user_id"] in chosen]
     if limit is not None:
         kept = kept[:limit]
-    return [Listen(str(r["user_id"]), str(r["track_id"]), str(r["artist_id"]), int(r["occurred_at"])) for r in kept]
+    return [
+        Listen(str(r["user_id"]), str(r["track_id"]), str(r["artist_id"]), int(r["occurred_at"]))
+        for r in kept
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +332,12 @@ def _play(
         context_id = f"radio-{track.artist_id}"
     elif context == "PLAYLIST":
         context_id = f"pl-{user}-{1 + int(d[8] * 5)}"
-    common = {"user_id": user, "session_id": session_id, "playback_id": playback_id, "track_id": track.track_id}
+    common = {
+        "user_id": user,
+        "session_id": session_id,
+        "playback_id": playback_id,
+        "track_id": track.track_id,
+    }
     yield PlayerEvent(
         STARTED,
         user,

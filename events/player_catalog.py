@@ -70,7 +70,9 @@ class PlayerCatalog:
         by_artist: dict[str, list[CatalogTrack]] = {}
         for track in tracks:
             if track.duration_ms <= 0:
-                raise ConfigError(f"catalog track {track.track_id} has duration_ms={track.duration_ms}; it must be > 0")
+                raise ConfigError(
+                    f"catalog track {track.track_id} has duration_ms={track.duration_ms}; it must be > 0"
+                )
             by_artist.setdefault(track.artist, []).append(track)
         if not by_artist:
             raise ConfigError("the catalog has no tracks: the player has nothing to play")
