@@ -18,6 +18,7 @@ import typer
 
 from events.player import DEFAULT_SEED
 from infra.console import console, err_console, run_with_bar, table
+from infra.errors import ConfigError
 from infra.resources import CATALOG_SPOTIFY, LISTENS_30MUSIC
 from infra.settings import get_settings
 
@@ -106,6 +107,8 @@ def playback(
     from events import player_catalog
     from events.simulate_playback import LiveProgress, live, load_listens, replay
 
+    if rate is None and (seconds is not None or max_events is not None):
+        raise ConfigError("--seconds and --max-events apply to live mode: add --rate EVENTS_PER_S")
     settings = get_settings()
     listens = load_listens(file or LISTENS_30MUSIC, users=users, limit=limit)
     cat = player_catalog.load(catalog or CATALOG_SPOTIFY)
