@@ -42,8 +42,9 @@ Plays
     * **the cap**: a play never runs past the start of the user's next play (``A`` = next
       listen's time − ``T``; no limit for a user's last listen): ``h = min(h, A)``. A play cut
       this way that would have completed is a skip with reason FORWARD at position ``A`` (the
-      listener moved on; on the real file this is about 30 % of plays, because the mapped
-      catalog track is often longer than the real gap between listens);
+      listener moved on; on the real file this is 28 % of plays, because the mapped catalog
+      track is often longer than the real gap between listens); a seeded skip cut this way
+      keeps its reason;
     * **pause**: when draw 4 < :data:`PAUSE_PROBABILITY` and ``h ≥ 2``, the play pauses at
       position ``p = 1 + ⌊draw 5 × (h − 1)⌋`` for ``L = 2,000 + ⌊u² × 298,000⌋`` ms (u = draw 6:
       2 s to 5 min), but only if it still ends by the next play's start (``h + L ≤ A``);
@@ -66,9 +67,11 @@ Sessions
     and a reason (session draw 3: IDLE_TIMEOUT 40 %, APP_CLOSED 40 %, DEVICE_SWITCHED 12 %,
     LOGGED_OUT 8 %). Country: :data:`COUNTRIES` [user draw 0 × 10] (the user's country, the
     same in every session). Device: the user's primary device (user draw 1: MOBILE 55 %,
-    DESKTOP 22 %, WEB 8 %, SMART_SPEAKER 5 %, CAR 5 %, TV 3 %, WEARABLE 2 %), or in 20 % of
-    sessions (session draw 0 ≥ 0.8) another by the same weights (session draw 1); the client
-    (``android/…``, ``ios/…``, ``windows/…`` …) from the device and session draw 2.
+    DESKTOP 22 %, WEB 8 %, SMART_SPEAKER 5 %, CAR 5 %, TV 3 %, WEARABLE 2 %), except in
+    sessions with session draw 0 ≥ 0.8 (20 %), whose device is drawn again by the same weights
+    (session draw 1; it may be the primary one). The client (``android/8.9.12``,
+    ``ios/8.9.10``, ``windows/1.2.31`` …) is one of the device's: by user draw 2 on the primary
+    device, by session draw 2 on another.
 
 Ids
     ``playback_id = event_id("player", seed, user, listen ms, item)``,
@@ -95,6 +98,7 @@ from typing import Any
 
 from events.importers.base import dedupe_and_order, event_id
 from events.player_catalog import CatalogTrack, PlayerCatalog
+from infra.errors import ConfigError
 
 #: The seed used when none is given.
 DEFAULT_SEED = 17
@@ -415,10 +419,10 @@ def simulate(
     input (other ids and draws; the users keep country and device). Pure and deterministic.
 
     Raises:
-        ValueError: ``gap_ms`` is not positive.
+        ConfigError: ``gap_ms`` is not positive.
     """
     if gap_ms <= 0:
-        raise ValueError(f"gap_ms={gap_ms} must be positive")
+        raise ConfigError(f"session gap_ms={gap_ms} must be positive (BACKBEAT_SESSION_GAP_MS)")
     by_user: dict[str, list[Listen]] = {}
     for listen in listens:
         by_user.setdefault(listen.user_id, []).append(listen)

@@ -17,6 +17,7 @@ from events.player import COUNTRIES, EVENT_TYPES, PlayerEvent, prepare, simulate
 from events.player_catalog import PlayerCatalog, load
 from events.schemas import get_schema
 from events.serde import AvroEncoder, decode_with_schema
+from infra.errors import ConfigError
 from tests.conftest import CATALOG, LISTENS_30MUSIC
 
 GAP = player.SESSION_GAP_MS
@@ -240,5 +241,5 @@ def test_draws_are_uniform_numbers_in_the_unit_interval():
 
 
 def test_gap_must_be_positive():
-    with pytest.raises(ValueError, match="gap_ms"):
+    with pytest.raises(ConfigError, match="gap_ms"):
         simulate(listens(5), catalog(), gap_ms=0)
