@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
+from threading import Event
 
 import pytest
 from confluent_kafka import Message
@@ -23,10 +24,10 @@ from events.catalog import TopicSpec
 from events.control import is_control, watermark_of
 from events.log import read_to_end
 from events.offsets import high_watermarks
-from events.player import simulate
+from events.player import prepare, simulate
 from events.registry_client import registry_for
 from events.serde import AvroDecoder
-from events.simulate_playback import live
+from events.simulate_playback import BATCH, live, replay
 from infra.cli import app
 from infra.provision import apply_topics
 from infra.settings import Settings
@@ -81,8 +82,6 @@ def test_cli_replay_sends_the_rules_events_with_their_times(stack: Settings, uni
     assert len(events) == reported
     by_type = Counter(t for _, t, _ in events)
     assert {t: f"{n:,}" for t, n in by_type.items()} == table
-
-    from events.player import prepare
 
     expected = list(simulate(prepare(parsed_records(), limit=3000), catalog()))
     assert len(expected) == reported
@@ -151,3 +150,23 @@ def test_live_mode_holds_its_rate_and_stops_on_sigterm_with_all_it_counted_sent(
     assert abs(measured - rate) / rate < 0.10, measured
     assert abs(reported / float(match.group(2)) - rate) / rate < 0.10
     assert Counter(t for _, t, _ in events)["PlaybackStarted"] > 0
+
+
+def test_replay_stopped_mid_way_sends_whole_batches_and_no_watermark(
+    stack: Settings, unique: Callable[[str], str]
+):
+    topic = make_topic(stack, unique)
+    stop = Event()
+    batches: list[int] = []
+
+    def advance(k: int) -> None:
+        batches.append(k)
+        if len(batches) == 2:
+            stop.set()  # as SIGTERM does in the CLI
+
+    sample = prepare(parsed_records(), limit=6_000)
+    result = replay(stack, sample, catalog(), topic=topic, stop=stop, progress=advance)
+    assert result.stopped and result.watermarks == 0
+    assert result.produced == 2 * BATCH < len(list(simulate(sample, catalog())))
+    messages = everything(stack, topic)
+    assert len(messages) == result.produced and not any(is_control(m.headers()) for m in messages)
