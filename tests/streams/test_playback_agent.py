@@ -8,6 +8,7 @@ none twice."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import uuid
 from collections.abc import Iterator
@@ -262,3 +263,5 @@ def test_a_worker_killed_mid_stream_publishes_the_same_listens_once(
     log = run.worker.log.read_text(errors="replace")
     assert log.count("restored partitions") >= 4
     assert "the last checkpoint was cut short" in log  # the half-written checkpoint was undone
+    # listens published before a death were computed again and recognised, not published again
+    assert re.search(r"; [1-9][0-9]* outputs published after their checkpoints", log)
