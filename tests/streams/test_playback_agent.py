@@ -57,7 +57,9 @@ def inputs(stack: Settings) -> Iterator[Inputs]:
     events = player_events(SEED, USERS, SESSIONS)
     producer = EventProducer(stack)
     for kind, record in events:
-        producer.send_many(source, kind, [record], key_field="user_id", time_field="occurred_at", source="/tests")
+        producer.send_many(
+            source, kind, [record], key_field="user_id", time_field="occurred_at", source="/tests"
+        )
     producer.produce_raw(source, [b"not avro"], [b"user-x"])
     producer.flush()
     mark = max(r["occurred_at"] for _, r in events) + END_OF_INPUT_MS
@@ -180,9 +182,10 @@ def assert_exact(inputs: Inputs, listens: list[dict[str, Any]]) -> None:
     assert rows == expected
     assert len(expected) > 500
     per_user_track = "SELECT user_id, track_id, count(*), sum(ms_played) FROM ({}) GROUP BY ALL ORDER BY ALL"
-    assert db.execute(per_user_track.format("SELECT * FROM got")).fetchall() == db.execute(
-        per_user_track.format(EXPECTED_LISTENS)
-    ).fetchall()
+    assert (
+        db.execute(per_user_track.format("SELECT * FROM got")).fetchall()
+        == db.execute(per_user_track.format(EXPECTED_LISTENS)).fetchall()
+    )
     assert all(x["source"] == "player" and x["event_id"] == listen_event_id(x["user_id"], x["occurred_at"],
                x["track_id"]) and x["artist_id"] for x in listens)  # fmt: skip
     assert {x["territory"] for x in listens} > {None, "SE"}

@@ -37,7 +37,9 @@ def session_ended(sid: str = "s1", t: int = T0, user: str = "u1") -> dict:
             "plays": 1, "ms_played": 0, "reason": "LOGGED_OUT"}  # fmt: skip
 
 
-def started(pid: str, t: int, sid: str = "s1", user: str = "u1", track: str = "tr-1", artist: str | None = "ar-1"):
+def started(
+    pid: str, t: int, sid: str = "s1", user: str = "u1", track: str = "tr-1", artist: str | None = "ar-1"
+):
     return {"event_id": f"{pid}-s", "user_id": user, "session_id": sid, "playback_id": pid, "track_id": track,
             "occurred_at": t, "position_ms": 0, "context_type": "OTHER", "context_id": None, "shuffle": False,
             "offline": False, "artist_id": artist, "duration_ms": 200_000}  # fmt: skip
@@ -119,8 +121,12 @@ def test_pauses_and_resumes_change_nothing_but_activity():
 def test_duplicates_never_make_a_second_listen():
     st = PlaysPartition()
     records = [
-        session_started(), session_started(t=T0 + 1), started("a", T0 + 2), started("a", T0 + 2),
-        completed("a", T0 + 60_000, 50_000), completed("a", T0 + 60_000, 50_000),
+        session_started(),
+        session_started(t=T0 + 1),
+        started("a", T0 + 2),
+        started("a", T0 + 2),
+        completed("a", T0 + 60_000, 50_000),
+        completed("a", T0 + 60_000, 50_000),
         skipped("a", T0 + 60_001, 40_000),  # a later, different end of the same play: the first wins
         started("a", T0 + 2),  # its start redelivered after its end
         completed("a", T0 + 60_000, 50_000),
@@ -133,7 +139,9 @@ def test_duplicates_never_make_a_second_listen():
 
 def test_a_play_without_a_session_counts_with_no_territory():
     st = PlaysPartition()
-    listens = run(st, [started("a", T0, sid="nos", artist=None), skipped("a", T0 + 31_000, 31_000, sid="nos")])
+    listens = run(
+        st, [started("a", T0, sid="nos", artist=None), skipped("a", T0 + 31_000, 31_000, sid="nos")]
+    )
     assert len(listens) == 1
     assert listens[0].territory is None and listens[0].artist_id == UNKNOWN_ARTIST
     assert st.counts["plays_without_session"] == 1
@@ -148,7 +156,15 @@ def test_a_play_without_a_session_counts_with_no_territory():
 
 def test_state_is_dropped_at_session_end_and_by_expiry():
     st = PlaysPartition()
-    run(st, [session_started(), started("a", T0 + 1), completed("a", T0 + 40_000, 39_000), started("b", T0 + 41_000)])
+    run(
+        st,
+        [
+            session_started(),
+            started("a", T0 + 1),
+            completed("a", T0 + 40_000, 39_000),
+            started("b", T0 + 41_000),
+        ],
+    )
     assert st.state_entries() == 2  # the session and the open play b
     run(st, [session_ended(t=T0 + 50_000)])
     assert st.state_entries() == 0 and st.counts["plays_abandoned"] == 1
@@ -218,3 +234,38 @@ def test_plays_rows_of_end_events_only():
         assert play_rows(name, {}) == []
     with pytest.raises(KeyError):
         play_rows("backbeat.playback.PlaybackSkipped", {"ms_played": 1})
+
+
+def test_the_agent_emits_listens_and_forwards_lowered_watermarks():
+    from events.control import watermark_of
+    from streams.playback import ListeningFromPlayback
+    from streams.playback_config import PlaybackConfig
+    from streams.runtime.agent import PartitionBatch
+
+    config = PlaybackConfig(source_topic="src", listens_topic="lis", dlq_topic="dlq")
+    agent = ListeningFromPlayback(config, "app", 6)
+    assert agent.changelog_topic == "app-plays-changelog" and agent.output_topics == ("lis", "dlq")
+    agent.restore(2, {})
+    records = [session_started(), started("a", T0 + 1), completed("a", T0 + 40_000, 39_000),
+               started("b", T0 + 41_000), None, skipped("b", T0 + 50_000, 9_000)]  # fmt: skip
+    batch = PartitionBatch(2, list(range(len(records))), records, [None] * len(records), {4: T0 + 45_000})
+    result = agent.process(batch, 0)
+    (emit,) = result.emits
+    assert (emit.topic, emit.partition, emit.key, emit.event_type, emit.time_ms) == (
+        "lis", 2, b"u1", "ListenRecorded", T0 + 1)  # fmt: skip
+    assert emit.event_id == emit.record["event_id"] and emit.record["territory"] == "SE"
+    (raw,) = result.raws  # the watermark, held below the start of the open play b
+    assert (raw.topic, raw.partition, raw.value, raw.output_id) == ("lis", 2, b"", None)
+    assert watermark_of(raw.headers) == T0 + 41_000 - 1
+    counts = {**result.counts, "records_in": 5}
+    assert agent.reconciles(counts) and counts["listens_emitted"] == 1 and counts["short_plays"] == 1
+    assert agent.state_entries() == 1  # the session (its plays ended)
+    records = list(agent.checkpoint(2, 5))
+    again = ListeningFromPlayback(config, "app", 6)
+    again.restore(2, {k: v for k, v in records if v is not None})
+    assert again.partitions[2].sessions == agent.partitions[2].sessions
+    assert again.stats({}) == {"open_sessions": {2: 1}, "open_plays": {2: 0}}
+    # a listens topic with fewer partitions than the source: watermarks are not passed on
+    fewer = ListeningFromPlayback(config, "app", 12)
+    fewer.restore(7, {})
+    assert fewer.process(PartitionBatch(7, [0], [None], [None], {0: T0}), 0).raws == []
