@@ -29,6 +29,7 @@ from infra.provision import apply_topics
 from infra.settings import Settings
 from projections.runner import run_projections
 from projections.sql import query
+from streams.config import IngestConfig
 from streams.playback_config import PlaybackConfig
 from streams.plays import listen_event_id
 from streams.runtime.published import output_id
@@ -111,10 +112,12 @@ FROM ev WHERE kind IN ('PlaybackSkipped', 'PlaybackCompleted') GROUP BY playback
 class Run:
     """One worker running only the playback agent, with its own app id and outputs."""
 
-    def __init__(self, settings: Settings, inputs: Inputs, tmp: Path, label: str, **env: str) -> None:
+    def __init__(
+        self, settings: Settings, inputs: Inputs, tmp: Path, label: str, name: str = "", **env: str
+    ) -> None:
         self.settings = settings
         self.inputs = inputs
-        self.name = f"play-{label}-{uuid.uuid4().hex[:8]}"
+        self.name = name or f"play-{label}-{uuid.uuid4().hex[:8]}"
         self.config = PlaybackConfig(source_topic=inputs.source, listens_topic=f"{self.name}.listens",
                                      dlq_topic=f"{self.name}.dlq")  # fmt: skip
         apply_topics(settings, self.config.topic_specs(self.name))
@@ -192,14 +195,29 @@ def assert_exact(inputs: Inputs, listens: list[dict[str, Any]]) -> None:
 
 
 def test_listens_and_plays_are_exact(stack: Settings, inputs: Inputs, tmp_path: Path) -> None:
-    run = Run(stack, inputs, tmp_path, "clean")
+    # the listening-ingest agent of the same worker sessionises the listens, as it does any
+    name = f"play-clean-{uuid.uuid4().hex[:8]}"
+    ingest = IngestConfig(app_id=name, source_topic=f"{name}.listens", sessions_topic=f"{name}.sessions",
+                          dlq_topic=f"{name}.ldlq")  # fmt: skip
+    apply_topics(stack, ingest.topic_specs())
+    run = Run(stack, inputs, tmp_path, "clean", name=name, BACKBEAT_STREAMS_AGENTS="playback,ingest",
+              BACKBEAT_INGEST_SOURCE_TOPIC=ingest.source_topic, BACKBEAT_INGEST_SESSIONS_TOPIC=ingest.sessions_topic,
+              BACKBEAT_INGEST_DLQ_TOPIC=ingest.dlq_topic)  # fmt: skip
     try:
         run.worker.start()
         stats = run.wait_done()
         listens, marks = run.listens()
         scraped = run.worker.metrics()
+        sessions = wait_for(
+            lambda: (s := run.worker.last_stats("ingest")) is not None and s["sessionised"] >= len(listens)
+            and s["open_sessions"] == dict.fromkeys(s["open_sessions"], 0) and s,
+            30, "the ingest agent to close every session",
+        )  # fmt: skip
     finally:
         run.worker.kill()
+    # every listen sessionised, none late or a duplicate, every session closed by the forwarded watermark
+    assert (sessions["sessionised"], sessions["late"], sessions["duplicates"]) == (len(listens), 0, 0)
+    assert sessions["sessions_emitted"] > USERS
     assert_exact(inputs, listens)
     assert stats["reconciles"] and stats["dead_lettered"] == 1
     assert stats["counted"] == stats["listens_emitted"] == len(listens)
