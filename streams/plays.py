@@ -22,8 +22,9 @@ Rules, applied record by record in offset order (:meth:`PlaysPartition.apply`):
 * ``PlaybackSkipped`` / ``PlaybackCompleted`` end the play (the first end of a play wins; a
   second end of it is a **duplicate**). With ``ms_played >= 30000`` (the 30-second rule,
   :data:`COUNT_THRESHOLD_MS`) the play is **counted**: it becomes a :class:`Listen`; below, it
-  is a **short play**. Its id is remembered in its session so that a redelivered end or start
-  does nothing.
+  is a **short play**. Its id is remembered in its session so that, while the session is open,
+  a redelivered end or start does nothing (after it, see ``docs/live-listening.md``: a listen
+  computed again has the same ``event_id``, which the ingest agent and the read model drop).
 * ``PlaybackSessionEnded`` drops the session: its ended play ids, and its plays still open, which
   never ended (``plays_abandoned``): without an end there is no ``ms_played``, so they never
   count.
