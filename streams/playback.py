@@ -12,8 +12,9 @@ Per batch and source partition, in offset order: each event goes to the partitio
 machine; a counted play becomes a ``ListenRecorded`` (key = user id, record time = the play's
 start, deterministic ``event_id``) on the listens partition numbered like the source partition
 (modulo the listens topic's partitions, as ingest does for sessions). A watermark control record
-advances the partition's clock and, when the listens topic has as many partitions as the source
-(so one source partition feeds one listens partition), is passed on to the listens partition,
+advances the partition's clock and, when the listens topic has at least as many partitions as the
+source (so each listens partition is fed by one source partition at most; the counts are the
+catalogue's, ``infra/topics.toml``), is passed on to the listens partition,
 lowered below the start of every play still open (:meth:`streams.plays.PlaysPartition.
 low_watermark`): the ingest agent then closes its sessions at the end of a bounded input as it
 does for imported listens. Forwarded watermarks carry no output identity: a second copy after
@@ -62,7 +63,7 @@ class ListeningFromPlayback(BatchAgent):
         self.app_id = app_id
         self.partitions: dict[int, PlaysPartition] = {}
         self._listens_partitions = topic(LISTENS).partitions
-        self._forward = (sources or topic("playback.events").partitions) == self._listens_partitions
+        self._forward = (sources or topic("playback.events").partitions) <= self._listens_partitions
 
     @property
     def source_topic(self) -> str:

@@ -269,3 +269,8 @@ def test_the_agent_emits_listens_and_forwards_lowered_watermarks():
     fewer = ListeningFromPlayback(config, "app", 12)
     fewer.restore(7, {})
     assert fewer.process(PartitionBatch(7, [0], [None], [None], {0: T0}), 0).raws == []
+    # fewer source partitions than listens partitions (4 → 6): each listens partition has one feeder
+    four = ListeningFromPlayback(config, "app", 4)
+    four.restore(3, {})
+    (raw,) = four.process(PartitionBatch(3, [0], [None], [None], {0: T0}), 0).raws
+    assert (raw.partition, watermark_of(raw.headers)) == (3, T0)
