@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from infra.errors import ConfigError
 from projections.feature_store import TRACK_TABLE, USER_TABLE
 from sagas import ledger
+from streams.plays import COUNT_THRESHOLD_MS
 
 Policy = Literal["first", "last"]
 
@@ -59,6 +60,7 @@ _SQL_TYPES: dict[pa.DataType, str] = {
     pa.int64(): "BIGINT",
     pa.float64(): "DOUBLE",
     pa.timestamp("ms"): "TIMESTAMP",
+    pa.bool_(): "BOOLEAN",
 }
 
 
@@ -619,12 +621,105 @@ LEDGER_ENTRIES = Projection(
     extra_ddl=ledger.VIEWS_DDL,
 )
 
+# --- issue 17: listening from playback (the player's plays and skips) -------------------------
+
+#: The event types of ``playback.events`` (full names); ``plays`` reads them all (so none is a
+#: reject) and takes rows from the end events only.
+PLAYBACK_EVENT_TYPES: tuple[str, ...] = tuple(
+    f"backbeat.playback.{t}"
+    for t in (
+        "PlaybackSkipped", "PlaybackCompleted", "PlaybackSessionStarted", "PlaybackStarted",
+        "PlaybackPaused", "PlaybackResumed", "PlaybackSessionEnded",
+    )
+)  # fmt: skip
+
+
+def play_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``plays`` row of an end event (``PlaybackSkipped`` / ``PlaybackCompleted``); no row
+    for the other player events. ``counted``: the 30-second rule (:data:`streams.plays.
+    COUNT_THRESHOLD_MS`); ``skip_position_ms`` and ``skip_reason`` for a skip, ``duration_ms``
+    for a completion.
+
+    Raises:
+        KeyError: a field of the end event is missing.
+    """
+    name = event_type.rsplit(".", 1)[-1]  # full (backbeat.playback.X) or short
+    skipped = name == "PlaybackSkipped"
+    if not skipped and name != "PlaybackCompleted":
+        return []
+    played = event["ms_played"]
+    return [
+        {
+            "playback_id": event["playback_id"],
+            "event_id": event["event_id"],
+            "user_id": event["user_id"],
+            "session_id": event["session_id"],
+            "track_id": event["track_id"],
+            "ended_at": event["occurred_at"],
+            "ms_played": played,
+            "outcome": "SKIPPED" if skipped else "COMPLETED",
+            "counted": played >= COUNT_THRESHOLD_MS,
+            "skip_position_ms": event["position_ms"] if skipped else None,
+            "skip_reason": event["reason"] if skipped else None,
+            "duration_ms": None if skipped else event["duration_ms"],
+        }
+    ]
+
+
+def _skip_rates(view: str, by: str) -> str:
+    return f"""CREATE OR REPLACE VIEW {view} AS
+SELECT {by},
+  CAST(count(*) AS BIGINT) AS plays,
+  CAST(count(*) FILTER (WHERE outcome = 'SKIPPED') AS BIGINT) AS skips,
+  CAST(count(*) FILTER (WHERE outcome = 'SKIPPED' AND NOT counted) AS BIGINT) AS early_skips,
+  CAST(count(*) FILTER (WHERE counted) AS BIGINT) AS counted_plays,
+  count(*) FILTER (WHERE outcome = 'SKIPPED') / count(*) AS skip_rate,
+  count(*) FILTER (WHERE outcome = 'SKIPPED' AND NOT counted) / count(*) AS early_skip_rate,
+  CAST(sum(ms_played) AS BIGINT) AS ms_played,
+  max(ended_at) AS last_ended_at
+FROM plays GROUP BY {by}"""
+
+
+#: One row per finished play of the player (``playback.events``): its end (skip or completion),
+#: ``ms_played``, whether it counted (>= 30,000 ms, the rule the listening-from-playback agent
+#: applies) and, for a skip, where. Keyed by ``playback_id``, ``first``: the first end of a play
+#: wins, as in the agent, so a redelivered end changes nothing. Views ``track_skip_rates`` and
+#: ``user_skip_rates`` (``plays``, ``skips``, ``early_skips`` = skips before 30 s,
+#: ``counted_plays``, ``skip_rate``, ``early_skip_rate`` (shares of plays), ``ms_played``,
+#: ``last_ended_at``): the skip features.
+PLAYS = Projection(
+    name="plays",
+    version=1,
+    topic="playback.events",
+    event_type=PLAYBACK_EVENT_TYPES[0],
+    also_reads=PLAYBACK_EVENT_TYPES[1:],
+    rows=play_rows,
+    columns=(
+        Column("playback_id", _S),
+        Column("event_id", _S),
+        Column("user_id", _S),
+        Column("session_id", _S),
+        Column("track_id", _S),
+        Column("ended_at", _T),
+        Column("ms_played", _L),
+        Column("outcome", _S),
+        Column("counted", pa.bool_()),
+        Column("skip_position_ms", _L, nullable=True),
+        Column("skip_reason", _S, nullable=True),
+        Column("duration_ms", _L, nullable=True),
+    ),
+    key="playback_id",
+    policy="first",
+    extra_ddl=(_skip_rates("track_skip_rates", "track_id"), _skip_rates("user_skip_rates", "user_id")),
+)
+
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
     p.name: p
     for p in (
         LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM,
         CAMPAIGN_PAUSES, LEDGER_ENTRIES,
+        PLAYS,  # issue 17: listening from playback
     )
 }  # fmt: skip
 
@@ -650,6 +745,8 @@ __all__ = [
     "LEDGER_ENTRIES",
     "LISTENS",
     "OFFSET_COL",
+    "PLAYBACK_EVENT_TYPES",
+    "PLAYS",
     "PARTITION_COL",
     "PROJECTIONS",
     "SESSIONS",
@@ -661,6 +758,7 @@ __all__ = [
     "RowFilter",
     "RowMapper",
     "get_projection",
+    "play_rows",
     "sql_type",
     "struct_list",
     "to_table",

@@ -10,7 +10,8 @@ configurations and registers the chosen agents, each as a
 
 The agent groups (``BACKBEAT_STREAMS_AGENTS``, default all): ``ingest`` (listening ingest,
 :mod:`streams.ingest`), ``features`` (the user- and track-features agents,
-:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`). On first start the
+:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`), ``playback`` (listening
+from playback: player events → listens, :mod:`streams.playback`). On first start the
 worker creates the topics its agents need that are missing, exactly as ``backbeat topics
 apply`` does (Faust itself never creates topics), and applies :func:`infra.runtime.tune_gc`.
 
@@ -130,11 +131,22 @@ def _ads(app: BackbeatApp) -> None:
     app.add_agent(AdReporting(ads, app.ingest_config.app_id), ads.topic_specs(app.ingest_config.app_id))
 
 
+def _playback(app: BackbeatApp) -> None:
+    from streams.playback import ListeningFromPlayback
+    from streams.playback_config import PlaybackConfig
+
+    playback = PlaybackConfig.from_env()
+    app_id = app.ingest_config.app_id
+    specs = playback.topic_specs(app_id)
+    app.add_agent(ListeningFromPlayback(playback, app_id, specs[0].partitions), specs)
+
+
 #: The agent groups a worker can run, by ``BACKBEAT_STREAMS_AGENTS`` name: one way to register.
 AGENT_GROUPS: dict[str, Callable[[BackbeatApp], None]] = {
     "ingest": _ingest,
     "features": _features,
     "ads": _ads,
+    "playback": _playback,
 }
 
 
