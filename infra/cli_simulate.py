@@ -7,6 +7,7 @@ producing :mod:`events.simulate_playback`.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 from collections.abc import Iterator
@@ -105,11 +106,17 @@ def playback(
     time = now, until Ctrl-C/SIGTERM, --seconds or --max-events. Stopping flushes what was sent;
     a summary counts the events per type."""
     from events import player_catalog
-    from events.simulate_playback import LiveProgress, live, load_listens, replay
+    from events.catalog import load_catalogue
+    from events.simulate_playback import TOPIC, LiveProgress, live, load_listens, replay
+    from infra.provision import apply_topics
 
     if rate is None and (seconds is not None or max_events is not None):
         raise ConfigError("--seconds and --max-events apply to live mode: add --rate EVENTS_PER_S")
     settings = get_settings()
+    # the topic as the catalogue declares it (a custom --topic gets playback.events' layout), so a
+    # fresh broker does not auto-create it with its own default partition count
+    declared = load_catalogue()
+    apply_topics(settings, [declared.get(topic) or dataclasses.replace(declared[TOPIC], name=topic)])
     listens = load_listens(file or LISTENS_30MUSIC, users=users, limit=limit)
     cat = player_catalog.load(catalog or CATALOG_SPOTIFY)
     with _stop_on_signals() as stop:
