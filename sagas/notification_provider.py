@@ -215,8 +215,8 @@ class ProviderSimulator:
 
                 def log_call(outcome: str, retry_after: int | None = None) -> None:
                     db.execute(
-                        "INSERT INTO provider_calls (idempotency_key, user_id, channel, call_no, at_ms, outcome, "
-                        "retry_after_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO provider_calls (idempotency_key, user_id, channel, call_no, at_ms, "
+                        "outcome, retry_after_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (key, user_id, channel, call, now, outcome, retry_after),
                     )
 
@@ -227,12 +227,15 @@ class ProviderSimulator:
                     log_call("throttled" if throttled else "error", wait)
                     db.execute("COMMIT")
                     if throttled:
-                        failure = ProviderTransient("RATE_LIMITED", wait, f"429 too many requests (call {call})")
+                        failure = ProviderTransient(
+                            "RATE_LIMITED", wait, f"429 too many requests (call {call})"
+                        )
                     else:
                         failure = ProviderTransient("PROVIDER_ERROR", wait, f"503 unavailable (call {call})")
                     raise failure
                 delivered = db.execute(
-                    "SELECT message_id FROM provider_deliveries WHERE idempotency_key = ? ORDER BY delivery_id",
+                    "SELECT message_id FROM provider_deliveries WHERE idempotency_key = ? "
+                    "ORDER BY delivery_id",
                     (key,),
                 ).fetchone()
                 rejected = db.execute(
@@ -260,8 +263,8 @@ class ProviderSimulator:
                     raise ProviderRejected(reason, f"{channel} to {user_id}: {what}")
                 message_id = "msg-" + stable_id("provider-message", key).replace("-", "")[:20]
                 db.execute(
-                    "INSERT INTO provider_deliveries (idempotency_key, message_id, user_id, channel, template, "
-                    "delivered_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO provider_deliveries (idempotency_key, message_id, user_id, channel, "
+                    "template, delivered_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
                     (key, message_id, user_id, channel, template, now),
                 )
                 log_call("delivered")
@@ -271,7 +274,9 @@ class ProviderSimulator:
                     db.execute("ROLLBACK")
                 raise
         if cfg.per_call("lost_answer", key, call):
-            raise ProviderTransient("TIMEOUT", None, f"no answer (call {call}); the message may have gone out")
+            raise ProviderTransient(
+                "TIMEOUT", None, f"no answer (call {call}); the message may have gone out"
+            )
         return ProviderResult(message_id)
 
     # -- the record (tests, docs) --------------------------------------------------------------

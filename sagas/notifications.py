@@ -296,7 +296,9 @@ class NotificationRelay(KafkaProcess):
                 detail = f"gave up after {attempt} attempts: {exc.detail}"
                 self._fail(note, attempt, exc.reason, detail, answered)
             else:
-                pause = exc.retry_after_ms if exc.retry_after_ms is not None else self.config.backoff_ms(attempt)
+                pause = (
+                    exc.retry_after_ms if exc.retry_after_ms is not None else self.config.backoff_ms(attempt)
+                )
                 note.retry_scheduled(
                     attempt=attempt, reason=exc.reason, retry_after_ms=exc.retry_after_ms, detail=exc.detail,
                     deadline_ms=answered + pause,
@@ -529,23 +531,41 @@ def _env_number(name: str, default: float, cast: Callable[[str], float]) -> floa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The relay's options (also used by ``backbeat notifications relay``)."""
-    parser.add_argument("--capacity", type=int, default=None,
-                        help=f"tokens per user and channel (BACKBEAT_NOTIFY_CAPACITY, default {DEFAULT_CAPACITY})")
-    parser.add_argument("--refill-per-s", type=float, default=None,
-                        help=f"tokens added per second (BACKBEAT_NOTIFY_REFILL_PER_S, default {DEFAULT_REFILL_PER_S})")
-    parser.add_argument("--max-attempts", type=int, default=None,
-                        help=f"provider calls before giving up (BACKBEAT_NOTIFY_MAX_ATTEMPTS, "
-                             f"default {DEFAULT_MAX_ATTEMPTS})")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help=f"tokens per user and channel (BACKBEAT_NOTIFY_CAPACITY, default {DEFAULT_CAPACITY})",
+    )
+    parser.add_argument(
+        "--refill-per-s",
+        type=float,
+        default=None,
+        help=f"tokens added per second (BACKBEAT_NOTIFY_REFILL_PER_S, default {DEFAULT_REFILL_PER_S})",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        help=f"provider calls before giving up (BACKBEAT_NOTIFY_MAX_ATTEMPTS, "
+        f"default {DEFAULT_MAX_ATTEMPTS})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the provider simulator's faults")
     parser.add_argument("--invalid-address", type=float, default=0.02, help="share of notifications rejected")
     parser.add_argument("--unsubscribed", type=float, default=0.01, help="share of recipients unsubscribed")
     parser.add_argument("--throttle", type=float, default=0.05, help="share of calls answered 429")
     parser.add_argument("--error", type=float, default=0.02, help="share of calls answered 503")
-    parser.add_argument("--lost-answer", type=float, default=0.02, help="share of deliveries whose answer is lost")
+    parser.add_argument(
+        "--lost-answer", type=float, default=0.02, help="share of deliveries whose answer is lost"
+    )
     parser.add_argument("--retry-after-min-ms", type=int, default=100, help="smallest Retry-After hint (ms)")
     parser.add_argument("--retry-after-max-ms", type=int, default=400, help="largest Retry-After hint (ms)")
-    parser.add_argument("--provider-db", type=Path, default=None,
-                        help="provider simulator SQLite file (default <data_dir>/notifications/provider.sqlite)")
+    parser.add_argument(
+        "--provider-db",
+        type=Path,
+        default=None,
+        help="provider simulator SQLite file (default <data_dir>/notifications/provider.sqlite)",
+    )
     # fmt: skip
 
 
@@ -556,10 +576,16 @@ def configs_from_args(args: argparse.Namespace) -> tuple[RelayConfig, ProviderCo
         infra.errors.ConfigError: a ``BACKBEAT_NOTIFY_*`` value is not a number.
         ValueError: a value out of range (rates outside [0, 1], capacity < 1, …).
     """
-    capacity = args.capacity if args.capacity is not None else int(
-        _env_number("BACKBEAT_NOTIFY_CAPACITY", DEFAULT_CAPACITY, int))
-    refill = args.refill_per_s if args.refill_per_s is not None else _env_number(
-        "BACKBEAT_NOTIFY_REFILL_PER_S", DEFAULT_REFILL_PER_S, float)
+    capacity = (
+        args.capacity
+        if args.capacity is not None
+        else int(_env_number("BACKBEAT_NOTIFY_CAPACITY", DEFAULT_CAPACITY, int))
+    )
+    refill = (
+        args.refill_per_s
+        if args.refill_per_s is not None
+        else _env_number("BACKBEAT_NOTIFY_REFILL_PER_S", DEFAULT_REFILL_PER_S, float)
+    )
     attempts = args.max_attempts if args.max_attempts is not None else int(
         _env_number("BACKBEAT_NOTIFY_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, int))  # fmt: skip
     relay = RelayConfig(bucket=BucketSpec(capacity, refill), max_attempts=attempts)
@@ -583,7 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infra.ops import add_port_argument, port_setting
     from infra.settings import Settings
 
-    parser = argparse.ArgumentParser(prog="python -m sagas.notifications", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sagas.notifications", description=__doc__.split("\n\n")[0]
+    )
     add_arguments(parser)
     add_port_argument(parser, PROCESS)
     args = parser.parse_args(argv)
@@ -601,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.REGISTRY.register(collector)
     try:
         return run_process(
-            PROCESS, [LoopService(COMPONENT, loop.run, loop.stop)], ops_port=ops_port, run_dir=settings.run_dir,
+            PROCESS, [LoopService(COMPONENT, loop.run, loop.stop)], ops_port=ops_port,
+            run_dir=settings.run_dir,
             high_watermarks=lambda topic: high_watermarks(settings, topic),
         )  # fmt: skip
     finally:
