@@ -356,3 +356,12 @@ def test_followers_and_their_requests() -> None:
     assert reqs[0]["notification_id"] == notification_id_for("al-1", "u1")
     assert reqs[0]["params"]["artist_id"] == a and reqs[0]["template"] == "new-release@1"
     assert {r["event_id"] for r in reqs} == {r["event_id"] for r in again}
+
+
+def test_relay_paths_are_wired_into_the_cli() -> None:
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    out = CliRunner().invoke(app, ["notifications", "--help"])
+    assert out.exit_code == 0 and all(c in out.output for c in ("relay", "request", "releases", "status"))
