@@ -174,7 +174,7 @@ def releases(
 
 def status() -> None:
     """Notifications by channel and final state, from the `notifications` read model
-    (`backbeat project --only notifications` builds it)."""
+    (`backbeat project --projection notifications` builds it)."""
     from projections.store import reader
 
     settings = get_settings()

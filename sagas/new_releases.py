@@ -204,7 +204,7 @@ def run_requester(
             except duckdb.CatalogException as exc:
                 raise ConfigError(
                     f"there is no listens read model at {settings.duckdb_path} ({exc}); build it first "
-                    "('backbeat project --only listens --until-caught-up')"
+                    "('backbeat project --projection listens --until-caught-up')"
                 ) from None
             if requests:
                 producer.send_many("platform.notifications", "NotificationRequested", requests,
