@@ -15,8 +15,9 @@ the same transaction; what it publishes is in the aggregate events' ``outbox`` a
 - :class:`Bucket`, one per ``(user_id, channel)``: the token bucket as one number
   (:mod:`sagas.token_bucket`, GCRA). Every provider call takes a token, at the relay's wall-clock
   time just before the call; a notification with no token is not dropped nor failed but waits
-  (an in-memory timer at the moment the next token comes; after a restart every pending
-  notification looks again). ``priority`` does not bypass the bucket: the schema says HIGH
+  for the next free slot of its bucket, slots handed out in the order notifications first look
+  for a token (an in-memory queue and timer; after a restart every pending notification looks
+  again). ``priority`` does not bypass the bucket: the schema says HIGH
   bypasses *quiet hours*, not the rate limit.
 
 One attempt, in order (the crash semantics, docs/live-notifications.md):
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import threading
 import time
@@ -227,6 +229,10 @@ class NotificationRelay(KafkaProcess):
         #: waits for a token (in memory: they are recomputed after a restart), duplicate requests
         self.delays = 0
         self.duplicates = 0
+        #: the queue of each bucket, in memory: the bucket's ``tat`` with the slots handed out
+        #: to waiting notifications, and each waiting notification's slot (ms)
+        self._queued_tat: dict[UUID, float] = {}
+        self._slots: dict[UUID, int] = {}
 
     # -- input ---------------------------------------------------------------------------------
     def handle_record(self, record: Inbound, processing_event: ProcessingEvent[UUID]) -> None:
@@ -272,9 +278,11 @@ class NotificationRelay(KafkaProcess):
             bucket = Bucket(user_id=note.user_id, channel=note.channel)
         spec = self.config.bucket
         now = self.clock()
+        if self._queue(aggregate_id, bucket, now):  # not dropped, not failed: waits for its slot
+            return
         wait = wait_ms(spec, bucket.tat, now)
-        if wait > 0:  # not dropped, not failed: look again when the next token comes
-            self.delays += 1
+        if wait > 0:  # its slot came early (a clock step): look again when the token comes
+            self._slots[aggregate_id] = now + wait
             self._set_deadline(aggregate_id, now + wait)
             return
         attempt = note.attempts + 1
@@ -317,6 +325,24 @@ class NotificationRelay(KafkaProcess):
                 outbox=[self._final(note, SENT_EVENT, at, fields)], deadline_ms=None,
             )  # fmt: skip
         self.commit(note)  # step 3
+
+    def _queue(self, aggregate_id: UUID, bucket: Bucket, now: int) -> bool:
+        """Give a notification that looks for a token for the first time (or again, after a
+        transient failure or a restart) the next free slot of its bucket, after those handed out
+        before: waiting notifications of one bucket go in the order they came, and each timer
+        fires once per slot. Returns True when the slot is in the future (the timer is set)."""
+        if self._slots.pop(aggregate_id, None) is not None:
+            return False  # its slot has come
+        spec = self.config.bucket
+        queued = max(self._queued_tat.get(bucket.id, 0.0), bucket.tat)
+        slot = max(now, int(math.ceil(queued - spec.tolerance_ms)))
+        self._queued_tat[bucket.id] = max(queued, float(slot)) + spec.interval_ms
+        if slot <= now:
+            return False
+        self.delays += 1
+        self._slots[aggregate_id] = slot
+        self._set_deadline(aggregate_id, slot)
+        return True
 
     def _fail(self, note: Notification, attempt: int, reason: str, detail: str, at: int) -> None:
         fields = {"reason": reason, "retryable": False, "retry_after_ms": None, "attempt": attempt,

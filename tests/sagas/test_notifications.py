@@ -247,6 +247,26 @@ def test_high_priority_does_not_bypass_the_bucket(tmp_path: Path) -> None:
     assert [c[4] - T0 for c in provider.calls()] == [0, 1000, 2000]
 
 
+def test_waiting_notifications_of_a_bucket_go_in_order_each_timer_once_per_slot(tmp_path: Path) -> None:
+    clock = Clock()
+    provider = ProviderSimulator(tmp_path / "p.sqlite", ProviderConfig(), clock=clock)
+    app = relay_app(tmp_path, provider, clock, RelayConfig(bucket=BucketSpec(1, 2.0)))
+    names = [f"q-{i}" for i in (5, 1, 4, 0, 3, 2)]  # not in id order
+    fired = 0
+    for name in names:  # one request per ms
+        app.process_record(record(request(name, "u1")))
+        fired += app.fire_due(clock.now)
+        clock.now += 1
+    while clock.now < T0 + 4_000:
+        fired += app.fire_due(clock.now)
+        clock.now += 10
+    calls = provider.calls()
+    assert [c[0] for c in calls] == names  # first come, first served
+    assert [c[4] - T0 for c in calls] == [0, 506, 1006, 1506, 2006, 2506]  # slots 500 ms apart, 10 ms steps
+    assert fired == len(names) + (len(names) - 1)  # one look each, plus one fire per waiting slot
+    assert app.delays == len(names) - 1
+
+
 class CrashAfter:
     """A provider that "crashes the process" (raises) before or after the real call."""
 
