@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
     group.command("request")(request)
     group.command("releases")(releases)
     group.command("status")(status)
+    group.command("reset")(reset)
 
 
 def relay(
@@ -182,6 +183,22 @@ def status() -> None:
         rows = con.execute(
             "SELECT channel, state, count(*) AS notifications, "
             "CAST(median(latency_ms) AS BIGINT) AS median_ms "
-            "FROM notification_states GROUP BY ALL ORDER BY ALL"
+            "FROM notifications_status GROUP BY ALL ORDER BY ALL"
         ).fetchall()
     console.print(table(["channel", "state", "notifications", "median latency (ms)"], rows))
+
+
+def reset(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Really delete (the relay's events are its only record).")
+    ] = False,
+) -> None:
+    """Delete the relay's event store, the provider simulator's record, the new-release positions
+    and the `notifications` read model (after the embedded broker lost its log, or to start
+    afresh). Stop the relay first."""
+    if not yes:
+        raise ConfigError("this deletes every notification record; run again with --yes")
+    from sagas.notifications import reset_relay
+
+    for line in reset_relay(get_settings()):
+        console.print(f"removed {line}")

@@ -7,7 +7,7 @@ keyed by ``event_id`` with policy ``first``: the relay's final events have deter
 (``stable_id(notification_id, <type>)``, :mod:`sagas.notifications`), so a copy published
 again after a crash of its outbox relay is stored once.
 
-View :data:`STATES_VIEW` (``notification_states``), one row per notification id:
+View :data:`STATES_VIEW` (``notifications_status``), one row per notification id:
 ``notification_id, user_id, channel, template, priority, correlation_id, requested_at,
 state ('SENT' | 'FAILED' | 'PENDING'), final_at, attempts, reason, detail, provider,
 provider_message_id, latency_ms (final_at - requested_at), final_events`` — ``final_events``
@@ -31,7 +31,7 @@ EVENT_TYPES: Final = (
 )
 
 #: The view of final states.
-STATES_VIEW: Final = "notification_states"
+STATES_VIEW: Final = "notifications_status"
 
 
 def notification_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:

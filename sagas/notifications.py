@@ -516,6 +516,7 @@ class RelayLoop:
             self.runner = runner
             if self._stop.is_set():
                 runner.stop()
+            self._check_log(app)
             self.counts.follow(app)
             self._counted = True
             log.info("notification relay: %s; bucket %d tokens, %.3g/s per user and channel; provider %s",
@@ -528,6 +529,25 @@ class RelayLoop:
             app.close()
             provider.close()
 
+    def _check_log(self, app: NotificationRelay) -> None:
+        """Refuse to start on an event store that applied more of the topic than it holds (the
+        embedded broker restarted empty), saying what to do for the relay.
+
+        Raises:
+            infra.errors.InfraError: the store is ahead of the topic.
+        """
+        from events.offsets import high_watermarks
+        from infra.errors import InfraError
+
+        for p, high in high_watermarks(self.settings, TOPIC).items():
+            applied = app.next_offset(TOPIC, p)
+            if applied > high:
+                raise InfraError(
+                    f"{PROCESS}: its event store has applied {TOPIC}[{p}] up to offset {applied}, but the "
+                    f"topic ends at {high}: the broker lost its log (the embedded broker keeps topics in "
+                    "memory). Run 'backbeat notifications reset --yes' to start the relay afresh."
+                )
+
     def _on_round(self, app: NotificationRelay, stats: RunStats) -> None:
         seen = (stats.applied, stats.timers_fired)
         if seen != self._seen:
@@ -539,6 +559,27 @@ class RelayLoop:
         self._stop.set()
         if self.runner is not None:
             self.runner.stop()
+
+
+def reset_relay(settings: Any) -> list[str]:
+    """Delete the relay's event store, the provider simulator's record, the new-release
+    requester's positions and the ``notifications`` read model (after the embedded broker lost
+    its log, or to start afresh). Returns what was removed."""
+    from projections.tracking import reset as reset_projection
+    from sagas.eventstore import reset_eventstore
+    from sagas.new_releases import positions_file
+
+    removed = reset_eventstore(settings, [NotificationRelay.name])
+    base = provider_file(settings)
+    for path in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm"),
+                 positions_file(settings)):  # fmt: skip
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    if Path(settings.duckdb_path).exists():
+        reset_projection(settings, ["notifications"])
+        removed.append("read model notifications")
+    return removed
 
 
 def _env_number(name: str, default: float, cast: Callable[[str], float]) -> float:

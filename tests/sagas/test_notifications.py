@@ -385,3 +385,32 @@ def test_relay_paths_are_wired_into_the_cli() -> None:
 
     out = CliRunner().invoke(app, ["notifications", "--help"])
     assert out.exit_code == 0 and all(c in out.output for c in ("relay", "request", "releases", "status"))
+
+
+def test_reset_removes_the_relays_record_and_read_model(tmp_path: Path) -> None:
+    from infra.settings import Settings
+    from projections.readmodels import NOTIFICATIONS
+    from sagas.notifications import build_relay, provider_file, reset_relay
+
+    settings = Settings.from_env({"BACKBEAT_DATA_DIR": str(tmp_path)})
+    provider = ProviderSimulator(provider_file(settings), ProviderConfig())
+    app = build_relay(settings, provider, RelayConfig())
+    app.process_record(record(request("n-1", "u1")))
+    app.fire_due(T0)
+    app.close()
+    provider.close()
+    settings.duckdb_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute(NOTIFICATIONS.ddl)
+        for ddl in NOTIFICATIONS.extra_ddl:
+            con.execute(ddl)
+    store = settings.data_dir / "eventstore" / "NotificationRelay.sqlite"
+    assert store.exists() and provider_file(settings).exists()
+
+    removed = reset_relay(settings)
+
+    assert str(store) in removed and "read model notifications" in removed
+    assert not store.exists() and not provider_file(settings).exists()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert not {"notifications", "notifications_status"} & names

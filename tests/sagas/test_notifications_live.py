@@ -214,7 +214,7 @@ def test_burst_with_a_sigkill_ends_every_request_exactly_once_within_the_bucket(
     with reader(settings.duckdb_path) as con:
         model = con.execute(
             "SELECT notification_id, user_id, channel, state, final_events, attempts, reason, provider_message_id "
-            "FROM notification_states ORDER BY notification_id"
+            "FROM notifications_status ORDER BY notification_id"
         ).fetchall()
     assert model == _independent(records) and len(model) == len(ids)
 
