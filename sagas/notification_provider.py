@@ -2,9 +2,11 @@
 
 :class:`NotificationProvider` is what the relay needs of a delivery provider (e-mail, push, SMS:
 SES, SendGrid, FCM…): ``send`` one message with a client-chosen **idempotency key** (the
-notification id). Like SendGrid's and SES's idempotency support, the provider keeps the result
-of the first accepted request with a key and answers every later request with that key from it,
-without delivering again.
+notification id). The simulator behaves as a provider that honours idempotency keys (the
+idempotent-request rule the payment gateway simulator follows, :mod:`sagas.gateway`): it keeps
+the result of the first accepted request with a key and answers every later request with that
+key from it, without delivering again. A real provider without such keys needs an adapter that
+keeps this record itself.
 
 A call ends in one of three ways the caller must tell apart:
 
