@@ -5,8 +5,8 @@ SES, SendGrid, FCM…): ``send`` one message with a client-chosen **idempotency 
 notification id). The simulator behaves as a provider that honours idempotency keys (the
 idempotent-request rule the payment gateway simulator follows, :mod:`sagas.gateway`): it keeps
 the result of the first accepted request with a key and answers every later request with that
-key from it, without delivering again. A real provider without such keys needs an adapter that
-keeps this record itself.
+key from it, without delivering again. With a provider that takes no such key, a crash between
+the call and the relay's record of it could send a message twice.
 
 A call ends in one of three ways the caller must tell apart:
 
