@@ -623,7 +623,7 @@ LEDGER_ENTRIES = Projection(
 #: Every event of ``platform.notifications`` (requests and the relay's final outcomes), one row
 #: each, keyed by ``event_id`` (``first``: the relay's final events have deterministic ids, so a
 #: re-published copy is stored once); fields of the other types are NULL, ``event_type`` is the
-#: short name, ``retryable`` 0/1. View ``notification_states``: each notification's final state
+#: short name, ``retryable`` 0/1. View ``notifications_status``: each notification's final state
 #: (:mod:`sagas.notification_model`).
 NOTIFICATIONS = Projection(
     name="notifications",
