@@ -673,6 +673,7 @@ _COMMAND_MODULES = (
     "infra.cli_dlq",
     "infra.cli_serve",
     "infra.cli_simulate",
+    "infra.cli_notifications",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

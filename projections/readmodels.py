@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from infra.errors import ConfigError
 from projections.feature_store import TRACK_TABLE, USER_TABLE
-from sagas import ledger
+from sagas import ledger, notification_model
 from streams.plays import COUNT_THRESHOLD_MS
 
 Policy = Literal["first", "last"]
@@ -712,6 +712,42 @@ PLAYS = Projection(
     policy="first",
     extra_ddl=(_skip_rates("track_skip_rates", "track_id"), _skip_rates("user_skip_rates", "user_id")),
 )
+# -- issue 17, notifications (sagas/notifications.py) -----------------------------------------------
+#: Every event of ``platform.notifications`` (requests and the relay's final outcomes), one row
+#: each, keyed by ``event_id`` (``first``: the relay's final events have deterministic ids, so a
+#: re-published copy is stored once); fields of the other types are NULL, ``event_type`` is the
+#: short name, ``retryable`` 0/1. View ``notifications_status``: each notification's final state
+#: (:mod:`sagas.notification_model`).
+NOTIFICATIONS = Projection(
+    name="notifications",
+    version=1,
+    topic="platform.notifications",
+    event_type=notification_model.EVENT_TYPES[0],
+    also_reads=notification_model.EVENT_TYPES[1:],
+    rows=notification_model.notification_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("event_type", _S),
+        Column("notification_id", _S),
+        Column("user_id", _S),
+        Column("channel", _S),
+        Column("occurred_at", _T),
+        Column("template", _S, nullable=True),
+        Column("priority", _S, nullable=True),
+        Column("correlation_id", _S, nullable=True),
+        Column("provider", _S, nullable=True),
+        Column("provider_message_id", _S, nullable=True),
+        Column("attempt", _I, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("retryable", _I, nullable=True),
+        Column("retry_after_ms", _L, nullable=True),
+        Column("detail", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=notification_model.VIEWS_DDL,
+)
+# -- end of issue 17, notifications ----------------------------------------------------------------
 
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
@@ -720,6 +756,7 @@ PROJECTIONS: dict[str, Projection] = {
         LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM,
         CAMPAIGN_PAUSES, LEDGER_ENTRIES,
         PLAYS,  # issue 17: listening from playback
+        NOTIFICATIONS,  # issue 17, notifications
     )
 }  # fmt: skip
 
@@ -744,6 +781,7 @@ __all__ = [
     "CAMPAIGN_PAUSES",
     "LEDGER_ENTRIES",
     "LISTENS",
+    "NOTIFICATIONS",
     "OFFSET_COL",
     "PLAYBACK_EVENT_TYPES",
     "PLAYS",
