@@ -48,7 +48,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import duckdb
+
 from events.catalog_changes import TERRITORIES
+from infra.errors import BackbeatError
 
 #: The read models' names.
 CHANGES_TABLE = "track_changes"
@@ -205,8 +208,68 @@ VIEWS_DDL: tuple[str, ...] = (
     f"CREATE OR REPLACE VIEW {CURRENT_VIEW} AS SELECT * FROM tracks_as_of({NOW_SQL})",
 )
 
+#: The territory a list is served for when none is given (``--territory``, ``?territory=``).
+#: Integration point: the user's territory is the ``country`` of their latest
+#: ``PlaybackSessionStarted`` (``playback.events``); once a read model of it exists, look it up in
+#: :func:`resolve_territory` before falling back to this default.
+DEFAULT_TERRITORY = "US"
+
+
+class UnknownTerritoryError(BackbeatError):
+    """A territory that availability is not tracked for (not in the fixed list)."""
+
+
+def resolve_territory(territory: str | None) -> str:
+    """The territory to filter for: ``territory`` upper-cased, or :data:`DEFAULT_TERRITORY`.
+
+    Raises:
+        UnknownTerritoryError: not one of :data:`events.catalog_changes.TERRITORIES` (the message
+            lists them).
+    """
+    chosen = (territory or DEFAULT_TERRITORY).strip().upper()
+    if chosen not in TERRITORIES:
+        raise UnknownTerritoryError(
+            f"territory {territory!r} is not tracked for availability; use one of {', '.join(TERRITORIES)}"
+        )
+    return chosen
+
+
+def has_availability(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the ``track_availability`` view exists (the catalog change read models ran)."""
+    found = conn.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE NOT internal AND view_name = ?", [AVAILABILITY_VIEW]
+    ).fetchall()
+    return bool(found[0][0])
+
+
+def unavailable(conn: duckdb.DuckDBPyConnection, track_ids: Sequence[str], territory: str) -> set[str]:
+    """The ``track_ids`` the catalog knows that may not be played in ``territory`` now (a
+    ``track_availability`` row with ``available`` false). Tracks the catalog does not know (no
+    ``tracks`` row, e.g. 30Music ids of a file import) are not in it: availability is a fact
+    about catalog tracks, and the live path speaks catalog ids only. Empty when the view does
+    not exist yet (nothing is known to be withdrawn or unlicensed).
+
+    Raises:
+        duckdb.Error: the view exists but cannot be read (a table under it was dropped: run the
+            projections again).
+    """
+    if not track_ids or not has_availability(conn):
+        return set()
+    rows = conn.execute(
+        f"SELECT track_id FROM {AVAILABILITY_VIEW} WHERE territory = $territory AND NOT available "
+        "AND list_contains($ids, track_id)",
+        {"territory": territory, "ids": list(dict.fromkeys(track_ids))},
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 __all__ = [
     "ALBUMS_TABLE",
+    "DEFAULT_TERRITORY",
+    "UnknownTerritoryError",
+    "has_availability",
+    "resolve_territory",
+    "unavailable",
     "AVAILABILITY_VIEW",
     "CHANGES_TABLE",
     "CURRENT_VIEW",
