@@ -386,7 +386,7 @@ class _Generator:
                 "duration_ms": 120_000 + self.h("track-duration", i, k) % 180_000,
                 "published_at": day,
             }
-            self.tracks[tid] = rec
+            self.tracks[tid] = dict(rec)  # a copy: later edits change the state, not the event
             self.emit("TrackPublished", rec)
         self.emit(
             "AlbumReleased",
