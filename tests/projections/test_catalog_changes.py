@@ -47,7 +47,9 @@ from infra.api import create_app
 from infra.cli_catalog_changes import load_catalog, produce_changes
 from infra.provision import apply_topics
 from infra.settings import REPO_ROOT, Settings
+from projections.readmodels import LICENCES, TRACK_CHANGES, TRACKS
 from projections.recommendations import RECOMMENDATIONS, RecommendationsWriter, read_recommendations
+from projections.replay import replay
 from projections.runner import ProjectionRunner, run_projections
 from projections.sql import query
 from tests.conftest import CATALOG, env_for, wait_for
@@ -335,6 +337,20 @@ def test_sigkill_mid_way_then_restart_gives_the_same_read_models(world: World):
         rows(world.a, "SELECT count(*) FROM track_changes")[0][0],
         rows(world.a, "SELECT count(*) FROM licences")[0][0],
     ) == counts
+
+
+def test_replay_of_the_tables_keeps_the_folded_views(world: World):
+    before = (_tracks(world.b, "tracks_current"), _avail(world.b, "track_availability"))
+    for proj in (TRACK_CHANGES, LICENCES, TRACKS):
+        result = replay(
+            world.b, proj.name, projection=proj.on_topic(world.topics[PROJECTION_TOPIC[proj.name]])
+        )
+        assert result.switched, proj.name
+        assert rows(
+            world.b, f"SELECT table_type FROM information_schema.tables WHERE table_name = '{proj.name}'"
+        ) == [("VIEW",)]  # the name now reads the new version's table
+    assert (_tracks(world.b, "tracks_current"), _avail(world.b, "track_availability")) == before
+    assert before[0] == _tracks(world.a, "tracks_current")
 
 
 # -- recommendations --------------------------------------------------------------------------------
