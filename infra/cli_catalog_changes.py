@@ -90,10 +90,15 @@ def produce_changes(
 
 
 def _parse_start(value: str) -> int:
+    """``--start``: an ISO-8601 date or time (UTC when it has no offset), or ``now``."""
+    if value.strip().lower() == "now":
+        return int(time.time() * 1000)
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise ConfigError(f"--start {value!r} is not an ISO-8601 date or time, e.g. 2021-01-01") from None
+        raise ConfigError(
+            f"--start {value!r} is not 'now' or an ISO-8601 date or time, e.g. 2021-01-01"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
@@ -110,9 +115,21 @@ def simulate_catalog(
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", min=1, help="Only the first N tracks (by id) get licences and changes."),
+        typer.Option(
+            "--limit",
+            min=1,
+            help="Only the first N tracks (by id) get licences and changes: the others stay unlicensed "
+            "(for quick runs; recommendations then withhold most tracks).",
+        ),
     ] = None,
-    start: Annotated[str, typer.Option("--start", help="Start of the simulated period, UTC.")] = "2021-01-01",
+    start: Annotated[
+        str,
+        typer.Option(
+            "--start",
+            help="Start of the simulated period (UTC), or 'now': the changes then take effect over the "
+            "coming days, and the read models (which answer for the current time) follow them.",
+        ),
+    ] = "2021-01-01",
     days: Annotated[int, typer.Option("--days", min=1, help="Length of the simulated period.")] = 365,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count the events; produce nothing.")] = False,
 ) -> None:

@@ -83,3 +83,19 @@ def test_rejects_bad_parameters(catalog):
         generate([], changes=1)
     with pytest.raises(ValueError, match="changes"):
         generate(catalog, changes=-1)
+
+
+def test_simulate_catalog_command_counts_what_it_would_send(catalog):
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    args = ["simulate", "catalog", "--dry-run", "--limit", "400", "--changes", "50", "--seed", "9"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    made = generate(catalog, seed=9, changes=50)
+    for event_type, n in made.counts.items():
+        assert f"{event_type:<16} {n:>8}" in result.output
+    assert f"{len(made.events)} events generated for 400 catalog tracks" in result.output
+    bad = CliRunner().invoke(app, ["simulate", "catalog", "--dry-run", "--territories", "DE,Fra"])
+    assert bad.exit_code != 0
