@@ -59,7 +59,7 @@ def _problem(request: Request, status: int, slug: str, title: str, detail: str, 
 
 def _classify(exc: BackbeatError) -> tuple[int, str, str]:
     """``(status, slug, title)`` of a backbeat error raised by a read function."""
-    from projections.availability import UnknownTerritoryError
+    from projections.availability import AvailabilityUnreadableError, UnknownTerritoryError
     from projections.catalog import NoCatalogError, UnknownTrackError
     from projections.feature_store import BadTimeError, NoFeatureStoreError, UnknownEntityError
     from projections.recommendations import NoRecommendationsModelError, UnknownUserError
@@ -70,7 +70,7 @@ def _classify(exc: BackbeatError) -> tuple[int, str, str]:
         return 503, "read-models-busy", "The read models stayed busy"
     if isinstance(
         exc, NoReadModelsError | NoRecommendationsModelError | NoFeatureStoreError | NoCatalogError
-    ) or isinstance(exc, NoSagasReadModelError):
+    ) or isinstance(exc, NoSagasReadModelError | AvailabilityUnreadableError):
         return 503, "read-model-missing", "The read model does not exist yet"
     if isinstance(exc, UnknownUserError | UnknownEntityError):
         return 404, "unknown-user", "Unknown user"

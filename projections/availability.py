@@ -219,6 +219,11 @@ class UnknownTerritoryError(BackbeatError):
     """A territory that availability is not tracked for (not in the fixed list)."""
 
 
+class AvailabilityUnreadableError(BackbeatError):
+    """The ``track_availability`` view exists but a table under it is gone (a reset read model
+    not rebuilt yet): availability cannot be checked, so nothing is served unchecked."""
+
+
 def resolve_territory(territory: str | None) -> str:
     """The territory to filter for: ``territory`` upper-cased, or :data:`DEFAULT_TERRITORY`.
 
@@ -250,22 +255,30 @@ def unavailable(conn: duckdb.DuckDBPyConnection, track_ids: Sequence[str], terri
     not exist yet (nothing is known to be withdrawn or unlicensed).
 
     Raises:
-        duckdb.Error: the view exists but cannot be read (a table under it was dropped: run the
-            projections again).
+        AvailabilityUnreadableError: the view exists but cannot be read (a table under it was
+            dropped by a reset: the message says to run the projections again).
     """
     if not track_ids or not has_availability(conn):
         return set()
-    rows = conn.execute(
-        f"SELECT track_id FROM {AVAILABILITY_VIEW} WHERE territory = $territory AND NOT available "
-        "AND list_contains($ids, track_id)",
-        {"territory": territory, "ids": list(dict.fromkeys(track_ids))},
-    ).fetchall()
+    try:
+        rows = conn.execute(
+            f"SELECT track_id FROM {AVAILABILITY_VIEW} WHERE territory = $territory AND NOT available "
+            "AND list_contains($ids, track_id)",
+            {"territory": territory, "ids": list(dict.fromkeys(track_ids))},
+        ).fetchall()
+    except duckdb.CatalogException as exc:
+        raise AvailabilityUnreadableError(
+            f"track availability cannot be read ({str(exc).splitlines()[0]}); a catalog read model was reset "
+            "and not rebuilt: "
+            "run 'backbeat project -p tracks -p track_changes -p licences --until-caught-up'"
+        ) from exc
     return {r[0] for r in rows}
 
 
 __all__ = [
     "ALBUMS_TABLE",
     "DEFAULT_TERRITORY",
+    "AvailabilityUnreadableError",
     "UnknownTerritoryError",
     "has_availability",
     "resolve_territory",
