@@ -107,10 +107,13 @@ def territories_sql(territories: Sequence[str] = TERRITORIES) -> str:
 #: SQL for "now" as a naive UTC ``TIMESTAMP`` (whatever the session's time zone).
 NOW_SQL = "make_timestamp(epoch_us(now()))"
 
-AVAILABILITY_MACRO = f"""CREATE OR REPLACE MACRO track_availability_at(ts) AS TABLE
+#: ``ids``: the track ids to answer for (a ``VARCHAR[]``), NULL for all.
+_ONLY = "(ids IS NULL OR list_contains(ids, track_id))"
+
+AVAILABILITY_MACRO = f"""CREATE OR REPLACE MACRO track_availability_of(ts, ids) AS TABLE
 WITH terr AS (SELECT unnest({territories_sql()}) AS territory),
 grants AS (
-    SELECT * FROM {LICENCES_TABLE} WHERE change = 'granted'
+    SELECT * FROM {LICENCES_TABLE} WHERE change = 'granted' AND {_ONLY}
     QUALIFY row_number() OVER (PARTITION BY licence_id ORDER BY kafka_partition DESC, kafka_offset DESC) = 1
 ), cover AS (
     SELECT g.licence_id, g.track_id, t.territory, g.valid_from, g.valid_until
@@ -139,7 +142,7 @@ grants AS (
     SELECT w.track_id, t.territory, min(w.occurred_at) AS withdrawn_at,
            arg_min(w.reason, (w.occurred_at, w.kafka_partition, w.kafka_offset)) AS withdrawal_reason
     FROM {CHANGES_TABLE} w JOIN terr t ON len(w.territories) = 0 OR list_contains(w.territories, t.territory)
-    WHERE w.change = 'withdrawn' AND w.occurred_at <= ts
+    WHERE w.change = 'withdrawn' AND w.occurred_at <= ts AND (ids IS NULL OR list_contains(ids, w.track_id))
     GROUP BY ALL
 )
 SELECT k.track_id, t.territory,
@@ -157,7 +160,7 @@ SELECT k.track_id, t.territory,
             WHEN l.expired_at IS NOT NULL THEN l.expired_at
             ELSE l.future_from END AS since,
        w.withdrawal_reason
-FROM (SELECT DISTINCT track_id FROM tracks) k CROSS JOIN terr t
+FROM (SELECT DISTINCT track_id FROM tracks WHERE {_ONLY}) k CROSS JOIN terr t
 LEFT JOIN lic l USING (track_id, territory)
 LEFT JOIN wd w USING (track_id, territory)"""
 
@@ -203,6 +206,8 @@ LEFT JOIN av a USING (track_id)"""
 #: The views and macros (created after the ``tracks``, ``track_changes`` and ``licences`` tables).
 VIEWS_DDL: tuple[str, ...] = (
     AVAILABILITY_MACRO,
+    "CREATE OR REPLACE MACRO track_availability_at(ts) AS TABLE "
+    "SELECT * FROM track_availability_of(ts, NULL)",
     f"CREATE OR REPLACE VIEW {AVAILABILITY_VIEW} AS SELECT * FROM track_availability_at({NOW_SQL})",
     CURRENT_MACRO,
     f"CREATE OR REPLACE VIEW {CURRENT_VIEW} AS SELECT * FROM tracks_as_of({NOW_SQL})",
@@ -262,8 +267,8 @@ def unavailable(conn: duckdb.DuckDBPyConnection, track_ids: Sequence[str], terri
         return set()
     try:
         rows = conn.execute(
-            f"SELECT track_id FROM {AVAILABILITY_VIEW} WHERE territory = $territory AND NOT available "
-            "AND list_contains($ids, track_id)",
+            f"SELECT track_id FROM track_availability_of({NOW_SQL}, CAST($ids AS VARCHAR[])) "
+            "WHERE territory = $territory AND NOT available",
             {"territory": territory, "ids": list(dict.fromkeys(track_ids))},
         ).fetchall()
     except duckdb.CatalogException as exc:
