@@ -14,8 +14,9 @@ seed gives the same events, ids and times in every run and on every machine.
    = []``); 55-94 territorial ``PERFORMANCE`` licences, one per rights society (:data:`SOCIETIES`:
    the EU territories share ICE), each society's licence granted with probability 85 %; 95-99
    no licence at all (the track is unlicensed everywhere until a later grant). 15 % of the
-   licences have a fixed term that ends 30 to ``2 x days`` days after the start (so some expire
-   within the simulated period). ``royalty_share_bp`` 500-2499.
+   licences have a fixed term that ends 30 to ``2 x days`` days after the start; 70 % of those
+   are renewed in advance (a second licence, granted at the start, valid from the end of the
+   first, open-ended), the others expire. ``royalty_share_bp`` 500-2499.
 2. **Changes** ``i = 0 .. changes-1`` at ``start_ms + (i + 1) * span / (changes + 1)``, kind by
    ``pick(seed, "kind", i) % 100``:
 
@@ -125,12 +126,15 @@ class _Licence:
     society: str
     territories: frozenset[str] | None  # None: worldwide
     valid_until: int | None
+    valid_from: int
     revoked: set[str] = field(default_factory=set)
     revoked_all: bool = False
 
     def in_force(self, territories: Sequence[str], at_ms: int) -> list[str]:
         """Territories (of ``territories``) this licence still covers at ``at_ms``."""
-        if self.revoked_all or (self.valid_until is not None and at_ms >= self.valid_until):
+        if self.revoked_all or at_ms < self.valid_from:
+            return []
+        if self.valid_until is not None and at_ms >= self.valid_until:
             return []
         mine = self.territories
         covered = territories if mine is None else [t for t in territories if t in mine]
@@ -185,11 +189,12 @@ class _Generator:
 
     def grant(
         self, tag: tuple[object, ...], track_id: str, at_ms: int, territories: frozenset[str] | None,
-        society: str, rights: str, valid_until: int | None,
+        society: str, rights: str, valid_until: int | None, valid_from: int | None = None,
     ) -> None:  # fmt: skip
         eid = event_id("catalog-sim", self.seed, "grant", *tag)
         lid = "lic-" + eid[:16]
-        lic = _Licence(lid, track_id, society, territories, valid_until)
+        start = at_ms if valid_from is None else valid_from
+        lic = _Licence(lid, track_id, society, territories, valid_until, start)
         self.licences[lid] = lic
         self.by_track.setdefault(track_id, []).append(lid)
         self.emit(
@@ -202,7 +207,7 @@ class _Generator:
                 "society": society,
                 "rights_type": rights,
                 "territories": sorted(territories) if territories is not None else [],
-                "valid_from": at_ms,
+                "valid_from": start,
                 "valid_until": valid_until,
                 "royalty_share_bp": 500 + self.h("share", lid) % 2000,
             },
@@ -230,14 +235,23 @@ class _Generator:
             u = self.h("baseline", tid) % 100
             if u < 55:
                 holder = HOLDERS[self.h("holder", tid) % len(HOLDERS)]
-                self.grant(("base", tid, "world"), tid, self.start_ms, None, holder, "MASTER", self.term(tid))
+                self.licensed(("base", tid, "world"), tid, None, holder, "MASTER")
             elif u < 95:
                 for society, members in groups.items():
                     if self.h("society", tid, society) % 100 < 85:
-                        self.grant(
-                            ("base", tid, society), tid, self.start_ms, frozenset(members), society,
-                            "PERFORMANCE", self.term(tid, society),
-                        )  # fmt: skip
+                        self.licensed(("base", tid, society), tid, frozenset(members), society, "PERFORMANCE")
+
+    def licensed(
+        self, tag: tuple[object, ...], tid: str, territories: frozenset[str] | None, society: str, rights: str
+    ) -> None:
+        """A baseline licence; one with a fixed term is renewed in advance (a second licence from
+        its end, open-ended, granted at the start) with probability 70 %."""
+        end = self.term(*tag)
+        self.grant(tag, tid, self.start_ms, territories, society, rights, end)
+        if end is not None and self.h("renew", *tag) % 100 < 70:
+            self.grant(
+                ("renew", *tag), tid, self.start_ms, territories, society, rights, None, valid_from=end
+            )
 
     # -- changes ---------------------------------------------------------------------------------
     def change(self, i: int) -> None:
