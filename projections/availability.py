@@ -32,7 +32,8 @@ Rules, at a point in time ``ts`` (``now`` for the views), ``T`` the territories 
   tracked) from ``valid_from`` until ``valid_until`` (excluded; NULL = open), except a territory
   named by (or, for an empty list, every territory of) a ``LicenceRevoked`` of that licence with
   ``occurred_at <= ts`` — whichever order the grant and the revocation came in.
-* **Availability** (``track_availability_at(ts)``), one row per published track and territory of
+* **Availability** (``track_availability_at(ts)``; ``track_availability_of(ts, ids)`` for the
+  track ids of a ``VARCHAR[]`` only, NULL for all), one row per published track and territory of
   ``T``: ``available`` when a licence covers it at ``ts`` and no withdrawal covers it.
   ``licence_id``: the covering licence with the earliest ``valid_from`` (then lowest id);
   ``reason``, the first that holds: ``withdrawn`` (``since`` = the first withdrawal covering the
