@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from events.catalog_changes import TERRITORIES
 from infra.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def simulate_catalog(
     changes: Annotated[int, typer.Option("--changes", min=0, help="Changes after the baseline.")] = 1000,
     territories: Annotated[
         str, typer.Option("--territories", help="Comma-separated ISO 3166-1 alpha-2 territories.")
-    ] = "DE,FR,GB,US,SE,ES,IT,NL,BR,JP",
+    ] = ",".join(TERRITORIES),
     catalog: Annotated[
         Path | None, typer.Option("--catalog", help="Spotify catalog CSV (default: the repository's).")
     ] = None,
