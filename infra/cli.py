@@ -674,6 +674,7 @@ _COMMAND_MODULES = (
     "infra.cli_serve",
     "infra.cli_simulate",
     "infra.cli_notifications",
+    "infra.cli_catalog_changes",  # backbeat simulate catalog (issue 17)
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

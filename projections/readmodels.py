@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.errors import ConfigError
+from projections import availability
 from projections.feature_store import TRACK_TABLE, USER_TABLE
 from sagas import ledger, notification_model
 from streams.plays import COUNT_THRESHOLD_MS
@@ -748,6 +749,101 @@ NOTIFICATIONS = Projection(
     extra_ddl=notification_model.VIEWS_DDL,
 )
 # -- end of issue 17, notifications ----------------------------------------------------------------
+# -- catalog changes (issue 17: catalog changes apply; projections/availability.py) ---------------
+#: A list of strings (Avro ``array`` of ``string``) → DuckDB ``VARCHAR[]``.
+_STRINGS = pa.list_(pa.field("item", pa.string(), nullable=False))
+_B = pa.bool_()
+
+#: The change log of published tracks (``catalog.track-changes``, TrackUpdated.avsc and
+#: TrackWithdrawn.avsc): one row per event, ``change`` ``updated`` or ``withdrawn``, the other
+#: type's fields NULL; ``first`` by ``event_id``. Its companions (created with it, and with the
+#: ``tracks`` and ``licences`` tables they read when those are missing) are the folded views
+#: ``tracks_current`` / macro ``tracks_as_of(ts)`` and ``track_availability`` / macro
+#: ``track_availability_at(ts)``; the rules are in :mod:`projections.availability`.
+TRACK_CHANGES = Projection(
+    name=availability.CHANGES_TABLE,
+    version=1,
+    topic="catalog.track-changes",
+    event_type=availability.UPDATED,
+    also_reads=(availability.WITHDRAWN,),
+    rows=availability.change_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("change", _S),
+        Column("track_id", _S),
+        Column("occurred_at", _T),
+        Column("changed_fields", _STRINGS, nullable=True),
+        Column("name", _S, nullable=True),
+        Column("artist", _S, nullable=True),
+        Column("album_id", _S, nullable=True),
+        Column("genre", _S, nullable=True),
+        Column("popularity", _I, nullable=True),
+        Column("duration_ms", _L, nullable=True),
+        Column("explicit", _B, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("territories", _STRINGS, nullable=True),
+        Column("licence_id", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+)
+
+#: Licences granted and revoked (``catalog.licences``, LicenceGranted.avsc and LicenceRevoked.avsc):
+#: one row per event, ``change`` ``granted`` or ``revoked``; ``first`` by ``event_id``.
+LICENCES = Projection(
+    name=availability.LICENCES_TABLE,
+    version=1,
+    topic="catalog.licences",
+    event_type=availability.GRANTED,
+    also_reads=(availability.REVOKED,),
+    rows=availability.licence_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("change", _S),
+        Column("licence_id", _S),
+        Column("track_id", _S),
+        Column("occurred_at", _T),
+        Column("society", _S),
+        Column("territories", _STRINGS),
+        Column("rights_type", _S, nullable=True),
+        Column("valid_from", _T, nullable=True),
+        Column("valid_until", _T, nullable=True),
+        Column("royalty_share_bp", _I, nullable=True),
+        Column("reason", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+)
+
+#: Album releases (``catalog.albums``, compacted, AlbumReleased.avsc): the last per ``album_id``.
+ALBUMS = Projection(
+    name=availability.ALBUMS_TABLE,
+    version=1,
+    topic="catalog.albums",
+    event_type="backbeat.catalog.AlbumReleased",
+    columns=(
+        Column("album_id", _S),
+        Column("event_id", _S),
+        Column("released_at", _T, field="occurred_at"),
+        Column("name", _S),
+        Column("artist", _S),
+        Column("album_type", _S),
+        Column("track_ids", _STRINGS),
+        Column("release_date", _S, nullable=True),
+        Column("label", _S, nullable=True),
+        Column("upc", _S, nullable=True),
+    ),
+    key="album_id",
+    policy="last",
+)
+
+#: The folded views need all three tables: each of the two change projections creates the
+#: missing ones (``CREATE TABLE IF NOT EXISTS``, a no-op over a replayed read model's view) and
+#: then the views, so either runner may start first.
+_CATALOG_VIEWS = (TRACKS.ddl, TRACK_CHANGES.ddl, LICENCES.ddl, *availability.VIEWS_DDL)
+TRACK_CHANGES = replace(TRACK_CHANGES, extra_ddl=_CATALOG_VIEWS)
+LICENCES = replace(LICENCES, extra_ddl=_CATALOG_VIEWS)
+# -- end of catalog changes ------------------------------------------------------------------------
 
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
@@ -757,6 +853,7 @@ PROJECTIONS: dict[str, Projection] = {
         CAMPAIGN_PAUSES, LEDGER_ENTRIES,
         PLAYS,  # issue 17: listening from playback
         NOTIFICATIONS,  # issue 17, notifications
+        TRACK_CHANGES, LICENCES, ALBUMS,  # catalog changes (issue 17)
     )
 }  # fmt: skip
 
@@ -777,9 +874,11 @@ def get_projection(name: str) -> Projection:
 __all__ = [
     "AD_REPORTS",
     "AD_REPORTS_ITEM",
+    "ALBUMS",
     "ARTIST_AFFINITIES",
     "CAMPAIGN_PAUSES",
     "LEDGER_ENTRIES",
+    "LICENCES",
     "LISTENS",
     "NOTIFICATIONS",
     "OFFSET_COL",
@@ -789,6 +888,7 @@ __all__ = [
     "PROJECTIONS",
     "SESSIONS",
     "TRACKS",
+    "TRACK_CHANGES",
     "TRACK_FEATURES",
     "USER_FEATURES",
     "Column",
