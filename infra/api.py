@@ -213,7 +213,11 @@ def create_app(settings: Settings, *, read_timeout_s: float = 10.0) -> FastAPI:
         n: Annotated[int, Query(ge=1, le=500, description="At most this many items.")] = TOP_N,
         territory: Annotated[
             str | None,
-            Query(min_length=2, max_length=2, description="ISO country served (default US)."),
+            Query(
+                min_length=2,
+                max_length=2,
+                description="ISO country served (default: the user's latest player listen's, else US).",
+            ),
         ] = None,
     ) -> Response:
         """The user's "Made for You" list (``backbeat recommend USER --json``): ``{user_id,

@@ -75,8 +75,8 @@ def recommend(
         str | None,
         typer.Option(
             "--territory",
-            help="ISO country the list is served in (default US): tracks withdrawn or unlicensed there "
-            "are never shown.",
+            help="ISO country the list is served in (default: the country of the user's latest player "
+            "listen, else US): tracks withdrawn or unlicensed there are never shown.",
         ),
     ] = None,
 ) -> None:

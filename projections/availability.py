@@ -214,10 +214,8 @@ VIEWS_DDL: tuple[str, ...] = (
     f"CREATE OR REPLACE VIEW {CURRENT_VIEW} AS SELECT * FROM tracks_as_of({NOW_SQL})",
 )
 
-#: The territory a list is served for when none is given (``--territory``, ``?territory=``).
-#: Integration point: the user's territory is the ``country`` of their latest
-#: ``PlaybackSessionStarted`` (``playback.events``); once a read model of it exists, look it up in
-#: :func:`resolve_territory` before falling back to this default.
+#: The territory a list is served for when none is given (``--territory``, ``?territory=``) and
+#: the user has no listen with a territory (:func:`user_territory`).
 DEFAULT_TERRITORY = "US"
 
 
@@ -243,6 +241,21 @@ def resolve_territory(territory: str | None) -> str:
             f"territory {territory!r} is not tracked for availability; use one of {', '.join(TERRITORIES)}"
         )
     return chosen
+
+
+def user_territory(conn: duckdb.DuckDBPyConnection, user_id: str) -> str | None:
+    """The territory of ``user_id``'s latest listen that has one (the ``listens`` read model:
+    listens derived from player events carry their session's country), or ``None`` (no such
+    listen, or no ``listens`` table yet)."""
+    try:
+        row = conn.execute(
+            "SELECT territory FROM listens WHERE user_id = ? AND territory IS NOT NULL "
+            "ORDER BY occurred_at DESC LIMIT 1",
+            [user_id],
+        ).fetchone()
+    except duckdb.CatalogException:
+        return None
+    return str(row[0]) if row else None
 
 
 def has_availability(conn: duckdb.DuckDBPyConnection) -> bool:
@@ -288,6 +301,7 @@ __all__ = [
     "UnknownTerritoryError",
     "has_availability",
     "resolve_territory",
+    "user_territory",
     "unavailable",
     "AVAILABILITY_VIEW",
     "CHANGES_TABLE",

@@ -88,7 +88,7 @@ from personalisation.streaming import (
     weight_unit,
 )
 from projections.apply import Applied
-from projections.availability import resolve_territory, unavailable
+from projections.availability import resolve_territory, unavailable, user_territory
 from projections.decoding import Prepared, Reject
 from projections.names import name_ctes
 from projections.readmodels import OFFSET_COL, PARTITION_COL, Column, Projection
@@ -742,7 +742,9 @@ def read_recommendations(
     settings: Settings, user_id: str, n: int = TOP_N, timeout_s: float = 30.0, territory: str | None = None
 ) -> UserRecommendations:
     """The current list of ``user_id`` (at most ``n`` items) from the read model, with names,
-    for ``territory`` (default :data:`projections.availability.DEFAULT_TERRITORY`): tracks of the
+    for ``territory`` (default: the territory of the user's latest listen that has one,
+    :func:`projections.availability.user_territory`, else
+    :data:`projections.availability.DEFAULT_TERRITORY`): tracks of the
     list that may not be played there now (withdrawn or unlicensed, ``track_availability``) are
     never shown, whenever the list was computed (``withheld`` names them).
 
@@ -754,8 +756,11 @@ def read_recommendations(
         UnknownUserError: it has no list for ``user_id`` (the message shows some known users).
         DatabaseBusyError: a runner held the file for ``timeout_s`` seconds.
     """
-    where = resolve_territory(territory)
+    if territory is not None:
+        where = resolve_territory(territory)
     with reader(settings.duckdb_path, timeout_s) as conn:
+        if territory is None:
+            where = resolve_territory(user_territory(conn, user_id))
         tables = _tables(conn)
         if NAME not in tables or CONTEXT_TABLE not in tables:
             raise NoRecommendationsModelError(
