@@ -16,6 +16,7 @@ from projections.availability import (
     UnknownTerritoryError,
     resolve_territory,
     unavailable,
+    user_territory,
 )
 from projections.readmodels import LICENCES, TRACK_CHANGES, TRACKS, Projection, to_table_checked
 
@@ -164,3 +165,15 @@ def test_territory_resolution():
     with pytest.raises(UnknownTerritoryError, match="DE, FR"):
         resolve_territory("CA")
     assert unavailable(duckdb.connect(), ["a"], "DE") == set()  # no availability view yet
+
+
+def test_a_users_territory_is_that_of_their_latest_player_listen():
+    conn = duckdb.connect()
+    assert user_territory(conn, "u1") is None  # no listens table yet
+    conn.execute(
+        "CREATE TABLE listens AS SELECT * FROM (VALUES ('u1', TIMESTAMP '2026-01-01 10:00', 'FR'), "
+        "('u1', TIMESTAMP '2026-01-02 10:00', 'DE'), ('u1', TIMESTAMP '2026-01-03 10:00', NULL), "
+        "('u2', TIMESTAMP '2026-01-01 10:00', NULL)) t(user_id, occurred_at, territory)"
+    )
+    assert user_territory(conn, "u1") == "DE"  # the latest listen that has one
+    assert user_territory(conn, "u2") is None and user_territory(conn, "nobody") is None
