@@ -201,6 +201,13 @@ def main() -> None:
             stop(runner, timeout_s=30)
             stop(worker, timeout_s=30)
         recorder.join(10)
+        with reader(settings.duckdb_path, timeout_s=30) as con:
+            stored = {
+                r[0]
+                for r in con.execute(
+                    "SELECT playback_id FROM listens WHERE playback_id IS NOT NULL"
+                ).fetchall()
+            }
         lat = np.array([seen[p] * 1000 - t for p, t in recorder.ends.items() if p in seen])
         pct = (lambda q: round(float(np.percentile(lat, q)), 1)) if lat.size else (lambda q: None)
         result = {
@@ -210,7 +217,9 @@ def main() -> None:
             "player_events": recorder.events,
             "listens_expected": len(recorder.ends),
             "listens_seen": int(lat.size),
-            "listens_missing": len(recorder.ends) - int(lat.size),
+            "listens_missing": len(set(recorder.ends) - stored),
+            "listens_unexpected": len(stored - set(recorder.ends)),
+            "listens_stored_unseen_by_poll": len((set(recorder.ends) & stored) - set(seen)),
             "latency_p50_ms": pct(50),
             "latency_p90_ms": pct(90),
             "latency_p99_ms": pct(99),

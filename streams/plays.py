@@ -49,7 +49,9 @@ the play's start (``PlaybackStarted.occurred_at``), ``track_id`` and ``artist_id
 ``PlaybackStarted`` (when the client sent no artist: :data:`UNKNOWN_ARTIST`), ``ms_played`` from
 the end event, ``territory`` = the session's country, ``playback_id``, ``session_hint`` = the
 player session id, ``event_id`` = :func:`events.importers.base.event_id` over ``("player",
-user_id, occurred_at, track_id)`` (the schema's formula, so a recomputation has the same id).
+playback_id)`` (so a recomputation has the same id; not the imported listens' ``source|user|time|
+track``, because a live player stamps many events with the same ms and a user who plays one
+track twice within it would get one id for two plays).
 
 Checkpoint records (keys UTF-8, values compact JSON arrays; a key without value is a tombstone):
 
@@ -156,9 +158,9 @@ def validate_player_event(record: Mapping[str, Any], now_ms: int | None = None) 
     return None
 
 
-def listen_event_id(user_id: str, started_at: int, track_id: str) -> str:
-    """``ListenRecorded.event_id`` of a play: the schema's formula over ``player``."""
-    return event_id(SOURCE, user_id, started_at, track_id)
+def listen_event_id(playback_id: str) -> str:
+    """``ListenRecorded.event_id`` of a play (module docstring): one id per play."""
+    return event_id(SOURCE, playback_id)
 
 
 class Listen(NamedTuple):
@@ -402,7 +404,7 @@ class PlaysPartition:
             return None
         self._count("counted")
         return Listen(
-            listen_event_id(play.user_id, play.started_at, play.track_id),
+            listen_event_id(pid),
             play.user_id,
             play.track_id,
             play.artist_id or UNKNOWN_ARTIST,

@@ -189,8 +189,8 @@ def assert_exact(inputs: Inputs, listens: list[dict[str, Any]]) -> None:
         db.execute(per_user_track.format("SELECT * FROM got")).fetchall()
         == db.execute(per_user_track.format(EXPECTED_LISTENS)).fetchall()
     )
-    assert all(x["source"] == "player" and x["event_id"] == listen_event_id(x["user_id"], x["occurred_at"],
-               x["track_id"]) and x["artist_id"] for x in listens)  # fmt: skip
+    assert all(x["source"] == "player" and x["event_id"] == listen_event_id(x["playback_id"])
+               and x["artist_id"] for x in listens)  # fmt: skip
     assert {x["territory"] for x in listens} > {None, "SE"}
 
 

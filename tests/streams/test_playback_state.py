@@ -97,7 +97,7 @@ def test_the_30_second_boundary():
     assert [x.playback_id for x in listens] == ["b", "c"]
     b = listens[0].record()
     assert b == {
-        "event_id": event_id("player", "u1", T0 + 40_000, "tr-1"),
+        "event_id": event_id("player", "b"),
         "user_id": "u1", "track_id": "tr-1", "artist_id": "ar-1", "occurred_at": T0 + 40_000, "source": "player",
         "ms_played": 30_000, "track_name": None, "artist_name": None, "session_hint": "s1", "territory": "SE",
         "playback_id": "b",
