@@ -10,7 +10,8 @@ configurations and registers the chosen agents, each as a
 
 The agent groups (``BACKBEAT_STREAMS_AGENTS``, default all): ``ingest`` (listening ingest,
 :mod:`streams.ingest`), ``features`` (the user- and track-features agents,
-:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`). On first start the
+:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`), ``ledger`` (payments →
+``billing.ledger``, :mod:`streams.ledger`). On first start the
 worker creates the topics its agents need that are missing, exactly as ``backbeat topics
 apply`` does (Faust itself never creates topics), and applies :func:`infra.runtime.tune_gc`.
 
@@ -130,11 +131,20 @@ def _ads(app: BackbeatApp) -> None:
     app.add_agent(AdReporting(ads, app.ingest_config.app_id), ads.topic_specs(app.ingest_config.app_id))
 
 
+def _ledger(app: BackbeatApp) -> None:
+    from streams.ledger import LedgerConfig, build_agent
+
+    ledger = LedgerConfig.from_env()
+    app_id = app.ingest_config.app_id
+    app.add_agent(build_agent(app.backbeat_settings, app_id, ledger), ledger.topic_specs(app_id))
+
+
 #: The agent groups a worker can run, by ``BACKBEAT_STREAMS_AGENTS`` name: one way to register.
 AGENT_GROUPS: dict[str, Callable[[BackbeatApp], None]] = {
     "ingest": _ingest,
     "features": _features,
     "ads": _ads,
+    "ledger": _ledger,
 }
 
 
