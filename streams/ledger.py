@@ -4,9 +4,12 @@
 The posting rules are :mod:`sagas.ledger` (pure): a ``PaymentCaptured`` posts a ``sale`` and a
 ``settlement`` entry of two lines each, a ``PaymentRefunded`` a ``refund`` entry of two lines, the
 other payment events nothing. What a payment was for (subscription or order) is named only by its
-``PaymentAuthorized``: the agent remembers it per payment (state per source partition, checkpointed
-in its changelog ``<app id>-ledger-changelog`` as ``p:<payment_id>`` → ``<TYPE>\\x1f<id>``), and every
-line of the payment, its refunds' too, carries it as ``reference_type``/``reference_id``. The source
+``PaymentAuthorized``: the agent remembers it per payment, with the payment events it posted
+(state per source partition, checkpointed in its changelog ``<app id>-ledger-changelog`` as
+``p:<payment_id>`` → JSON ``{"purpose": [type, id] | null, "posted": {event_id: source offset}}``),
+and every line of the payment, its refunds' too, carries it as ``reference_type``/``reference_id``.
+A payment event redelivered (same ``event_id``, another offset: the gateway answered twice, a
+producer retried) posts nothing: each line is on ``billing.ledger`` once. The source
 is keyed by ``payment_id``, so a payment's authorisation precedes its capture and refunds in its
 partition. A capture whose authorisation was never seen is posted with ``reference_type PAYMENT``.
 
@@ -29,8 +32,9 @@ partitions are used; a finer account id (per currency or per user) would spread 
 Per batch and source partition, in offset order: authorisations update the state; captures and
 refunds become lines (Emit: key = account id, partition = Kafka's default partition of the key,
 record time = the payment event's time). Counters reconcile:
-``records_in = posted + not_posting + dead_lettered`` (``posted``: events that posted lines;
-``lines``: lines emitted).
+``records_in = posted + duplicates + not_posting + dead_lettered`` (``posted``: events that
+posted lines; ``lines``: lines emitted). The state holds one entry per payment seen (a few
+hundred bytes), kept for good: a refund may come months after its capture.
 
 Configuration (environment): ``BACKBEAT_LEDGER_SOURCE_TOPIC`` (``billing.payments``),
 ``BACKBEAT_LEDGER_TOPIC`` (``billing.ledger``), ``BACKBEAT_LEDGER_DLQ_TOPIC``
@@ -41,12 +45,13 @@ it has read the source to its end (``backbeat sagas simulate`` builds the ledger
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from events.catalog import TopicSpec, topic
@@ -62,7 +67,6 @@ TABLE = "ledger"
 SOURCE_URI = "/streams/ledger"
 #: Changelog key prefix of a remembered payment purpose.
 _PREFIX = b"p:"
-_SEP = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,26 @@ def _header(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> st
     return None
 
 
+@dataclass
+class PaymentState:
+    """What the agent remembers of one payment: its ``purpose`` (from its authorisation; ``None``
+    until seen) and the payment events it ``posted`` (``event_id`` → source offset)."""
+
+    purpose: ledger.Purpose | None = None
+    posted: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The changelog value (JSON)."""
+        return json.dumps({"purpose": self.purpose, "posted": self.posted}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> PaymentState:
+        """The state of a changelog value."""
+        d = json.loads(value)
+        purpose = d.get("purpose")
+        return cls(tuple(purpose) if purpose else None, {str(k): int(v) for k, v in d.get("posted", {}).items()})  # type: ignore[arg-type]
+
+
 class LedgerAgent(BatchAgent):
     """The agent (module docstring). ``type_of``: the full event type name of a registry schema
     id (used when a record has no ``ce_type`` header); ``ledger_partitions``: partitions of the
@@ -121,7 +145,7 @@ class LedgerAgent(BatchAgent):
     name = "ledger"
     stats_name = "ledger"
     source_uri = SOURCE_URI
-    count_names = ("posted", "not_posting", "lines", "purposes")
+    count_names = ("posted", "not_posting", "duplicates", "lines")
 
     def __init__(
         self, config: LedgerConfig, app_id: str, type_of: Callable[[int], str], ledger_partitions: int
@@ -130,8 +154,8 @@ class LedgerAgent(BatchAgent):
         self.app_id = app_id
         self.type_of = type_of
         self.ledger_partitions = ledger_partitions
-        self.purposes: dict[int, dict[str, ledger.Purpose]] = {}
-        self.fresh: dict[int, dict[str, ledger.Purpose]] = {}
+        self.payments: dict[int, dict[str, PaymentState]] = {}
+        self.changed: dict[int, set[str]] = {}
 
     @property
     def source_topic(self) -> str:
@@ -159,15 +183,14 @@ class LedgerAgent(BatchAgent):
         return {self.config.ledger_topic: "LedgerEntryPosted"}
 
     def restore(self, partition: int, items: Mapping[bytes, bytes]) -> None:
-        """The partition's remembered purposes from its changelog."""
-        known: dict[str, ledger.Purpose] = {}
-        for key, value in items.items():
-            if key.startswith(_PREFIX):
-                ref_type, _, ref_id = value.decode().partition(_SEP)
-                known[key[len(_PREFIX) :].decode()] = (ref_type, ref_id)
-        self.purposes[partition] = known
-        self.fresh[partition] = {}
-        log.info("ledger: partition %d restored, %d payment purposes", partition, len(known))
+        """The partition's payments from its changelog."""
+        self.payments[partition] = {
+            key[len(_PREFIX) :].decode(): PaymentState.decode(value)
+            for key, value in items.items()
+            if key.startswith(_PREFIX)
+        }
+        self.changed[partition] = set()
+        log.info("ledger: partition %d restored, %d payments", partition, len(self.payments[partition]))
 
     def _type(self, msg: Any) -> str:
         found = _header(msg.headers(), "ce_type")
@@ -177,25 +200,29 @@ class LedgerAgent(BatchAgent):
         return self.type_of(int.from_bytes(value[1:5], "big"))
 
     def process(self, batch: PartitionBatch, now_ms: int) -> Result:
-        """Post one partition's payment events (module docstring)."""
+        """Post one partition's payment events (module docstring). A payment event already
+        posted from another offset (a redelivery: same ``event_id``) posts nothing
+        (``duplicates``); one at the offset it was posted from (a replay after a crash) is posted
+        again with the same ids, and the runtime drops what had landed."""
         p = batch.partition
-        known, fresh = self.purposes[p], self.fresh[p]
+        payments, changed = self.payments[p], self.changed[p]
         emits: list[Emit] = []
         raws: list[Raw] = []
         counts = dict.fromkeys(self.count_names, 0)
         ledger_topic = self.config.ledger_topic
-        for record, msg in zip(batch.records, batch.messages, strict=True):
+        for record, msg, offset in zip(batch.records, batch.messages, batch.offsets, strict=True):
             if record is None:
                 continue
             event_type = self._type(msg)
+            pid = record.get("payment_id")
+            state = payments.get(pid) if isinstance(pid, str) else None
             purpose = ledger.purpose_of(event_type, record)
-            if purpose is not None:
-                pid = record.get("payment_id")
-                if isinstance(pid, str) and known.get(pid) != purpose:
-                    known[pid] = fresh[pid] = purpose
-                    counts["purposes"] += 1
+            if purpose is not None and isinstance(pid, str) and (state is None or state.purpose is None):
+                state = payments[pid] = state or PaymentState()
+                state.purpose = purpose
+                changed.add(pid)
             try:
-                posted = ledger.postings(event_type, record, known.get(str(record.get("payment_id"))))
+                posted = ledger.postings(event_type, record, state.purpose if state else None)
             except ledger.LedgerError as exc:
                 raws.append(self._dead_letter(msg, str(exc)))
                 counts["dead_lettered"] = counts.get("dead_lettered", 0) + 1
@@ -204,6 +231,13 @@ class LedgerAgent(BatchAgent):
             if not posted:
                 counts["not_posting"] += 1
                 continue
+            event_id = record["event_id"]
+            if state is not None and state.posted.get(event_id, offset) != offset:
+                counts["duplicates"] += 1
+                continue
+            state = payments[pid] = state or PaymentState()
+            state.posted[event_id] = offset
+            changed.add(pid)
             counts["posted"] += 1
             for line in posted:
                 event = line.event()
@@ -239,24 +273,24 @@ class LedgerAgent(BatchAgent):
                    f"dlq:{src}/{part}/{offset}")  # fmt: skip
 
     def checkpoint(self, partition: int, offset: int) -> Iterable[ChangelogRecord]:
-        """The purposes learnt since the last checkpoint."""
-        fresh = self.fresh.get(partition) or {}
-        out = [(_PREFIX + pid.encode(), f"{t}{_SEP}{i}".encode()) for pid, (t, i) in fresh.items()]
-        self.fresh[partition] = {}
+        """The payments changed since the last checkpoint."""
+        payments = self.payments.get(partition, {})
+        out = [(_PREFIX + pid.encode(), payments[pid].encode()) for pid in sorted(self.changed.get(partition, ()))]
+        self.changed[partition] = set()
         return out
 
     def revoke(self, partition: int) -> None:
         """Forget the partition."""
-        self.purposes.pop(partition, None)
-        self.fresh.pop(partition, None)
+        self.payments.pop(partition, None)
+        self.changed.pop(partition, None)
 
     def state_entries(self) -> int:
-        """Remembered payment purposes across the assigned partitions."""
-        return sum(len(d) for d in list(self.purposes.values()))
+        """Remembered payments across the assigned partitions."""
+        return sum(len(d) for d in list(self.payments.values()))
 
     def reconciles(self, counts: Mapping[str, int]) -> bool:
-        """``records_in = posted + not_posting + dead_lettered``."""
-        out = sum(counts.get(k, 0) for k in ("posted", "not_posting", "dead_lettered"))
+        """``records_in = posted + duplicates + not_posting + dead_lettered``."""
+        out = sum(counts.get(k, 0) for k in ("posted", "duplicates", "not_posting", "dead_lettered"))
         return counts.get("records_in", 0) == out
 
 
@@ -280,7 +314,7 @@ def publish_until_caught_up(
     """Run the ledger agent in this process (consumer group ``<app_id>-ledger``, the worker's)
     until every source partition is read up to the high watermark it had when this started, then
     stop after the batch's checkpoint. Creates missing topics. Returns the runner's snapshot
-    (counters).
+    (counters, summed over the partitions' persisted counters) taken when caught up.
 
     Raises:
         InfraError: the agent failed, or did not catch up within ``timeout_s``.
@@ -303,6 +337,7 @@ def publish_until_caught_up(
                 raise InfraError(f"the ledger agent stopped: {runner.failure}")
             positions = {p: s.next or 0 for p, s in list(runner.assigned.items())}
             if len(positions) >= len(targets) and all(positions.get(p, 0) >= t for p, t in targets.items()):
+                snapshot = runner.snapshot()
                 break
             if time.monotonic() > deadline:
                 raise InfraError(
@@ -313,7 +348,7 @@ def publish_until_caught_up(
     finally:
         runner.stop()
         thread.join(timeout=60)
-    return runner.snapshot()
+    return snapshot
 
 
 __all__ = ["SOURCE_URI", "LedgerAgent", "LedgerConfig", "build_agent", "publish_until_caught_up"]
