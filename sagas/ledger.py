@@ -313,14 +313,18 @@ def posted_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any
         raise LedgerError(f"LedgerEntryPosted {eid!r} has direction {direction!r}; expected DEBIT or CREDIT")
     amount = event.get("amount_minor")
     if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
-        raise LedgerError(f"LedgerEntryPosted {eid!r} has amount_minor {amount!r}; expected a positive integer")
+        raise LedgerError(
+            f"LedgerEntryPosted {eid!r} has amount_minor {amount!r}; expected a positive integer"
+        )
     missing = [
         name
         for name in ("journal_line", "payment_id", "source_event_id", "source_event_type", "journal_kind")
         if event.get(name) is None
     ]
     if missing:
-        raise LedgerError(f"LedgerEntryPosted {eid!r} lacks {', '.join(missing)}; the ledger read model needs them")
+        raise LedgerError(
+            f"LedgerEntryPosted {eid!r} lacks {', '.join(missing)}; the ledger read model needs them"
+        )
     return [
         {
             "entry_id": event["journal_id"],

@@ -134,7 +134,9 @@ class PaymentState:
         """The state of a changelog value."""
         d = json.loads(value)
         purpose = d.get("purpose")
-        return cls(tuple(purpose) if purpose else None, {str(k): int(v) for k, v in d.get("posted", {}).items()})  # type: ignore[arg-type]
+        return cls(
+            tuple(purpose) if purpose else None, {str(k): int(v) for k, v in d.get("posted", {}).items()}
+        )  # type: ignore[arg-type]
 
 
 class LedgerAgent(BatchAgent):
@@ -275,7 +277,10 @@ class LedgerAgent(BatchAgent):
     def checkpoint(self, partition: int, offset: int) -> Iterable[ChangelogRecord]:
         """The payments changed since the last checkpoint."""
         payments = self.payments.get(partition, {})
-        out = [(_PREFIX + pid.encode(), payments[pid].encode()) for pid in sorted(self.changed.get(partition, ()))]
+        out = [
+            (_PREFIX + pid.encode(), payments[pid].encode())
+            for pid in sorted(self.changed.get(partition, ()))
+        ]
         self.changed[partition] = set()
         return out
 

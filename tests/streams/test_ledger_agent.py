@@ -132,7 +132,10 @@ def test_lines_carry_the_purpose_of_the_authorisation_and_are_keyed_by_account()
 
 def test_a_redelivered_event_posts_nothing_but_a_replayed_one_posts_again():
     agent = _agent()
-    auth, cap = _pay("PaymentAuthorized", 1, subscription_id="sub-1", order_id=None), _pay("PaymentCaptured", 1)
+    auth, cap = (
+        _pay("PaymentAuthorized", 1, subscription_id="sub-1", order_id=None),
+        _pay("PaymentCaptured", 1),
+    )
     first = agent.process(_batch([auth, cap, cap]), T0)  # the capture twice: offsets 1 and 2
     assert len(first.emits) == 4 and first.counts["duplicates"] == 1
     items = dict(agent.checkpoint(2, 2))
@@ -210,7 +213,10 @@ def expected_postings(messages: list[Message]) -> list[tuple]:
     """:data:`EXPECTED_SQL` over ``messages``."""
     fields = ("event_id", "payment_id", "correlation_id", "occurred_at", "amount_minor", "currency",
               "order_id", "subscription_id")  # fmt: skip
-    cols: dict[str, list[Any]] = {"seq": list(range(len(messages))), "event_type": [m.event_type for m in messages]}
+    cols: dict[str, list[Any]] = {
+        "seq": list(range(len(messages))),
+        "event_type": [m.event_type for m in messages],
+    }
     for f in fields:
         cols[f] = [m.payload.get(f) for m in messages]
     payments = pa.table(cols)  # noqa: F841 - read by DuckDB's replacement scan
