@@ -41,13 +41,17 @@ def summary(statement: Any, export: Path | None) -> dict[str, Any]:
 def statement(
     period: Annotated[str, typer.Option(help="The UTC month, YYYY-MM (e.g. 2026-01).")],
     export: Annotated[
-        Path | None, typer.Option(help="Also write royalty_statements_YYYY-MM.parquet (the period) into this directory.")
+        Path | None,
+        typer.Option(help="Also write royalty_statements_YYYY-MM.parquet (the period) into this directory."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statement as JSON.")] = False,
     pool_bp: Annotated[
         int | None,
-        typer.Option(help="Pool share in basis points (default BACKBEAT_ROYALTY_POOL_BP, else 7000).", min=0,
-                     max=10_000),
+        typer.Option(
+            help="Pool share in basis points (default BACKBEAT_ROYALTY_POOL_BP, else 7000).",
+            min=0,
+            max=10_000,
+        ),
     ] = None,  # fmt: skip
 ) -> None:
     """Compute the pro-rata royalty statement of a month: the subscription revenue recognised in
@@ -66,12 +70,14 @@ def statement(
               title=f"royalties {done.period}: pool {done.pool_bp / 100:g} % of subscription revenue")
     )  # fmt: skip
     console.print(f"{done.total_plays} counted plays, {done.rows.num_rows} statement rows stored")
-    top = sorted(done.rows.to_pylist(), key=lambda r: (-r["amount_minor"], r["track_id"], r["territory"]))[:TOP]
+    top = sorted(done.rows.to_pylist(), key=lambda r: (-r["amount_minor"], r["track_id"], r["territory"]))[
+        :TOP
+    ]
     if top:
         console.print(
             table(["currency", "track", "artist", "territory", "plays", "amount (minor)"],
-                  [(r["currency"], r["track_id"], r["artist_id"], r["territory"], r["plays"], r["amount_minor"])
-                   for r in top], title=f"top {len(top)} rows")
+                  [(r["currency"], r["track_id"], r["artist_id"], r["territory"], r["plays"],
+                    r["amount_minor"]) for r in top], title=f"top {len(top)} rows")
         )  # fmt: skip
     if path is not None:
         console.print(f"exported to {path}")

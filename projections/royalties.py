@@ -151,7 +151,9 @@ def pool_bp_setting(environ: Mapping[str, str] | None = None) -> int:
     except ValueError:
         value = -1
     if not 0 <= value <= 10_000:
-        raise ConfigError(f"{POOL_BP_VAR}={raw!r}: expected basis points, an integer from 0 to 10000 (7000 = 70 %)")
+        raise ConfigError(
+            f"{POOL_BP_VAR}={raw!r}: expected basis points, an integer from 0 to 10000 (7000 = 70 %)"
+        )
     return value
 
 
@@ -301,7 +303,8 @@ def run_statement(
     bp = pool_bp_setting() if pool_bp is None else pool_bp
     if not settings.duckdb_path.exists():
         raise RoyaltyError(
-            f"there are no read models at {settings.duckdb_path} yet; run 'backbeat project --until-caught-up'"
+            f"there are no read models at {settings.duckdb_path} yet; "
+            "run 'backbeat project --until-caught-up'"
         )
     with writer(settings.duckdb_path) as con:
         statement = compute(con, period, bp)

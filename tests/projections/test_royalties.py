@@ -137,7 +137,9 @@ def world(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     app_id = f"royalties-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     config = LedgerConfig(f"{app_id}.payments", f"{app_id}.ledger", f"{app_id}.dlq")
     listens_topic = f"{app_id}.listens"
-    apply_topics(settings, [*config.topic_specs(app_id), dataclasses.replace(topic(LISTENS.topic), name=listens_topic)])
+    apply_topics(
+        settings, [*config.topic_specs(app_id), dataclasses.replace(topic(LISTENS.topic), name=listens_topic)]
+    )
     produce(settings, config.source_topic, seeded_payments(tmp, n=150, seed=29, span_ms=60 * DAY_MS))
     listens = seeded_listens(3000)
     producer = EventProducer(settings)
@@ -179,8 +181,11 @@ def test_statement_equals_sql_over_the_read_models(world: Settings, month: str, 
         assert rows[0][6] == rows[0][8] * bp // 10_000
     assert {r[3] for r in want} >= {"DE", "US", "ZZ"}
     # the 30-second rule and the month bound: plays are the counted listens of the month only
-    counted = query(world, f"""SELECT count(*) FROM listens WHERE occurred_at >= '{period.start}'
-        AND occurred_at < '{period.end}' AND (ms_played IS NULL OR ms_played >= 30000)""").rows[0][0]
+    counted = query(
+        world,
+        f"""SELECT count(*) FROM listens WHERE occurred_at >= '{period.start}'
+        AND occurred_at < '{period.end}' AND (ms_played IS NULL OR ms_played >= 30000)""",
+    ).rows[0][0]
     assert want[0][7] == statement.total_plays == counted
     assert 0 < counted < query(world, "SELECT count(*) FROM listens").rows[0][0]
 
@@ -193,7 +198,9 @@ def test_rerun_replaces_the_period_and_export_and_cli_agree(world: Settings, tmp
     first = got(world, jan)
     _, path = run_statement(world, jan, pool_bp=7000, export_dir=tmp_path)
     assert got(world, jan) == first  # replaced, not appended
-    assert query(world, "SELECT count(*) FROM royalty_statements WHERE period = '2026-01'").rows[0][0] == len(first)
+    assert query(world, "SELECT count(*) FROM royalty_statements WHERE period = '2026-01'").rows[0][0] == len(
+        first
+    )
     assert got(world, feb) and got(world, feb) != first  # another period is left alone
     assert path == tmp_path / "royalty_statements_2026-01.parquet"
     exported = pq.read_table(path).to_pylist()
