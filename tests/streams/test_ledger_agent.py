@@ -295,7 +295,7 @@ def test_worker_killed_mid_stream_publishes_every_line_once(stack: Settings, tmp
     env = env_for(settings)
     env.update(BACKBEAT_INGEST_APP_ID=app_id, BACKBEAT_STREAMS_AGENTS="ledger",
                BACKBEAT_LEDGER_SOURCE_TOPIC=config.source_topic, BACKBEAT_LEDGER_TOPIC=config.ledger_topic,
-               BACKBEAT_LEDGER_DLQ_TOPIC=config.dlq_topic, BACKBEAT_INGEST_BATCH="300",
+               BACKBEAT_LEDGER_DLQ_TOPIC=config.dlq_topic, BACKBEAT_INGEST_BATCH="150",
                BACKBEAT_INGEST_STATS_INTERVAL_S="0.3")  # fmt: skip
     log = tmp_path / "worker.log"
     lines = lambda: len(read_all(settings, config.ledger_topic))  # noqa: E731
@@ -312,8 +312,10 @@ def test_worker_killed_mid_stream_publishes_every_line_once(stack: Settings, tmp
 
     worker = Worker(env, log)
     worker.start()
-    wait_for(lambda: lines() > deaths[-1][2], 90, "more lines after the restart")
+    before = wait_for(lambda: (s := worker.last_stats("ledger")) is not None and s["batches"] > 0 and s, 90,
+                      "batches after the restart")  # fmt: skip
     worker.kill(signal.SIGKILL)
+    assert before["records_in"] < len(messages)  # what it had reported just before: mid-stream
     worker.start()
     try:
         wait_for(lambda: (worker.last_stats("ledger") or {}).get("records_in") == len(messages), 90,
