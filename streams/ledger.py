@@ -309,6 +309,26 @@ def build_agent(settings: Settings, app_id: str, config: LedgerConfig | None = N
     return LedgerAgent(config, app_id, decoder.type_of, topic("billing.ledger").partitions)
 
 
+def committed_offsets(
+    settings: Settings, group: str, topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    """The offsets ``group`` committed on ``topic`` (``0`` where none).
+
+    Raises:
+        InfraError: the broker cannot be reached.
+    """
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_common())
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
+    try:
+        result = admin.list_consumer_group_offsets([request])[group].result(timeout=10)
+    except Exception as exc:
+        raise InfraError(f"cannot read the offsets of consumer group {group}: {exc}") from exc
+    return {tp.partition: max(tp.offset, 0) for tp in result.topic_partitions}
+
+
 def publish_until_caught_up(
     settings: Settings,
     *,
@@ -317,12 +337,14 @@ def publish_until_caught_up(
     timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     """Run the ledger agent in this process (consumer group ``<app_id>-ledger``, the worker's)
-    until every source partition is read up to the high watermark it had when this started, then
-    stop after the batch's checkpoint. Creates missing topics. Returns the runner's snapshot
-    (counters, summed over the partitions' persisted counters) taken when caught up.
+    until the group has committed every source partition up to the high watermark it had when
+    this started (the group commits after the lines and the checkpoint are on the broker; a
+    worker running the agent in the same group shares the partitions and counts too), then stop
+    after the batch in flight. Creates missing topics. Returns the runner's snapshot (counters of
+    the partitions it held, summed over their persisted counters) taken when caught up.
 
     Raises:
-        InfraError: the agent failed, or did not catch up within ``timeout_s``.
+        InfraError: the agent failed, or the group did not catch up within ``timeout_s``.
     """
     from events.offsets import high_watermarks
     from infra.provision import apply_topics
@@ -332,7 +354,8 @@ def publish_until_caught_up(
     apply_topics(settings, config.topic_specs(app_id))
     targets = high_watermarks(settings, config.source_topic)
     agent = build_agent(settings, app_id, config)
-    runner = AgentRunner(agent, settings, RunnerConfig(group_id=group_id(app_id, agent.name), within_s=0.05))
+    group = group_id(app_id, agent.name)
+    runner = AgentRunner(agent, settings, RunnerConfig(group_id=group, within_s=0.05))
     thread = threading.Thread(target=runner.run, name="ledger-agent", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -340,20 +363,28 @@ def publish_until_caught_up(
         while True:
             if runner.failure is not None or not thread.is_alive():
                 raise InfraError(f"the ledger agent stopped: {runner.failure}")
-            positions = {p: s.next or 0 for p, s in list(runner.assigned.items())}
-            if len(positions) >= len(targets) and all(positions.get(p, 0) >= t for p, t in targets.items()):
+            done = committed_offsets(settings, group, config.source_topic, sorted(targets))
+            if all(done.get(p, 0) >= t for p, t in targets.items()):
                 snapshot = runner.snapshot()
                 break
             if time.monotonic() > deadline:
                 raise InfraError(
                     f"the ledger agent did not catch up with {config.source_topic} in {timeout_s:.0f} s "
-                    f"(at {positions}, target {targets}); is another worker in group {app_id}-ledger?"
+                    f"(committed {done}, target {targets}); see the log for what it waits for"
                 )
-            time.sleep(0.05)
+            time.sleep(0.1)
     finally:
         runner.stop()
         thread.join(timeout=60)
     return snapshot
 
 
-__all__ = ["SOURCE_URI", "LedgerAgent", "LedgerConfig", "build_agent", "publish_until_caught_up"]
+__all__ = [
+    "SOURCE_URI",
+    "LedgerAgent",
+    "LedgerConfig",
+    "PaymentState",
+    "build_agent",
+    "committed_offsets",
+    "publish_until_caught_up",
+]
