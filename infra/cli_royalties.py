@@ -27,7 +27,7 @@ def summary(statement: Any, export: Path | None) -> dict[str, Any]:
     rows = statement.rows.drop_columns(["period_start", "period_end", "computed_at"]).to_pylist()
     return {
         "period": str(statement.period),
-        "method": "pro-rata",
+        "method": statement.method,
         "pool_bp": statement.pool_bp,
         "revenue_minor": statement.revenue,
         "pool_minor": statement.pools,
@@ -53,6 +53,13 @@ def statement(
             max=10_000,
         ),
     ] = None,  # fmt: skip
+    method: Annotated[
+        str,
+        typer.Option(
+            help="pro-rata (the default), or user-centric: each subscriber's payment shared "
+            "over that subscriber's plays only (needs the subscription_events read model)."
+        ),
+    ] = "pro-rata",  # fmt: skip
 ) -> None:
     """Compute the pro-rata royalty statement of a month: the subscription revenue recognised in
     the ledger that month (net of refunds), times the pool share, shared across tracks by counted
@@ -60,14 +67,16 @@ def statement(
     the pool (largest remainder). Replaces the month's rows of the royalty_statements read model."""
     from projections.royalties import Period, run_statement
 
-    done, path = run_statement(get_settings(), Period.parse(period), pool_bp=pool_bp, export_dir=export)
+    done, path = run_statement(
+        get_settings(), Period.parse(period), pool_bp=pool_bp, export_dir=export, method=method
+    )
     if as_json:
         typer.echo(json.dumps(summary(done, path), default=str))
         return
     money = [(c, done.revenue.get(c, 0), p) for c, p in sorted(done.pools.items())]
     console.print(
         table(["currency", "revenue (minor)", "pool (minor)"], money,
-              title=f"royalties {done.period}: pool {done.pool_bp / 100:g} % of subscription revenue")
+              title=f"royalties {done.period} ({done.method}): pool {done.pool_bp / 100:g} % of revenue")
     )  # fmt: skip
     console.print(f"{done.total_plays} counted plays, {done.rows.num_rows} statement rows stored")
     top = sorted(done.rows.to_pylist(), key=lambda r: (-r["amount_minor"], r["track_id"], r["territory"]))[

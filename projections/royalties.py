@@ -23,6 +23,17 @@ For a period ``YYYY-MM`` (the UTC month ``[start, end)``) and each currency:
   ties broken by ``track_id``, then ``territory``, then ``artist_id`` (ascending). So the amounts
   sum exactly to the pool and no row is more than one minor unit from its exact share.
 
+**User-centric** (``method = 'user-centric'``, :func:`compute_user_centric`): each subscriber's
+own revenue is shared over that subscriber's counted plays only. Per currency and user ``u``
+(the subscription's user from :data:`SUBSCRIPTION_USERS`): ``revenue_u`` as above restricted to
+``u``'s subscriptions, ``pool_u = floor(revenue_u × pool_bp / 10000)`` (users with
+``revenue_u > 0``), split over ``u``'s plays per ``(track, artist, territory)`` by the same
+largest-remainder rule. The pools of users without a counted play in the month, and of
+subscriptions whose user is unknown, are added up and shared pro-rata over all counted plays
+(same rule). A row's amount is the sum of its shares; the statement's ``pool_minor`` is
+``Σ pool_u`` (it can be below the pro-rata pool by less than one minor unit per user, the
+floors being per user), and the amounts sum to it exactly.
+
 The read model ``royalty_statements`` (:data:`DDL`) holds one row per ``(period, method,
 currency, track_id, artist_id, territory)``; computing a period replaces its rows in one
 transaction (readers see the old statement or the new one, never a mix). :func:`export_parquet`
@@ -48,6 +59,11 @@ from infra.settings import Settings
 
 TABLE = "royalty_statements"
 PRO_RATA = "pro-rata"
+USER_CENTRIC = "user-centric"
+METHODS = (PRO_RATA, USER_CENTRIC)
+#: The read model linking a subscription to its user (``subscription_id``, ``user_id``; built from
+#: ``billing.subscriptions`` by the subscriptions part of issue 17), for the user-centric method.
+SUBSCRIPTION_USERS = "subscription_events"
 #: The 30-second rule (decision 4 of issue 17): a play counts from this many ms heard.
 COUNTED_MS = 30_000
 #: Territory of listens that have none (file imports): ISO 3166-1 "ZZ", unknown.
@@ -228,6 +244,26 @@ class Statement:
     revenue: dict[str, int]
     pools: dict[str, int]
     total_plays: int
+    method: str = PRO_RATA
+
+
+def _table(
+    period: Period, method: str, pool_bp: int, total: int, plays: list[tuple[str, str, str, int]],
+    amounts: dict[str, list[int]], pools: dict[str, int], revenues: dict[str, int],
+) -> pa.Table:  # fmt: skip
+    now = datetime.now(UTC).replace(tzinfo=None)
+    cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
+    for currency in sorted(amounts):
+        for (track, artist, territory, n), amount in zip(plays, amounts[currency], strict=True):
+            for name, value in (
+                ("period", str(period)), ("method", method), ("currency", currency), ("track_id", track),
+                ("artist_id", artist), ("territory", territory), ("plays", n), ("amount_minor", amount),
+                ("pool_minor", pools[currency]), ("total_plays", total),
+                ("revenue_minor", revenues[currency]), ("pool_bp", pool_bp), ("period_start", period.start),
+                ("period_end", period.end), ("computed_at", now),
+            ):  # fmt: skip
+                cols[name].append(value)
+    return pa.table(cols, schema=SCHEMA)
 
 
 def compute(con: duckdb.DuckDBPyConnection, period: Period, pool_bp: int) -> Statement:
@@ -241,34 +277,83 @@ def compute(con: duckdb.DuckDBPyConnection, period: Period, pool_bp: int) -> Sta
     plays = counted_plays(con, period)
     total = sum(p for *_, p in plays)
     pools = {c: r * pool_bp // 10_000 for c, r in revenues.items() if r > 0}
-    now = datetime.now(UTC).replace(tzinfo=None)
-    cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
     order = [(t, z, a) for t, a, z, _ in plays]
-    for currency, pool in sorted(pools.items()):
-        if total == 0:
-            break
-        amounts = largest_remainder(pool, [p for *_, p in plays], order)
-        for (track, artist, territory, n), amount in zip(plays, amounts, strict=True):
-            for name, value in (
-                ("period", str(period)), ("method", PRO_RATA), ("currency", currency), ("track_id", track),
-                ("artist_id", artist), ("territory", territory), ("plays", n), ("amount_minor", amount),
-                ("pool_minor", pool), ("total_plays", total), ("revenue_minor", revenues[currency]),
-                ("pool_bp", pool_bp), ("period_start", period.start), ("period_end", period.end),
-                ("computed_at", now),
-            ):  # fmt: skip
-                cols[name].append(value)
-    table = pa.table(cols, schema=SCHEMA)
-    return Statement(period, pool_bp, table, revenues, pools, total)
+    amounts = (
+        {c: largest_remainder(pool, [p for *_, p in plays], order) for c, pool in pools.items()}
+        if total
+        else {}
+    )
+    table = _table(period, PRO_RATA, pool_bp, total, plays, amounts, pools, revenues)
+    return Statement(period, pool_bp, table, revenues, pools, total, PRO_RATA)
+
+
+def compute_user_centric(con: duckdb.DuckDBPyConnection, period: Period, pool_bp: int) -> Statement:
+    """The user-centric statement of ``period`` (module docstring) from ``ledger_entries``,
+    ``listens`` and :data:`SUBSCRIPTION_USERS` on ``con``.
+
+    Raises:
+        RoyaltyError: a read model is missing.
+    """
+    _need(con, "ledger_entries", "listens", SUBSCRIPTION_USERS)
+    revenues = revenue(con, period)
+    per_user = con.execute(
+        f"""WITH owners AS (SELECT DISTINCT subscription_id, user_id FROM {SUBSCRIPTION_USERS}
+                            QUALIFY row_number() OVER (PARTITION BY subscription_id ORDER BY user_id) = 1)
+            SELECT currency, o.user_id,
+                   CAST(-coalesce(sum(amount_minor) FILTER (WHERE account = 'revenue'), 0)
+                        - coalesce(sum(amount_minor) FILTER (WHERE account = 'refunds'), 0) AS BIGINT)
+            FROM ledger_entries e LEFT JOIN owners o ON o.subscription_id = e.reference_id
+            WHERE reference_type = 'SUBSCRIPTION' AND posted_at >= ? AND posted_at < ?
+            GROUP BY ALL""",
+        [period.start, period.end],
+    ).fetchall()
+    user_plays = con.execute(
+        f"""SELECT user_id, track_id, artist_id, coalesce(territory, '{UNKNOWN_TERRITORY}'), count(*)
+            FROM listens
+            WHERE occurred_at >= ? AND occurred_at < ? AND (ms_played IS NULL OR ms_played >= {COUNTED_MS})
+            GROUP BY ALL""",
+        [period.start, period.end],
+    ).fetchall()
+    plays = counted_plays(con, period)
+    total = sum(p for *_, p in plays)
+    index = {(t, a, z): i for i, (t, a, z, _) in enumerate(plays)}
+    by_user: dict[str, list[tuple[int, int]]] = {}
+    for user, track, artist, territory, n in user_plays:
+        by_user.setdefault(str(user), []).append((index[(str(track), str(artist), str(territory))], int(n)))
+    order = [(t, z, a) for t, a, z, _ in plays]
+    amounts: dict[str, list[int]] = {}
+    pools: dict[str, int] = {}
+    unplayed: dict[str, int] = {}
+    for currency, user, value in per_user:
+        if value <= 0 or total == 0:
+            continue
+        pool_u = int(value) * pool_bp // 10_000
+        pools[currency] = pools.get(currency, 0) + pool_u
+        row = amounts.setdefault(currency, [0] * len(plays))
+        mine = by_user.get(str(user)) if user is not None else None
+        if not mine:
+            unplayed[currency] = unplayed.get(currency, 0) + pool_u
+            continue
+        shares = largest_remainder(pool_u, [n for _, n in mine], [order[i] for i, _ in mine])
+        for (i, _), amount in zip(mine, shares, strict=True):
+            row[i] += amount
+    for currency, rest in unplayed.items():
+        for i, amount in enumerate(largest_remainder(rest, [p for *_, p in plays], order)):
+            amounts[currency][i] += amount
+    table = _table(period, USER_CENTRIC, pool_bp, total, plays, amounts, pools, revenues)
+    return Statement(period, pool_bp, table, revenues, pools, total, USER_CENTRIC)
 
 
 def store(con: duckdb.DuckDBPyConnection, statement: Statement) -> None:
-    """Replace the period's pro-rata rows of ``royalty_statements`` with ``statement``'s, in one
-    transaction (creating the table when missing)."""
+    """Replace the period's rows of ``statement``'s method in ``royalty_statements`` with
+    ``statement``'s, in one transaction (creating the table when missing)."""
     rows = statement.rows  # noqa: F841 - read by DuckDB's replacement scan
     con.begin()
     try:
         con.execute(DDL)
-        con.execute(f"DELETE FROM {TABLE} WHERE period = ? AND method = ?", [str(statement.period), PRO_RATA])
+        con.execute(
+            f"DELETE FROM {TABLE} WHERE period = ? AND method = ?", [str(statement.period), statement.method]
+        )
         con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM rows")
         con.commit()
     except BaseException:
@@ -277,10 +362,12 @@ def store(con: duckdb.DuckDBPyConnection, statement: Statement) -> None:
 
 
 def export_parquet(statement: Statement, directory: Path) -> Path:
-    """Write ``statement``'s rows to ``<directory>/royalty_statements_<YYYY-MM>.parquet`` (written
-    to a temporary name, then renamed: a reader never sees half a file). Returns the path."""
+    """Write ``statement``'s rows to ``<directory>/royalty_statements_<YYYY-MM>.parquet``
+    (``..._<YYYY-MM>_user-centric.parquet`` for that method; written to a temporary name, then
+    renamed: a reader never sees half a file). Returns the path."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{TABLE}_{statement.period}.parquet"
+    suffix = "" if statement.method == PRO_RATA else f"_{statement.method}"
+    path = directory / f"{TABLE}_{statement.period}{suffix}.parquet"
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(statement.rows, tmp)
     os.replace(tmp, path)
@@ -288,26 +375,35 @@ def export_parquet(statement: Statement, directory: Path) -> Path:
 
 
 def run_statement(
-    settings: Settings, period: Period, *, pool_bp: int | None = None, export_dir: Path | None = None
+    settings: Settings,
+    period: Period,
+    *,
+    pool_bp: int | None = None,
+    export_dir: Path | None = None,
+    method: str = PRO_RATA,
 ) -> tuple[Statement, Path | None]:
     """Compute the statement of ``period`` from the read models in ``settings.duckdb_path``, store
     it in ``royalty_statements`` (one writer transaction, so inputs and output are one snapshot),
-    and export it to ``export_dir`` when given. ``pool_bp``: default :func:`pool_bp_setting`.
+    and export it to ``export_dir`` when given. ``pool_bp``: default :func:`pool_bp_setting`;
+    ``method``: ``pro-rata`` or ``user-centric``.
 
     Raises:
-        RoyaltyError: a read model is missing. ConfigError: a bad ``BACKBEAT_ROYALTY_POOL_BP``.
+        RoyaltyError: a read model is missing, or an unknown method.
+        ConfigError: a bad ``BACKBEAT_ROYALTY_POOL_BP``.
         DatabaseBusyError: the read-model file stayed locked.
     """
     from projections.store import writer
 
     bp = pool_bp_setting() if pool_bp is None else pool_bp
+    if method not in METHODS:
+        raise RoyaltyError(f"method {method!r}: use {' or '.join(METHODS)}")
     if not settings.duckdb_path.exists():
         raise RoyaltyError(
             f"there are no read models at {settings.duckdb_path} yet; "
             "run 'backbeat project --until-caught-up'"
         )
     with writer(settings.duckdb_path) as con:
-        statement = compute(con, period, bp)
+        statement = (compute if method == PRO_RATA else compute_user_centric)(con, period, bp)
         store(con, statement)
     path = export_parquet(statement, export_dir) if export_dir is not None else None
     return statement, path
@@ -317,6 +413,9 @@ __all__ = [
     "COUNTED_MS",
     "DDL",
     "DEFAULT_POOL_BP",
+    "METHODS",
+    "SUBSCRIPTION_USERS",
+    "USER_CENTRIC",
     "POOL_BP_VAR",
     "PRO_RATA",
     "SCHEMA",
@@ -326,6 +425,7 @@ __all__ = [
     "RoyaltyError",
     "Statement",
     "compute",
+    "compute_user_centric",
     "counted_plays",
     "export_parquet",
     "largest_remainder",

@@ -190,6 +190,109 @@ def test_statement_equals_sql_over_the_read_models(world: Settings, month: str, 
     assert 0 < counted < query(world, "SELECT count(*) FROM listens").rows[0][0]
 
 
+#: The user-centric statement by SQL (the test's own): per currency and subscriber, the pool of the
+#: subscriber's net revenue shared over the subscriber's plays (largest remainder per subscriber);
+#: the pools of subscribers without plays, or of unknown subscribers, shared over all plays.
+USER_CENTRIC_SQL = """
+WITH owners AS (
+    SELECT subscription_id, min(user_id) AS user_id FROM subscription_events GROUP BY ALL
+), rev AS (
+    SELECT currency, o.user_id,
+           -sum(CASE WHEN account = 'revenue' THEN amount_minor ELSE 0 END)
+           - sum(CASE WHEN account = 'refunds' THEN amount_minor ELSE 0 END) AS revenue
+    FROM ledger_entries e LEFT JOIN owners o ON o.subscription_id = e.reference_id
+    WHERE reference_type = 'SUBSCRIPTION' AND posted_at >= $start AND posted_at < $end
+    GROUP BY ALL
+), upool AS (
+    SELECT currency, user_id, (revenue * $bp) // 10000 AS pool FROM rev WHERE revenue > 0
+), uplays AS (
+    SELECT user_id, track_id, artist_id, coalesce(territory, 'ZZ') AS territory, count(*) AS plays
+    FROM listens
+    WHERE occurred_at >= $start AND occurred_at < $end AND (ms_played IS NULL OR ms_played >= 30000)
+    GROUP BY ALL
+), ushare AS (
+    SELECT u.currency, u.user_id, u.pool, l.track_id, l.artist_id, l.territory,
+           (CAST(u.pool AS HUGEINT) * l.plays) // sum(l.plays) OVER w AS base,
+           (CAST(u.pool AS HUGEINT) * l.plays) % sum(l.plays) OVER w AS remainder
+    FROM upool u JOIN uplays l ON l.user_id = u.user_id
+    WINDOW w AS (PARTITION BY u.currency, u.user_id)
+), uranked AS (
+    SELECT *, pool - sum(base) OVER (PARTITION BY currency, user_id) AS leftover,
+           row_number() OVER (PARTITION BY currency, user_id
+                              ORDER BY remainder DESC, track_id, territory, artist_id) AS rank
+    FROM ushare
+), ualloc AS (
+    SELECT currency, track_id, artist_id, territory,
+           sum(base + CASE WHEN rank <= leftover THEN 1 ELSE 0 END) AS amount
+    FROM uranked GROUP BY ALL
+), plays AS (
+    SELECT track_id, artist_id, territory, sum(plays) AS plays FROM uplays GROUP BY ALL
+), total AS (
+    SELECT sum(plays) AS total_plays FROM plays
+), rest AS (
+    SELECT currency, sum(pool) AS pool FROM upool u
+    WHERE NOT EXISTS (SELECT 1 FROM uplays l WHERE l.user_id = u.user_id) GROUP BY ALL
+), rshare AS (
+    SELECT r.currency, r.pool, p.track_id, p.artist_id, p.territory,
+           (CAST(r.pool AS HUGEINT) * p.plays) // total_plays AS base,
+           (CAST(r.pool AS HUGEINT) * p.plays) % total_plays AS remainder
+    FROM rest r, plays p, total
+), rranked AS (
+    SELECT *, pool - sum(base) OVER (PARTITION BY currency) AS leftover,
+           row_number() OVER (PARTITION BY currency ORDER BY remainder DESC, track_id, territory, artist_id) AS rank
+    FROM rshare
+), ralloc AS (
+    SELECT currency, track_id, artist_id, territory,
+           base + CASE WHEN rank <= leftover THEN 1 ELSE 0 END AS amount
+    FROM rranked
+), pools AS (
+    SELECT currency, sum(pool) AS pool FROM upool GROUP BY ALL
+)
+SELECT po.currency, p.track_id, p.artist_id, p.territory, p.plays,
+       CAST(coalesce(u.amount, 0) + coalesce(r.amount, 0) AS BIGINT) AS amount_minor,
+       CAST(po.pool AS BIGINT) AS pool_minor, CAST(total_plays AS BIGINT)
+FROM pools po CROSS JOIN plays p CROSS JOIN total
+LEFT JOIN ualloc u ON u.currency = po.currency AND u.track_id = p.track_id AND u.artist_id = p.artist_id
+                  AND u.territory = p.territory
+LEFT JOIN ralloc r ON r.currency = po.currency AND r.track_id = p.track_id AND r.artist_id = p.artist_id
+                  AND r.territory = p.territory
+ORDER BY po.currency, p.track_id, p.territory, p.artist_id
+"""
+
+
+@pytest.mark.integration
+def test_user_centric_statement_equals_sql(world: Settings):
+    """Subscriptions ``sub-<i>`` of the payment run belong to ``u<i mod 37>`` (the listeners
+    ``u0``–``u49``), except every 5th (a subscriber who played nothing) and every 7th (no row: an
+    unknown subscriber), in a stand-in for the subscriptions part's ``subscription_events``."""
+    from projections.store import reader, writer
+
+    owners = [(f"sub-{i}", f"nobody-{i}" if i % 5 == 0 else f"u{i % 37}") for i in range(150) if i % 7]
+    with writer(world.duckdb_path) as con:
+        con.execute("CREATE OR REPLACE TABLE subscription_events (subscription_id VARCHAR, user_id VARCHAR)")
+        con.executemany("INSERT INTO subscription_events VALUES (?, ?)", owners)
+    period = Period.parse("2026-01")
+    statement, _ = run_statement(world, period, pool_bp=7000, method="user-centric")
+    with reader(world.duckdb_path) as con:
+        want = con.execute(
+            USER_CENTRIC_SQL, {"start": period.start, "end": period.end, "bp": 7000}
+        ).fetchall()
+        got = con.execute(
+            "SELECT currency, track_id, artist_id, territory, plays, amount_minor, pool_minor, total_plays "
+            "FROM royalty_statements WHERE period = '2026-01' AND method = 'user-centric' "
+            "ORDER BY currency, track_id, territory, artist_id"
+        ).fetchall()
+        pro_rata = con.execute(
+            "SELECT currency, track_id, territory, amount_minor FROM royalty_statements "
+            "WHERE period = '2026-01' AND method = 'pro-rata' ORDER BY ALL"
+        ).fetchall()
+    assert got == want and len(want) > 100
+    for c, pool in statement.pools.items():
+        assert sum(r[5] for r in want if r[0] == c) == pool > 0
+    if pro_rata:  # the two methods share the same plays differently
+        assert [r[3] for r in pro_rata] != [r[5] for r in sorted(got, key=lambda r: (r[0], r[1], r[3]))]
+
+
 @pytest.mark.integration
 def test_rerun_replaces_the_period_and_export_and_cli_agree(world: Settings, tmp_path: Path, monkeypatch):
     jan, feb = Period.parse("2026-01"), Period.parse("2026-02")
@@ -198,9 +301,9 @@ def test_rerun_replaces_the_period_and_export_and_cli_agree(world: Settings, tmp
     first = got(world, jan)
     _, path = run_statement(world, jan, pool_bp=7000, export_dir=tmp_path)
     assert got(world, jan) == first  # replaced, not appended
-    assert query(world, "SELECT count(*) FROM royalty_statements WHERE period = '2026-01'").rows[0][0] == len(
-        first
-    )
+    assert query(
+        world, "SELECT count(*) FROM royalty_statements WHERE period = '2026-01' AND method = 'pro-rata'"
+    ).rows[0][0] == len(first)
     assert got(world, feb) and got(world, feb) != first  # another period is left alone
     assert path == tmp_path / "royalty_statements_2026-01.parquet"
     exported = pq.read_table(path).to_pylist()
