@@ -59,6 +59,7 @@ def _problem(request: Request, status: int, slug: str, title: str, detail: str, 
 
 def _classify(exc: BackbeatError) -> tuple[int, str, str]:
     """``(status, slug, title)`` of a backbeat error raised by a read function."""
+    from projections.availability import AvailabilityUnreadableError, UnknownTerritoryError
     from projections.catalog import NoCatalogError, UnknownTrackError
     from projections.feature_store import BadTimeError, NoFeatureStoreError, UnknownEntityError
     from projections.recommendations import NoRecommendationsModelError, UnknownUserError
@@ -69,7 +70,7 @@ def _classify(exc: BackbeatError) -> tuple[int, str, str]:
         return 503, "read-models-busy", "The read models stayed busy"
     if isinstance(
         exc, NoReadModelsError | NoRecommendationsModelError | NoFeatureStoreError | NoCatalogError
-    ) or isinstance(exc, NoSagasReadModelError):
+    ) or isinstance(exc, NoSagasReadModelError | AvailabilityUnreadableError):
         return 503, "read-model-missing", "The read model does not exist yet"
     if isinstance(exc, UnknownUserError | UnknownEntityError):
         return 404, "unknown-user", "Unknown user"
@@ -79,6 +80,8 @@ def _classify(exc: BackbeatError) -> tuple[int, str, str]:
         return 404, "unknown-saga", "Unknown saga"
     if isinstance(exc, BadTimeError):
         return 400, "bad-time", "Bad point in time"
+    if isinstance(exc, UnknownTerritoryError):
+        return 400, "unknown-territory", "Unknown territory"
     return 500, "internal", "Internal error"
 
 
@@ -206,12 +209,22 @@ def create_app(settings: Settings, *, read_timeout_s: float = 10.0) -> FastAPI:
 
     @app.get("/users/{user_id}/recommendations", tags=["users"], responses=responses)
     def recommendations(
-        user_id: str, n: Annotated[int, Query(ge=1, le=500, description="At most this many items.")] = TOP_N
+        user_id: str,
+        n: Annotated[int, Query(ge=1, le=500, description="At most this many items.")] = TOP_N,
+        territory: Annotated[
+            str | None,
+            Query(
+                min_length=2,
+                max_length=2,
+                description="ISO country served (default: the user's latest player listen's, else US).",
+            ),
+        ] = None,
     ) -> Response:
         """The user's "Made for You" list (``backbeat recommend USER --json``): ``{user_id,
-        experiment_id, variant, model, generated_at, computed_at, items: [{rank, track_id, track,
-        artist, score, source}]}``."""
-        recs = read_recommendations(settings, user_id, n, timeout_s=read_timeout_s)
+        experiment_id, variant, model, generated_at, computed_at, territory, withheld, items:
+        [{rank, track_id, track, artist, score, source}]}``; tracks not playable in ``territory``
+        now (withdrawn or unlicensed) are never listed; 400 for a territory not tracked."""
+        recs = read_recommendations(settings, user_id, n, timeout_s=read_timeout_s, territory=territory)
         return Response(recommendations_json(recs), media_type="application/json")
 
     @app.get("/users/{user_id}/features", tags=["users"], responses=responses)

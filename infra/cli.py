@@ -672,6 +672,9 @@ _COMMAND_MODULES = (
     "infra.cli_archive",
     "infra.cli_dlq",
     "infra.cli_serve",
+    "infra.cli_simulate",
+    "infra.cli_notifications",
+    "infra.cli_catalog_changes",  # backbeat simulate catalog (issue 17)
     "infra.cli_royalties",
 )
 for _module in _COMMAND_MODULES:

@@ -27,8 +27,9 @@ def _iso(value: datetime) -> str:
 
 def to_json(recs: UserRecommendations) -> str:
     """The ``--json`` document: ``{"user_id", "experiment_id", "variant", "model",
-    "generated_at", "computed_at" (ISO-8601 UTC), "items": [{rank, track_id, track, artist,
-    score, source}]}`` (``track``/``artist`` null without a catalog)."""
+    "generated_at", "computed_at" (ISO-8601 UTC), "territory", "withheld" (track ids left out:
+    not playable in the territory now), "items": [{rank, track_id, track, artist, score,
+    source}]}`` (``track``/``artist`` null without a catalog)."""
     return json.dumps(
         {
             "user_id": recs.user_id,
@@ -37,6 +38,8 @@ def to_json(recs: UserRecommendations) -> str:
             "model": recs.model,
             "generated_at": _iso(recs.generated_at),
             "computed_at": _iso(recs.computed_at),
+            "territory": recs.territory,
+            "withheld": list(recs.withheld),
             "items": [
                 {
                     "rank": i.rank,
@@ -68,6 +71,14 @@ def recommend(
     ],
     n: Annotated[int, typer.Option("--n", min=1, help="Show at most this many tracks.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
+    territory: Annotated[
+        str | None,
+        typer.Option(
+            "--territory",
+            help="ISO country the list is served in (default: the country of the user's latest player "
+            "listen, else US): tracks withdrawn or unlicensed there are never shown.",
+        ),
+    ] = None,
 ) -> None:
     """Show a user's recommendations: rank, track, artist, score and A/B variant.
 
@@ -75,21 +86,27 @@ def recommend(
     playback.listens. The user's variant in experiment made-for-you-v1 decides the model:
     'control' gets the most played tracks, 'item2item' the session co-occurrence model
     (backfilled with popular tracks). 30Music ids have no names: they are mapped onto the Spotify
-    catalog deterministically, so the names are illustrative (import the catalog to see them)."""
+    catalog deterministically, so the names are illustrative (import the catalog to see them).
+    Tracks that may not be played in the territory now (track_availability: withdrawn, or no
+    licence in force) are left out, whenever the list was computed."""
     from infra.console import console, err_console, table
     from infra.settings import get_settings
     from projections.recommendations import read_recommendations
 
-    recs = read_recommendations(get_settings(), user, n)
+    recs = read_recommendations(get_settings(), user, n, territory=territory)
     if as_json:
         print(to_json(recs))
         return
     columns, body = rows(recs)
     title = (
         f"Made for You — user {recs.user_id}: {recs.experiment_id} / {recs.variant} ({recs.model}), "
-        f"as of {recs.generated_at:%Y-%m-%d %H:%M} UTC"
+        f"as of {recs.generated_at:%Y-%m-%d %H:%M} UTC, in {recs.territory}"
     )
     console.print(table(columns, body, title=title))
+    if recs.withheld:
+        err_console.print(
+            f"{len(recs.withheld)} track(s) of the list withheld: not playable in {recs.territory} now"
+        )
     if not recs.named:
         err_console.print(
             "no catalog in the read models, so no names: import it ('backbeat import catalog FILE') "

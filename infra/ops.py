@@ -44,6 +44,7 @@ DEFAULT_PORTS = {
     "archiver": 9462,
     "saga-orchestrator": 9463,
     "saga-participants": 9464,
+    "notification-relay": 9465,
 }
 
 StartResponse = Callable[..., Any]

@@ -39,8 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.errors import ConfigError
+from projections import availability
 from projections.feature_store import TRACK_TABLE, USER_TABLE
-from sagas import ledger
+from sagas import ledger, notification_model
+from streams.plays import COUNT_THRESHOLD_MS
 
 Policy = Literal["first", "last"]
 
@@ -59,6 +61,7 @@ _SQL_TYPES: dict[pa.DataType, str] = {
     pa.int64(): "BIGINT",
     pa.float64(): "DOUBLE",
     pa.timestamp("ms"): "TIMESTAMP",
+    pa.bool_(): "BOOLEAN",
 }
 
 
@@ -628,12 +631,238 @@ LEDGER_ENTRIES = Projection(
 )
 # -- end of issue 17, the ledger on the log ---------------------------------------------------------
 
+# --- issue 17: listening from playback (the player's plays and skips) -------------------------
+
+#: The event types of ``playback.events`` (full names); ``plays`` reads them all (so none is a
+#: reject) and takes rows from the end events only.
+PLAYBACK_EVENT_TYPES: tuple[str, ...] = tuple(
+    f"backbeat.playback.{t}"
+    for t in (
+        "PlaybackSkipped", "PlaybackCompleted", "PlaybackSessionStarted", "PlaybackStarted",
+        "PlaybackPaused", "PlaybackResumed", "PlaybackSessionEnded",
+    )
+)  # fmt: skip
+
+
+def play_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``plays`` row of an end event (``PlaybackSkipped`` / ``PlaybackCompleted``); no row
+    for the other player events. ``counted``: the 30-second rule (:data:`streams.plays.
+    COUNT_THRESHOLD_MS`); ``skip_position_ms`` and ``skip_reason`` for a skip, ``duration_ms``
+    for a completion.
+
+    Raises:
+        KeyError: a field of the end event is missing.
+    """
+    name = event_type.rsplit(".", 1)[-1]  # full (backbeat.playback.X) or short
+    skipped = name == "PlaybackSkipped"
+    if not skipped and name != "PlaybackCompleted":
+        return []
+    played = event["ms_played"]
+    return [
+        {
+            "playback_id": event["playback_id"],
+            "event_id": event["event_id"],
+            "user_id": event["user_id"],
+            "session_id": event["session_id"],
+            "track_id": event["track_id"],
+            "ended_at": event["occurred_at"],
+            "ms_played": played,
+            "outcome": "SKIPPED" if skipped else "COMPLETED",
+            "counted": played >= COUNT_THRESHOLD_MS,
+            "skip_position_ms": event["position_ms"] if skipped else None,
+            "skip_reason": event["reason"] if skipped else None,
+            "duration_ms": None if skipped else event["duration_ms"],
+        }
+    ]
+
+
+def _skip_rates(view: str, by: str) -> str:
+    return f"""CREATE OR REPLACE VIEW {view} AS
+SELECT {by},
+  CAST(count(*) AS BIGINT) AS plays,
+  CAST(count(*) FILTER (WHERE outcome = 'SKIPPED') AS BIGINT) AS skips,
+  CAST(count(*) FILTER (WHERE outcome = 'SKIPPED' AND NOT counted) AS BIGINT) AS early_skips,
+  CAST(count(*) FILTER (WHERE counted) AS BIGINT) AS counted_plays,
+  count(*) FILTER (WHERE outcome = 'SKIPPED') / count(*) AS skip_rate,
+  count(*) FILTER (WHERE outcome = 'SKIPPED' AND NOT counted) / count(*) AS early_skip_rate,
+  CAST(sum(ms_played) AS BIGINT) AS ms_played,
+  max(ended_at) AS last_ended_at
+FROM plays GROUP BY {by}"""
+
+
+#: One row per finished play of the player (``playback.events``): its end (skip or completion),
+#: ``ms_played``, whether it counted (>= 30,000 ms, the rule the listening-from-playback agent
+#: applies) and, for a skip, where. Keyed by ``playback_id``, ``first``: the first end of a play
+#: wins, as in the agent, so a redelivered end changes nothing. Views ``track_skip_rates`` and
+#: ``user_skip_rates`` (``plays``, ``skips``, ``early_skips`` = skips before 30 s,
+#: ``counted_plays``, ``skip_rate``, ``early_skip_rate`` (shares of plays), ``ms_played``,
+#: ``last_ended_at``): the skip features.
+PLAYS = Projection(
+    name="plays",
+    version=1,
+    topic="playback.events",
+    event_type=PLAYBACK_EVENT_TYPES[0],
+    also_reads=PLAYBACK_EVENT_TYPES[1:],
+    rows=play_rows,
+    columns=(
+        Column("playback_id", _S),
+        Column("event_id", _S),
+        Column("user_id", _S),
+        Column("session_id", _S),
+        Column("track_id", _S),
+        Column("ended_at", _T),
+        Column("ms_played", _L),
+        Column("outcome", _S),
+        Column("counted", pa.bool_()),
+        Column("skip_position_ms", _L, nullable=True),
+        Column("skip_reason", _S, nullable=True),
+        Column("duration_ms", _L, nullable=True),
+    ),
+    key="playback_id",
+    policy="first",
+    extra_ddl=(_skip_rates("track_skip_rates", "track_id"), _skip_rates("user_skip_rates", "user_id")),
+)
+# -- issue 17, notifications (sagas/notifications.py) -----------------------------------------------
+#: Every event of ``platform.notifications`` (requests and the relay's final outcomes), one row
+#: each, keyed by ``event_id`` (``first``: the relay's final events have deterministic ids, so a
+#: re-published copy is stored once); fields of the other types are NULL, ``event_type`` is the
+#: short name, ``retryable`` 0/1. View ``notifications_status``: each notification's final state
+#: (:mod:`sagas.notification_model`).
+NOTIFICATIONS = Projection(
+    name="notifications",
+    version=1,
+    topic="platform.notifications",
+    event_type=notification_model.EVENT_TYPES[0],
+    also_reads=notification_model.EVENT_TYPES[1:],
+    rows=notification_model.notification_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("event_type", _S),
+        Column("notification_id", _S),
+        Column("user_id", _S),
+        Column("channel", _S),
+        Column("occurred_at", _T),
+        Column("template", _S, nullable=True),
+        Column("priority", _S, nullable=True),
+        Column("correlation_id", _S, nullable=True),
+        Column("provider", _S, nullable=True),
+        Column("provider_message_id", _S, nullable=True),
+        Column("attempt", _I, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("retryable", _I, nullable=True),
+        Column("retry_after_ms", _L, nullable=True),
+        Column("detail", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=notification_model.VIEWS_DDL,
+)
+# -- end of issue 17, notifications ----------------------------------------------------------------
+# -- catalog changes (issue 17: catalog changes apply; projections/availability.py) ---------------
+#: A list of strings (Avro ``array`` of ``string``) → DuckDB ``VARCHAR[]``.
+_STRINGS = pa.list_(pa.field("item", pa.string(), nullable=False))
+_B = pa.bool_()
+
+#: The change log of published tracks (``catalog.track-changes``, TrackUpdated.avsc and
+#: TrackWithdrawn.avsc): one row per event, ``change`` ``updated`` or ``withdrawn``, the other
+#: type's fields NULL; ``first`` by ``event_id``. Its companions (created with it, and with the
+#: ``tracks`` and ``licences`` tables they read when those are missing) are the folded views
+#: ``tracks_current`` / macro ``tracks_as_of(ts)`` and ``track_availability`` / macro
+#: ``track_availability_at(ts)``; the rules are in :mod:`projections.availability`.
+TRACK_CHANGES = Projection(
+    name=availability.CHANGES_TABLE,
+    version=1,
+    topic="catalog.track-changes",
+    event_type=availability.UPDATED,
+    also_reads=(availability.WITHDRAWN,),
+    rows=availability.change_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("change", _S),
+        Column("track_id", _S),
+        Column("occurred_at", _T),
+        Column("changed_fields", _STRINGS, nullable=True),
+        Column("name", _S, nullable=True),
+        Column("artist", _S, nullable=True),
+        Column("album_id", _S, nullable=True),
+        Column("genre", _S, nullable=True),
+        Column("popularity", _I, nullable=True),
+        Column("duration_ms", _L, nullable=True),
+        Column("explicit", _B, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("territories", _STRINGS, nullable=True),
+        Column("licence_id", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+)
+
+#: Licences granted and revoked (``catalog.licences``, LicenceGranted.avsc and LicenceRevoked.avsc):
+#: one row per event, ``change`` ``granted`` or ``revoked``; ``first`` by ``event_id``.
+LICENCES = Projection(
+    name=availability.LICENCES_TABLE,
+    version=1,
+    topic="catalog.licences",
+    event_type=availability.GRANTED,
+    also_reads=(availability.REVOKED,),
+    rows=availability.licence_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("change", _S),
+        Column("licence_id", _S),
+        Column("track_id", _S),
+        Column("occurred_at", _T),
+        Column("society", _S),
+        Column("territories", _STRINGS),
+        Column("rights_type", _S, nullable=True),
+        Column("valid_from", _T, nullable=True),
+        Column("valid_until", _T, nullable=True),
+        Column("royalty_share_bp", _I, nullable=True),
+        Column("reason", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+)
+
+#: Album releases (``catalog.albums``, compacted, AlbumReleased.avsc): the last per ``album_id``.
+ALBUMS = Projection(
+    name=availability.ALBUMS_TABLE,
+    version=1,
+    topic="catalog.albums",
+    event_type="backbeat.catalog.AlbumReleased",
+    columns=(
+        Column("album_id", _S),
+        Column("event_id", _S),
+        Column("released_at", _T, field="occurred_at"),
+        Column("name", _S),
+        Column("artist", _S),
+        Column("album_type", _S),
+        Column("track_ids", _STRINGS),
+        Column("release_date", _S, nullable=True),
+        Column("label", _S, nullable=True),
+        Column("upc", _S, nullable=True),
+    ),
+    key="album_id",
+    policy="last",
+)
+
+#: The folded views need all three tables: each of the two change projections creates the
+#: missing ones (``CREATE TABLE IF NOT EXISTS``, a no-op over a replayed read model's view) and
+#: then the views, so either runner may start first.
+_CATALOG_VIEWS = (TRACKS.ddl, TRACK_CHANGES.ddl, LICENCES.ddl, *availability.VIEWS_DDL)
+TRACK_CHANGES = replace(TRACK_CHANGES, extra_ddl=_CATALOG_VIEWS)
+LICENCES = replace(LICENCES, extra_ddl=_CATALOG_VIEWS)
+# -- end of catalog changes ------------------------------------------------------------------------
+
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
     p.name: p
     for p in (
         LISTENS, SESSIONS, TRACKS, USER_FEATURES, TRACK_FEATURES, AD_REPORTS, AD_REPORTS_ITEM,
         CAMPAIGN_PAUSES, LEDGER_ENTRIES,
+        PLAYS,  # issue 17: listening from playback
+        NOTIFICATIONS,  # issue 17, notifications
+        TRACK_CHANGES, LICENCES, ALBUMS,  # catalog changes (issue 17)
     )
 }  # fmt: skip
 
@@ -654,15 +883,21 @@ def get_projection(name: str) -> Projection:
 __all__ = [
     "AD_REPORTS",
     "AD_REPORTS_ITEM",
+    "ALBUMS",
     "ARTIST_AFFINITIES",
     "CAMPAIGN_PAUSES",
     "LEDGER_ENTRIES",
+    "LICENCES",
     "LISTENS",
+    "NOTIFICATIONS",
     "OFFSET_COL",
+    "PLAYBACK_EVENT_TYPES",
+    "PLAYS",
     "PARTITION_COL",
     "PROJECTIONS",
     "SESSIONS",
     "TRACKS",
+    "TRACK_CHANGES",
     "TRACK_FEATURES",
     "USER_FEATURES",
     "Column",
@@ -670,6 +905,7 @@ __all__ = [
     "RowFilter",
     "RowMapper",
     "get_projection",
+    "play_rows",
     "sql_type",
     "struct_list",
     "to_table",

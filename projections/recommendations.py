@@ -88,6 +88,7 @@ from personalisation.streaming import (
     weight_unit,
 )
 from projections.apply import Applied
+from projections.availability import resolve_territory, unavailable, user_territory
 from projections.decoding import Prepared, Reject
 from projections.names import name_ctes
 from projections.readmodels import OFFSET_COL, PARTITION_COL, Column, Projection
@@ -715,8 +716,11 @@ class ShownItem:
 class UserRecommendations:
     """A user's current list: experiment, ``variant`` and ``model`` that produced it,
     ``generated_at`` (event time of the latest listen it accounts for, naive UTC),
-    ``computed_at`` (wall clock, naive UTC), ``named`` (whether the catalog gave names) and
-    ``items`` best first."""
+    ``computed_at`` (wall clock, naive UTC), ``named`` (whether the catalog gave names),
+    ``items`` best first (ranks as the model gave them, so a gap marks a withheld track),
+    ``territory`` the list is served for and ``withheld`` the track ids of the stored list left out
+    because they may not be played there now (withdrawn or unlicensed,
+    :func:`projections.availability.unavailable`)."""
 
     user_id: str
     experiment_id: str
@@ -726,6 +730,8 @@ class UserRecommendations:
     computed_at: datetime
     named: bool
     items: tuple[ShownItem, ...]
+    territory: str = ""
+    withheld: tuple[str, ...] = ()
 
 
 def _tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
@@ -733,18 +739,28 @@ def _tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 def read_recommendations(
-    settings: Settings, user_id: str, n: int = TOP_N, timeout_s: float = 30.0
+    settings: Settings, user_id: str, n: int = TOP_N, timeout_s: float = 30.0, territory: str | None = None
 ) -> UserRecommendations:
-    """The current list of ``user_id`` (at most ``n`` items) from the read model, with names.
+    """The current list of ``user_id`` (at most ``n`` items) from the read model, with names,
+    for ``territory`` (default: the territory of the user's latest listen that has one,
+    :func:`projections.availability.user_territory`, else
+    :data:`projections.availability.DEFAULT_TERRITORY`): tracks of the
+    list that may not be played there now (withdrawn or unlicensed, ``track_availability``) are
+    never shown, whenever the list was computed (``withheld`` names them).
 
     Raises:
+        UnknownTerritoryError: ``territory`` is not one availability is tracked for.
         NoReadModelsError: there is no DuckDB file yet.
         NoRecommendationsModelError: the read model does not exist yet (the message says which
             commands to run).
         UnknownUserError: it has no list for ``user_id`` (the message shows some known users).
         DatabaseBusyError: a runner held the file for ``timeout_s`` seconds.
     """
+    if territory is not None:
+        where = resolve_territory(territory)
     with reader(settings.duckdb_path, timeout_s) as conn:
+        if territory is None:
+            where = resolve_territory(user_territory(conn, user_id))
         tables = _tables(conn)
         if NAME not in tables or CONTEXT_TABLE not in tables:
             raise NoRecommendationsModelError(
@@ -760,6 +776,10 @@ def read_recommendations(
         if not rows:
             raise UnknownUserError(_unknown_user(conn, user_id))
         experiment_id, variant, model, generated_at, computed_at = rows[0]
+        listed = [
+            r[0] for r in conn.execute(f"SELECT track_id FROM {NAME} WHERE user_id = ?", [user_id]).fetchall()
+        ]
+        withheld = sorted(unavailable(conn, listed, where))
         named = "tracks" in tables and PLAYS_TABLE in tables
         if named:
             source = (
@@ -768,19 +788,31 @@ def read_recommendations(
             )
             sql = (
                 f'WITH {name_ctes(source)} SELECT "rank", track_id, track_shown, artist_shown, score, source '
-                'FROM named ORDER BY "rank" LIMIT $n'
+                "FROM named WHERE NOT list_contains(CAST($withheld AS VARCHAR[]), track_id) "
+                'ORDER BY "rank" LIMIT $n'
             )
         else:
             sql = (
                 f'SELECT "rank", track_id, NULL, NULL, score, source FROM {NAME} WHERE user_id = $user '
+                "AND NOT list_contains(CAST($withheld AS VARCHAR[]), track_id) "
                 'ORDER BY "rank" LIMIT $n'
             )
+        params = {"user": user_id, "n": n, "withheld": withheld}
         items = tuple(
             ShownItem(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5])
-            for r in conn.execute(sql, {"user": user_id, "n": n}).fetchall()
+            for r in conn.execute(sql, params).fetchall()
         )
     return UserRecommendations(
-        user_id, experiment_id, variant, model, generated_at, computed_at, named, items
+        user_id,
+        experiment_id,
+        variant,
+        model,
+        generated_at,
+        computed_at,
+        named,
+        items,
+        where,
+        tuple(withheld),
     )
 
 

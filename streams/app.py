@@ -10,7 +10,8 @@ configurations and registers the chosen agents, each as a
 
 The agent groups (``BACKBEAT_STREAMS_AGENTS``, default all): ``ingest`` (listening ingest,
 :mod:`streams.ingest`), ``features`` (the user- and track-features agents,
-:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`), ``ledger`` (payments →
+:mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`), ``playback`` (listening
+from playback: player events → listens, :mod:`streams.playback`), ``ledger`` (payments →
 ``billing.ledger``, :mod:`streams.ledger`). On first start the
 worker creates the topics its agents need that are missing, exactly as ``backbeat topics
 apply`` does (Faust itself never creates topics), and applies :func:`infra.runtime.tune_gc`.
@@ -131,6 +132,16 @@ def _ads(app: BackbeatApp) -> None:
     app.add_agent(AdReporting(ads, app.ingest_config.app_id), ads.topic_specs(app.ingest_config.app_id))
 
 
+def _playback(app: BackbeatApp) -> None:
+    from streams.playback import ListeningFromPlayback
+    from streams.playback_config import PlaybackConfig
+
+    playback = PlaybackConfig.from_env()
+    app_id = app.ingest_config.app_id
+    specs = playback.topic_specs(app_id)
+    app.add_agent(ListeningFromPlayback(playback, app_id, specs[0].partitions), specs)
+
+
 def _ledger(app: BackbeatApp) -> None:
     from streams.ledger import LedgerConfig, build_agent
 
@@ -144,6 +155,7 @@ AGENT_GROUPS: dict[str, Callable[[BackbeatApp], None]] = {
     "ingest": _ingest,
     "features": _features,
     "ads": _ads,
+    "playback": _playback,
     "ledger": _ledger,
 }
 
