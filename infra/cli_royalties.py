@@ -95,7 +95,7 @@ def statement(
 def register(app: typer.Typer) -> None:
     """Add the ``royalties`` command group to the ``backbeat`` app."""
     group = typer.Typer(
-        help="Royalties: monthly pro-rata statements from the ledger and listens read models.",
+        help="Royalties: monthly statements (pro-rata or user-centric) from the ledger and listens.",
         no_args_is_help=True,
         rich_markup_mode="markdown",
     )
