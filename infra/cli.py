@@ -675,6 +675,7 @@ _COMMAND_MODULES = (
     "infra.cli_simulate",
     "infra.cli_notifications",
     "infra.cli_catalog_changes",  # backbeat simulate catalog (issue 17)
+    "infra.cli_royalties",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

@@ -590,20 +590,25 @@ CAMPAIGN_PAUSES = Projection(
     policy="first",
 )
 
-#: The billing ledger (:mod:`sagas.ledger`): the double-entry journal lines posted by the payment
-#: events of ``billing.payments`` (a capture posts a ``sale`` and a ``settlement`` entry, a refund a
-#: ``refund`` entry, the other four types nothing), signed (debit > 0, credit < 0) in minor units;
-#: ``saga_id`` is the event's ``correlation_id``. Keyed by ``(entry_id, line)``, ``first``: entry
-#: ids derive from the event id, so a redelivered event posts nothing new. An event that cannot
-#: be posted (bad amount) is a reject. Views ``ledger_balances(account, currency, balance_minor)``
-#: and ``ledger_by_saga(saga_id, account, balance_minor)``.
+# -- issue 17, the ledger on the log (streams/ledger.py, docs/live-royalties.md) ---------------------
+#: The billing ledger (:mod:`sagas.ledger`): the double-entry journal lines, one
+#: ``LedgerEntryPosted`` each on ``billing.ledger`` (published by the ledger agent,
+#: :mod:`streams.ledger`, from the payment events of ``billing.payments``: a capture posts a
+#: ``sale`` and a ``settlement`` entry, a refund a ``refund`` entry, the other four types nothing),
+#: signed here (debit > 0, credit < 0) in minor units; ``saga_id`` is the payment event's
+#: ``correlation_id``, ``event_id``/``event_type`` the payment event's, ``reference_type`` /
+#: ``reference_id`` what the payment was for (``SUBSCRIPTION``/``ORDER``/``PAYMENT`` and its id),
+#: ``ledger_event_id`` the line's own event id. Keyed by ``(entry_id, line)``, ``first``: ids derive
+#: from the payment event id, so a republished line changes nothing. Version 2: built from
+#: ``billing.ledger`` (version 1 read ``billing.payments``), with the three reference columns.
+#: Views ``ledger_balances(account, currency, balance_minor)`` and ``ledger_by_saga(saga_id,
+#: account, balance_minor)``.
 LEDGER_ENTRIES = Projection(
     name="ledger_entries",
-    version=1,
-    topic="billing.payments",
-    event_type=ledger.EVENT_TYPES[0],
-    also_reads=ledger.EVENT_TYPES[1:],
-    rows=ledger.ledger_rows,
+    version=2,
+    topic="billing.ledger",
+    event_type=ledger.POSTED_TYPE,
+    rows=ledger.posted_rows,
     columns=(
         Column("entry_id", _S),
         Column("line", _I),
@@ -616,11 +621,15 @@ LEDGER_ENTRIES = Projection(
         Column("event_id", _S),
         Column("event_type", _S),
         Column("entry_kind", _S),
+        Column("reference_type", _S),
+        Column("reference_id", _S),
+        Column("ledger_event_id", _S),
     ),
     key=("entry_id", "line"),
     policy="first",
     extra_ddl=ledger.VIEWS_DDL,
 )
+# -- end of issue 17, the ledger on the log ---------------------------------------------------------
 
 # --- issue 17: listening from playback (the player's plays and skips) -------------------------
 

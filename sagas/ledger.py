@@ -1,6 +1,7 @@
 """The billing ledger's posting rules: from a payment event on ``billing.payments`` to balanced
-double-entry journal lines (pure; no I/O). The read model ``ledger_entries`` is built from them
-by the projection runner (:data:`projections.readmodels.LEDGER_ENTRIES`).
+double-entry journal lines (pure; no I/O). The ledger agent publishes them on ``billing.ledger`` and the
+read model ``ledger_entries`` is built from that topic
+(:data:`projections.readmodels.LEDGER_ENTRIES`).
 
 Double entry (the standard rule of bookkeeping, e.g. Pacioli 1494; any accounting textbook):
 every transaction is posted as an *entry* of two or more *lines* whose debits equal their
@@ -28,10 +29,24 @@ Rules (:func:`postings`), for an event of amount ``A`` (``amount_minor``):
 So after a capture and a full refund of it: customer 0, gateway_clearing 0, revenue −A,
 refunds +A. Entry ids are ``"<event_id>:<kind>"``: a re-delivered event (same ``event_id``)
 yields the same ``(entry_id, line)`` keys, which the read model stores once.
+
+On the log (issue 17): the ledger agent (:mod:`streams.ledger`) publishes every line as one
+``LedgerEntryPosted`` on ``billing.ledger`` (:func:`ledger_events`), and the read model
+``ledger_entries`` is built from those events (:func:`posted_rows`). Vocabulary of the schema: a
+*journal* is what is called an entry here (``journal_id`` = ``"<event_id>:<kind>"``), an *entry*
+of the schema is one line (``entry_id`` = ``"<journal_id>:<line>"``); ``direction`` DEBIT/CREDIT
+with a positive ``amount_minor`` replaces the sign. Each line's ``event_id`` is
+:func:`ledger_event_id` (a hash of the payment event id, the kind and the line), so a recomputation
+after a crash publishes the same ids. What a payment was for (``reference_type`` ``SUBSCRIPTION``
+or ``ORDER`` with the subscription or order id as ``reference_id``; else ``PAYMENT`` and the
+payment id) is named by its ``PaymentAuthorized`` only (:func:`purpose_of`), which the agent
+remembers per payment; every line of the payment carries it, the refund's too. Revenue from
+subscriptions (royalties, :mod:`projections.royalties`) is found by it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,8 +80,20 @@ RULES: Final[dict[str, tuple[tuple[str, tuple[tuple[str, int], ...]], ...]]] = {
 }
 #: Their Avro full names (``backbeat.billing.PaymentCaptured``, ...), posting types first.
 EVENT_TYPES: Final = tuple(f"{NAMESPACE}.{name}" for name in RULES)
+#: The event type of ``billing.ledger`` (one per journal line).
+POSTED_TYPE: Final = f"{NAMESPACE}.LedgerEntryPosted"
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
+
+#: ``LedgerEntryPosted.reference_type`` values the ledger posts: what a payment was for.
+SUBSCRIPTION_REF: Final = "SUBSCRIPTION"
+ORDER_REF: Final = "ORDER"
+PAYMENT_REF: Final = "PAYMENT"
+#: A payment's purpose: ``(reference_type, reference_id)``.
+Purpose = tuple[str, str]
+#: ``LedgerEntryPosted.direction``.
+DEBIT: Final = "DEBIT"
+CREDIT: Final = "CREDIT"
 
 
 class LedgerError(ValueError):
@@ -93,6 +120,13 @@ class Posting:
     event_id: str
     event_type: str
     entry_kind: str
+    reference_type: str = PAYMENT_REF
+    reference_id: str = ""
+
+    @property
+    def ledger_event_id(self) -> str:
+        """The ``event_id`` of this line's ``LedgerEntryPosted`` (:func:`ledger_event_id`)."""
+        return ledger_event_id(self.event_id, self.entry_kind, self.line)
 
     def row(self) -> dict[str, Any]:
         """The ``ledger_entries`` row (``posted_at`` as ms since the epoch)."""
@@ -108,7 +142,52 @@ class Posting:
             "event_id": self.event_id,
             "event_type": self.event_type,
             "entry_kind": self.entry_kind,
+            "reference_type": self.reference_type,
+            "reference_id": self.reference_id or self.payment_id,
+            "ledger_event_id": self.ledger_event_id,
         }
+
+    def event(self) -> dict[str, Any]:
+        """This line as a ``LedgerEntryPosted`` record (schemas/billing/LedgerEntryPosted.avsc)."""
+        return {
+            "event_id": self.ledger_event_id,
+            "entry_id": f"{self.entry_id}:{self.line}",
+            "journal_id": self.entry_id,
+            "account_id": self.account,
+            "occurred_at": self.posted_at_ms,
+            "direction": DEBIT if self.amount_minor > 0 else CREDIT,
+            "amount_minor": abs(self.amount_minor),
+            "currency": self.currency,
+            "reference_type": self.reference_type,
+            "reference_id": self.reference_id or self.payment_id,
+            "journal_line": self.line,
+            "payment_id": self.payment_id,
+            "correlation_id": self.saga_id,
+            "source_event_id": self.event_id,
+            "source_event_type": self.event_type,
+            "journal_kind": self.entry_kind,
+        }
+
+
+def ledger_event_id(event_id: str, kind: str, line: int) -> str:
+    """The ``event_id`` of the ``LedgerEntryPosted`` of line ``line`` of the ``kind`` entry posted
+    for payment event ``event_id``: the first 32 hex digits of SHA-256 over
+    ``"ledger|<event_id>|<kind>|<line>"`` (UTF-8)."""
+    return hashlib.sha256(f"ledger|{event_id}|{kind}|{line}".encode()).hexdigest()[:32]
+
+
+def purpose_of(event_type: str, event: Mapping[str, Any]) -> Purpose | None:
+    """What a payment is for, from its ``PaymentAuthorized`` (the only payment event that says):
+    ``("SUBSCRIPTION", subscription_id)``, else ``("ORDER", order_id)``, else ``None`` (also for
+    every other event type)."""
+    if _short(event_type) != "PaymentAuthorized":
+        return None
+    sub, order = event.get("subscription_id"), event.get("order_id")
+    if isinstance(sub, str) and sub:
+        return (SUBSCRIPTION_REF, sub)
+    if isinstance(order, str) and order:
+        return (ORDER_REF, order)
+    return None
 
 
 def entry_id(event_id: str, kind: str) -> str:
@@ -127,13 +206,14 @@ def _field(event: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -
     return value
 
 
-def postings(event_type: str, event: Mapping[str, Any]) -> list[Posting]:
+def postings(event_type: str, event: Mapping[str, Any], purpose: Purpose | None = None) -> list[Posting]:
     """The journal lines an event posts (module docstring), entry by entry, lines in order.
 
     ``event_type``: the Avro name, full (``backbeat.billing.PaymentCaptured``) or short;
     ``event``: the decoded payload (``occurred_at`` in ms since the epoch, ``amount_minor`` in
-    minor units, ``correlation_id`` the saga id or ``None``). Returns ``[]`` for the types that
-    post nothing. Each entry's lines sum to zero.
+    minor units, ``correlation_id`` the saga id or ``None``); ``purpose``: what the payment is for
+    (:func:`purpose_of` of its authorisation; ``None``: ``("PAYMENT", payment_id)``). Returns
+    ``[]`` for the types that post nothing. Each entry's lines sum to zero.
 
     Raises:
         LedgerError: an unknown event type; a posting event whose ``amount_minor`` is not a
@@ -163,6 +243,7 @@ def postings(event_type: str, event: Mapping[str, Any]) -> list[Posting]:
     if not _CURRENCY.fullmatch(currency):
         raise LedgerError(f"{name} {event_id!r} has currency {currency!r}; expected an ISO 4217 code")
     saga = event.get("correlation_id")
+    ref_type, ref_id = purpose if purpose is not None else (PAYMENT_REF, payment_id)
     out: list[Posting] = []
     for kind, lines in rules:
         eid = entry_id(event_id, kind)
@@ -180,18 +261,88 @@ def postings(event_type: str, event: Mapping[str, Any]) -> list[Posting]:
                     event_id=event_id,
                     event_type=name,
                     entry_kind=kind,
+                    reference_type=ref_type,
+                    reference_id=ref_id,
                 )
             )
     return out
 
 
-def ledger_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """:func:`postings` as ``ledger_entries`` rows (the projection's row mapping).
+def ledger_rows(
+    event_type: str, event: Mapping[str, Any], purpose: Purpose | None = None
+) -> list[dict[str, Any]]:
+    """:func:`postings` of a payment event as ``ledger_entries`` rows, computed directly (what
+    the read model built from ``billing.ledger`` must hold; tests and checks).
 
     Raises:
         LedgerError: as :func:`postings`.
     """
-    return [p.row() for p in postings(event_type, event)]
+    return [p.row() for p in postings(event_type, event, purpose)]
+
+
+def ledger_events(
+    event_type: str, event: Mapping[str, Any], purpose: Purpose | None = None
+) -> list[dict[str, Any]]:
+    """:func:`postings` of a payment event as ``LedgerEntryPosted`` records, one per line (what
+    the ledger agent publishes).
+
+    Raises:
+        LedgerError: as :func:`postings`.
+    """
+    return [p.event() for p in postings(event_type, event, purpose)]
+
+
+def posted_rows(event_type: str, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``ledger_entries`` row of one ``LedgerEntryPosted`` (the projection's row mapping):
+    the sign from ``direction`` (DEBIT +, CREDIT −), ``entry_id`` = ``journal_id``, ``line`` =
+    ``journal_line``, ``saga_id`` = ``correlation_id``, ``event_id``/``event_type``/``entry_kind``
+    = ``source_event_id``/``source_event_type``/``journal_kind``, ``ledger_event_id`` = its own
+    ``event_id``. ``event_type`` must be ``LedgerEntryPosted`` (full or short name).
+
+    Raises:
+        LedgerError: another event type; a direction other than DEBIT or CREDIT; an amount that
+            is not a positive integer; a missing ``journal_line``, ``payment_id`` or source
+            field (an event from a producer that does not fill them): such an event becomes a
+            projection reject.
+    """
+    if _short(event_type) != "LedgerEntryPosted":
+        raise LedgerError(f"{event_type} is not a billing.ledger event (LedgerEntryPosted)")
+    eid = event.get("event_id")
+    direction = event.get("direction")
+    if direction not in (DEBIT, CREDIT):
+        raise LedgerError(f"LedgerEntryPosted {eid!r} has direction {direction!r}; expected DEBIT or CREDIT")
+    amount = event.get("amount_minor")
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise LedgerError(
+            f"LedgerEntryPosted {eid!r} has amount_minor {amount!r}; expected a positive integer"
+        )
+    missing = [
+        name
+        for name in ("journal_line", "payment_id", "source_event_id", "source_event_type", "journal_kind")
+        if event.get(name) is None
+    ]
+    if missing:
+        raise LedgerError(
+            f"LedgerEntryPosted {eid!r} lacks {', '.join(missing)}; the ledger read model needs them"
+        )
+    return [
+        {
+            "entry_id": event["journal_id"],
+            "line": event["journal_line"],
+            "saga_id": event.get("correlation_id"),
+            "payment_id": event["payment_id"],
+            "account": event["account_id"],
+            "amount_minor": amount if direction == DEBIT else -amount,
+            "currency": event["currency"],
+            "posted_at": event["occurred_at"],
+            "event_id": event["source_event_id"],
+            "event_type": event["source_event_type"],
+            "entry_kind": event["journal_kind"],
+            "reference_type": event["reference_type"],
+            "reference_id": event["reference_id"],
+            "ledger_event_id": eid,
+        }
+    ]
 
 
 #: The views over ``ledger_entries`` (created by the runner after the table, every start).
@@ -208,6 +359,17 @@ FROM ledger_entries WHERE saga_id IS NOT NULL GROUP BY saga_id, account""",
 
 __all__ = [
     "ACCOUNTS",
+    "CREDIT",
+    "DEBIT",
+    "ORDER_REF",
+    "PAYMENT_REF",
+    "POSTED_TYPE",
+    "SUBSCRIPTION_REF",
+    "Purpose",
+    "ledger_event_id",
+    "ledger_events",
+    "posted_rows",
+    "purpose_of",
     "BALANCES_VIEW",
     "BY_SAGA_VIEW",
     "CUSTOMER",

@@ -296,13 +296,16 @@ def reset_all(settings: Settings) -> list[str]:
 def build_read_models(settings: Settings, seed: int) -> None:
     """Bring the saga read models in DuckDB up to date: ``sagas`` (from the orchestrator's
     event store), ``gateway_operations`` (the simulator's record), ``inventory_reservations``
-    and ``inventory_stock`` (the inventory service's aggregates) and ``ledger_entries`` (from
-    ``billing.payments``, by the projection runner). ``seed`` is not used (the gateway record is
+    and ``inventory_stock`` (the inventory service's aggregates) and ``ledger_entries`` (the
+    ledger agent, :mod:`streams.ledger`, posts ``billing.payments`` to ``billing.ledger`` until
+    caught up, then the projection runner reads that). ``seed`` is not used (the gateway record is
     read as stored). After a ``backbeat replay`` of them, the rows go into the current versions'
     tables (:mod:`sagas.replay`)."""
     from projections.runner import run_projections
+    from streams.ledger import publish_until_caught_up
 
     build_saga_read_models(settings)
+    publish_until_caught_up(settings)
     run_projections(settings, ["ledger_entries"], until_caught_up=True)
 
 

@@ -11,7 +11,8 @@ configurations and registers the chosen agents, each as a
 The agent groups (``BACKBEAT_STREAMS_AGENTS``, default all): ``ingest`` (listening ingest,
 :mod:`streams.ingest`), ``features`` (the user- and track-features agents,
 :mod:`streams.features`), ``ads`` (ad reporting, :mod:`streams.ads`), ``playback`` (listening
-from playback: player events → listens, :mod:`streams.playback`). On first start the
+from playback: player events → listens, :mod:`streams.playback`), ``ledger`` (payments →
+``billing.ledger``, :mod:`streams.ledger`). On first start the
 worker creates the topics its agents need that are missing, exactly as ``backbeat topics
 apply`` does (Faust itself never creates topics), and applies :func:`infra.runtime.tune_gc`.
 
@@ -141,12 +142,21 @@ def _playback(app: BackbeatApp) -> None:
     app.add_agent(ListeningFromPlayback(playback, app_id, specs[0].partitions), specs)
 
 
+def _ledger(app: BackbeatApp) -> None:
+    from streams.ledger import LedgerConfig, build_agent
+
+    ledger = LedgerConfig.from_env()
+    app_id = app.ingest_config.app_id
+    app.add_agent(build_agent(app.backbeat_settings, app_id, ledger), ledger.topic_specs(app_id))
+
+
 #: The agent groups a worker can run, by ``BACKBEAT_STREAMS_AGENTS`` name: one way to register.
 AGENT_GROUPS: dict[str, Callable[[BackbeatApp], None]] = {
     "ingest": _ingest,
     "features": _features,
     "ads": _ads,
     "playback": _playback,
+    "ledger": _ledger,
 }
 
 

@@ -15,7 +15,7 @@ variable                               meaning (default)
 ``BACKBEAT_STREAMS_STALL_AFTER_S``     report an agent as stalled when records wait but none
                                        arrived for this long, seconds (``30``)
 ``BACKBEAT_STREAMS_AGENTS``            which agents the worker runs: ``ingest``,
-                                       ``features``, ``ads``, ``playback``,
+                                       ``features``, ``ads``, ``playback``, ``ledger``,
                                        comma-separated (all)
 =====================================  ===================================================
 
@@ -37,7 +37,7 @@ SESSIONS = "listening.sessions"
 DLQ = "playback.listens.dlq"
 TABLE = "sessions"
 #: The agent groups a worker can run (``BACKBEAT_STREAMS_AGENTS``).
-AGENT_GROUPS = ("ingest", "features", "ads", "playback")
+AGENT_GROUPS = ("ingest", "features", "ads", "playback", "ledger")
 
 
 def _num(env: dict[str, str], name: str, default: str, kind: type[int] | type[float]) -> float:

@@ -19,8 +19,20 @@ from projections.decoding import BatchPreparer, Prepared
 from projections.readmodels import LEDGER_ENTRIES, Column, Projection, to_table, to_table_checked
 from projections.store import reader, writer
 from projections.tracking import LogIdentity, ensure_tables
+from sagas import ledger
 from tests.projections.test_readmodels import FakeMsg, _lookup, listen
 from tests.sagas.test_ledger import authorized, captured, refunded
+
+#: Version 1 of the ledger read model (it read the payment events, several types, directly): the
+#: shape of a projection with ``also_reads`` and a row mapping.
+LEDGER_V1 = dataclasses.replace(
+    LEDGER_ENTRIES,
+    version=1,
+    topic="billing.payments",
+    event_type=ledger.EVENT_TYPES[0],
+    also_reads=ledger.EVENT_TYPES[1:],
+    rows=ledger.ledger_rows,
+)
 
 
 def test_preparer_reads_every_type_of_the_projection_and_rejects_others():
@@ -34,7 +46,7 @@ def test_preparer_reads_every_type_of_the_projection_and_rejects_others():
         FakeMsg(enc["PaymentRefunded"].encode(refunded(1, 400)), 3, topic="p"),
         FakeMsg(enc["PaymentCaptured"].encode(captured(3, -1)), 4, topic="p"),  # cannot be posted
     ]
-    out = BatchPreparer({"p": LEDGER_ENTRIES.on_topic("p")}, _lookup(schemas)).prepare(msgs)
+    out = BatchPreparer({"p": LEDGER_V1.on_topic("p")}, _lookup(schemas)).prepare(msgs)
     table = out.tables["ledger_entries"]
     assert (
         table.column("entry_id").to_pylist()

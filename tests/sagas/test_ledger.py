@@ -1,6 +1,7 @@
-"""The billing ledger: the pure posting rules, and the ``ledger_entries`` read model built by the
-projection runner from payment events on the real broker (redelivered, bad and non-posting
-events included), run twice."""
+"""The billing ledger: the pure posting rules, and the ``ledger_entries`` read model on the real
+broker: payment events (redelivered, bad and non-posting events included) posted to a ledger
+topic by the ledger agent (:mod:`streams.ledger`), the read model built from it by the projection
+runner, run twice. The agent itself: tests/streams/test_ledger_agent.py."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from projections.sql import query
 from sagas.ledger import (
     ACCOUNTS,
     EVENT_TYPES,
+    POSTED_TYPE,
     RULES,
     LedgerError,
     Posting,
     entry_id,
+    ledger_events,
     ledger_rows,
     postings,
 )
+from streams.ledger import LedgerConfig, publish_until_caught_up
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC, ms
 
@@ -179,35 +183,36 @@ def test_entry_ids_follow_the_event_id():
 
 
 def test_event_types_are_the_topic_catalog_types():
-    for full in EVENT_TYPES:
+    for full in (*EVENT_TYPES, POSTED_TYPE):
         assert get_schema(full).full_name == full
-    assert LEDGER_ENTRIES.event_types == frozenset(EVENT_TYPES)
+    assert LEDGER_ENTRIES.event_types == frozenset({POSTED_TYPE})
+    assert LEDGER_ENTRIES.topic == "billing.ledger" and LEDGER_ENTRIES.version == 2
     assert PROJECTIONS["ledger_entries"] is LEDGER_ENTRIES
     assert LEDGER_ENTRIES.key_columns == ("entry_id", "line")
 
 
 def test_projection_rows_reject_a_bad_event_whole_and_keep_the_rest():
-    events = [captured(1), captured(2, amount=0), authorized(3), refunded(1)]
-    types = [
-        "backbeat.billing.PaymentCaptured",
-        "backbeat.billing.PaymentCaptured",
-        "backbeat.billing.PaymentAuthorized",
-        "backbeat.billing.PaymentRefunded",
-    ]
-    table, rejects = to_table_checked(LEDGER_ENTRIES, events, [0, 1, 2, 0], [10, 11, 12, 13], types)
-    assert [i for i, _ in rejects] == [1]
-    assert "amount_minor 0" in rejects[0][1]
+    good = ledger_events("PaymentCaptured", captured(1)) + ledger_events("PaymentRefunded", refunded(1))
+    bad = {**good[0], "event_id": "x", "direction": "UNKNOWN"}  # a producer that did not say
+    events = [*good[:4], bad, *good[4:]]
+    table, rejects = to_table_checked(LEDGER_ENTRIES, events, [0] * 7, list(range(10, 17)), [POSTED_TYPE] * 7)
+    assert [i for i, _ in rejects] == [4]
+    assert "direction 'UNKNOWN'" in rejects[0][1]
     got = table.select(["entry_id", "line", "amount_minor", "kafka_partition", "kafka_offset"]).to_pylist()
     assert [(r["entry_id"], r["line"], r["kafka_offset"]) for r in got] == [
         ("cap-1:sale", 1, 10),
-        ("cap-1:sale", 2, 10),
-        ("cap-1:settlement", 1, 10),
-        ("cap-1:settlement", 2, 10),
-        ("ref-1:refund", 1, 13),
-        ("ref-1:refund", 2, 13),
+        ("cap-1:sale", 2, 11),
+        ("cap-1:settlement", 1, 12),
+        ("cap-1:settlement", 2, 13),
+        ("ref-1:refund", 1, 15),
+        ("ref-1:refund", 2, 16),
     ]
     assert sum(r["amount_minor"] for r in got) == 0
     assert table.schema == LEDGER_ENTRIES.arrow_schema
+    assert (
+        table.to_pylist()[0]["reference_type"] == "PAYMENT"
+        and table.to_pylist()[0]["reference_id"] == "pay-1"
+    )
 
 
 # -- the read model on the real broker --------------------------------------------------------------
@@ -231,6 +236,8 @@ def rows(settings: Settings, sql: str) -> list[tuple]:
 @pytest.mark.integration
 def test_ledger_read_model_from_payment_events(settings: Settings, unique: Callable[[str], str]):
     topic = unique("billing.payments")
+    config = LedgerConfig(topic, f"{topic}.ledger", f"{topic}.dlq")
+    app_id = unique("ledger")
     apply_topics(settings, [TopicSpec(topic, 3)])
     # saga-1: authorised, captured 1250; saga-2: authorised, voided; saga-3: captured 700,
     # refunded in full; one capture without a saga; one capture with a bad amount
@@ -240,16 +247,15 @@ def test_ledger_read_model_from_payment_events(settings: Settings, unique: Calla
     send(settings, topic, "PaymentCaptured", [*caps, captured(5, 0, "saga-5")])
     send(settings, topic, "PaymentRefunded", [refunded(3, 700, "saga-3")])
     send(settings, topic, "PaymentCaptured", caps[:2])  # redelivered (same event ids)
-    topics = {"ledger_entries": topic}
+    topics = {"ledger_entries": config.ledger_topic}
 
+    posted = publish_until_caught_up(settings, app_id=app_id, config=config, timeout_s=120)
     stats = run_projections(settings, ["ledger_entries"], until_caught_up=True, topics=topics)
 
-    assert stats.records == 10 and stats.rejects == 1
+    # the agent posts each payment event once and dead-letters the one it cannot post
+    assert posted["records_in"] == 10 and posted["dead_lettered"] == 1 and posted["duplicates"] == 2
+    assert stats.records == 3 * 4 + 2 and stats.rejects == 0
     assert stats.per_projection == {"ledger_entries": 3 * 4 + 2}
-    assert stats.duplicates == 2 * 4  # rows of the redelivered captures
-    reject = rows(settings, "SELECT projection, topic, reason FROM projection_rejects")
-    assert len(reject) == 1 and reject[0][:2] == ("ledger_entries", topic)
-    assert "cap-5" in reject[0][2] and "amount_minor 0" in reject[0][2]
     assert rows(settings, "SELECT count(*), count(DISTINCT (entry_id, line)) FROM ledger_entries") == [
         (14, 14)
     ]
@@ -288,9 +294,11 @@ def test_ledger_read_model_from_payment_events(settings: Settings, unique: Calla
 
     assert again.records == 0 and again.applied == 0
     assert rows(settings, "SELECT * FROM ledger_entries ORDER BY entry_id, line") == before
-    # the same events once more on the topic (a producer retry): nothing new is posted
+    # the same events once more on the payments topic (a producer retry): nothing new is posted
     send(settings, topic, "PaymentCaptured", caps)
     send(settings, topic, "PaymentRefunded", [refunded(3, 700, "saga-3")])
+    more = publish_until_caught_up(settings, app_id=app_id, config=config, timeout_s=120)
     third = run_projections(settings, ["ledger_entries"], until_caught_up=True, topics=topics)
-    assert third.records == 4 and third.applied == 0 and third.duplicates == 3 * 4 + 2
+    assert more["records_in"] == 14 and more["duplicates"] == 2 + 4
+    assert third.records == 0 and third.applied == 0
     assert rows(settings, "SELECT * FROM ledger_entries ORDER BY entry_id, line") == before
