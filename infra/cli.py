@@ -672,6 +672,7 @@ _COMMAND_MODULES = (
     "infra.cli_archive",
     "infra.cli_dlq",
     "infra.cli_serve",
+    "infra.cli_entitlements",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)
