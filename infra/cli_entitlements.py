@@ -49,7 +49,9 @@ def _iso(value: Any) -> Any:
 def to_json(doc: dict[str, Any]) -> str:
     """The ``--json`` document of :func:`sagas.access.answer` (times ISO-8601 UTC with ``Z``)."""
     out = {k: _iso(v) for k, v in doc.items() if k != "entitlements"}
-    out["entitlements"] = [{k: _iso(v) for k, v in row.items() if k != "covers"} for row in doc["entitlements"]]
+    out["entitlements"] = [
+        {k: _iso(v) for k, v in row.items() if k != "covers"} for row in doc["entitlements"]
+    ]
     return json.dumps(out, indent=2)
 
 
@@ -58,7 +60,8 @@ def entitlements(
     at: Annotated[
         str | None,
         typer.Option(
-            "--at", metavar="ISO-TIME",
+            "--at",
+            metavar="ISO-TIME",
             help="Ask about this instant instead of now (the business clock's now when a simulation "
             "ticks one, else the wall clock), e.g. 2026-03-01T12:00:00Z; no offset means UTC.",
         ),
@@ -77,7 +80,9 @@ def entitlements(
         print(to_json(doc))
     else:
         verdict = f"yes, until {doc['until']:%Y-%m-%d %H:%M:%S} UTC" if doc["premium"] else "no"
-        console.print(f"user {user} at {doc['at']:%Y-%m-%d %H:%M:%S} UTC ({doc['clock']} clock): premium {verdict}")
+        console.print(
+            f"user {user} at {doc['at']:%Y-%m-%d %H:%M:%S} UTC ({doc['clock']} clock): premium {verdict}"
+        )
         console.print(f"why: {doc['why']}")
         rows = [
             [r["entitlement_id"], r["kind"], r["subscription_id"] or "—", r["valid_from"], r["valid_until"],
@@ -85,7 +90,15 @@ def entitlements(
             for r in doc["entitlements"]
         ]  # fmt: skip
         if rows:
-            columns = ["entitlement", "kind", "subscription", "valid from", "valid until", "state", "revoked for"]
+            columns = [
+                "entitlement",
+                "kind",
+                "subscription",
+                "valid from",
+                "valid until",
+                "state",
+                "revoked for",
+            ]
             console.print(table(columns, rows, title=f"entitlements of {user}"))
     if not doc["premium"]:
         raise typer.Exit(1)
@@ -149,13 +162,14 @@ def _summary(settings: Any, run: Any, results: list[Any]) -> dict[str, Any]:
         events = dict(
             con.execute(
                 "SELECT CASE WHEN event_type = 'SubscriptionCancelled' THEN event_type || ':' || reason "
-                "ELSE event_type END, count(*) FROM subscription_events WHERE subscription_id LIKE ? GROUP BY ALL",
+                "ELSE event_type END, count(*) FROM subscription_events WHERE subscription_id LIKE ? "
+                "GROUP BY ALL",
                 [run.run_id + "-%"],
             ).fetchall()
         )
         retried = con.execute(
-            "SELECT count(*) FROM subscription_events WHERE event_type = 'SubscriptionRenewed' AND attempt > 1 "
-            "AND subscription_id LIKE ?",
+            "SELECT count(*) FROM subscription_events WHERE event_type = 'SubscriptionRenewed' "
+            "AND attempt > 1 AND subscription_id LIKE ?",
             [run.run_id + "-%"],
         ).fetchone()[0]
         revenue = con.execute(

@@ -42,7 +42,9 @@ from infra.settings import Settings
 
 PLATFORM = "backbeat.platform"
 BILLING = "backbeat.billing"
-ENTITLEMENT_TYPES = tuple(f"{PLATFORM}.{n}" for n in ("EntitlementGranted", "EntitlementGrantFailed", "EntitlementRevoked"))
+ENTITLEMENT_TYPES = tuple(
+    f"{PLATFORM}.{n}" for n in ("EntitlementGranted", "EntitlementGrantFailed", "EntitlementRevoked")
+)
 SUBSCRIPTION_TYPES = tuple(
     f"{BILLING}.{n}"
     for n in (
@@ -208,13 +210,15 @@ def answer(con: Any, user_id: str, at: datetime | None = None) -> dict[str, Any]
 def _why(rows: list[dict[str, Any]], covering: list[dict[str, Any]], at: datetime) -> str:
     if covering:
         r = covering[0]
-        return f"entitlement {r['entitlement_id']} (subscription {r['subscription_id']}) is paid until {r['valid_until']}"
+        sub, until = r["subscription_id"], r["valid_until"]
+        return f"entitlement {r['entitlement_id']} (subscription {sub}) is paid until {until}"
     premium = [r for r in rows if r["kind"] == "PREMIUM"]
     if not premium:
         return "no premium entitlement was ever granted to this user"
     last = premium[0]
     if last["state"] == "REVOKED":
-        return f"entitlement {last['entitlement_id']} was revoked ({last['revoke_reason']}) at {last['revoked_at']}"
+        why, when = last["revoke_reason"], last["revoked_at"]
+        return f"entitlement {last['entitlement_id']} was revoked ({why}) at {when}"
     if last["state"] == "FAILED":
         return f"the grant of entitlement {last['entitlement_id']} failed"
     if last["valid_until"] is not None and last["valid_until"] <= at:
@@ -222,7 +226,9 @@ def _why(rows: list[dict[str, Any]], covering: list[dict[str, Any]], at: datetim
     return f"entitlement {last['entitlement_id']} starts at {last['valid_from']}"
 
 
-def read_answer(settings: Settings, user_id: str, at: datetime | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+def read_answer(
+    settings: Settings, user_id: str, at: datetime | None = None, timeout_s: float = 30.0
+) -> dict[str, Any]:
     """:func:`answer` on the read-model file of ``settings`` (through :func:`projections.store.reader`).
 
     Raises:

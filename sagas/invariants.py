@@ -335,8 +335,8 @@ ENTITLEMENT_INVARIANTS: tuple[Invariant, ...] = (
         "subscription (a captured, not refunded payment)",
         f"""WITH {_PAID}
 SELECT e.entitlement_id AS id,
-       format('{{}} of {{}} (subscription {{}}): premium from {{}} to {{}}, no paid period covers it', e.state,
-              e.user_id, coalesce(e.subscription_id, '-'), e.valid_from, e.valid_until) AS why
+       format('{{}} of {{}} (subscription {{}}): premium from {{}} to {{}}, no paid period covers it',
+              e.state, e.user_id, coalesce(e.subscription_id, '-'), e.valid_from, e.valid_until) AS why
 FROM entitlements e
 WHERE e.kind = 'PREMIUM' AND e.state <> 'FAILED' AND e.revoke_reason IS DISTINCT FROM 'COMPENSATION'
   AND NOT EXISTS (
@@ -349,9 +349,10 @@ ORDER BY id""",
         "no premium access now without a paid period",
         "at the business clock's now, every user with premium access has a paid period covering now",
         f"""WITH {_PAID}, clock AS (SELECT max(now) AS at FROM business_clock)
-SELECT e.user_id AS id, format('premium at {{}} through {{}}, no paid period covers it', c.at, e.entitlement_id) AS why
+SELECT e.user_id AS id,
+       format('premium at {{}} through {{}}, no paid period covers it', c.at, e.entitlement_id) AS why
 FROM entitlements e, clock c
-WHERE c.at IS NOT NULL AND {access_predicate('c.at')}
+WHERE c.at IS NOT NULL AND {access_predicate("c.at")}
   AND NOT EXISTS (
       SELECT 1 FROM paid_periods p
       WHERE p.subscription_id = e.subscription_id AND p.access_from <= c.at AND c.at < p.period_end)
@@ -387,7 +388,8 @@ ORDER BY id""",
     WHERE s.kind IN ('subscription', 'subscription-renewal') AND paid.captured > paid.refunded
 )
 SELECT format('{{}} period {{}}', subscription_id, period) AS id,
-       format('{{}} captured payments: {{}}', count(*), string_agg(payment_id, ', ' ORDER BY payment_id)) AS why
+       format('{{}} captured payments: {{}}', count(*),
+              string_agg(payment_id, ', ' ORDER BY payment_id)) AS why
 FROM per GROUP BY subscription_id, period HAVING count(*) > 1 ORDER BY id""",
     ),
 )

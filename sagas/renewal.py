@@ -47,7 +47,6 @@ before the end leaves a weekend to change one's mind.
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
@@ -113,7 +112,9 @@ class Lifecycle(Aggregate):
         return lifecycle_id(subscription_id)
 
     @event("Opened")
-    def __init__(self, subscription_id: str, terms: Data, period_start: int, period_end: int, due_at_ms: int) -> None:
+    def __init__(
+        self, subscription_id: str, terms: Data, period_start: int, period_end: int, due_at_ms: int
+    ) -> None:
         self.subscription_id = subscription_id
         self.user_id = str(terms["user_id"])
         self.plan = str(terms["plan"])
@@ -160,7 +161,11 @@ class Lifecycle(Aggregate):
 
     def renewal_ended(self, saga_state: str, data: Data) -> None:
         """The renewal saga of the current attempt ended in ``saga_state`` (its ``data``)."""
-        if self.state != RENEWING or int(data["period"]) != self.period + 1 or int(data["attempt"]) != self.attempt:
+        if (
+            self.state != RENEWING
+            or int(data["period"]) != self.period + 1
+            or int(data["attempt"]) != self.attempt
+        ):
             return  # not the attempt this lifecycle waits for (cannot happen; kept defensive)
         due = int(data["access_from"])
         if saga_state == COMPLETED:
@@ -259,7 +264,8 @@ class Lifecycle(Aggregate):
             "effective_at": effective_at,
             "correlation_id": str(self.id),
         }
-        return outbox_message(topic=SUBSCRIPTIONS, event_type="SubscriptionCancelled", key=self.subscription_id,
+        sub = self.subscription_id
+        return outbox_message(topic=SUBSCRIPTIONS, event_type="SubscriptionCancelled", key=sub,
                               payload=payload, time_ms=now, correlation_id=str(self.id))  # fmt: skip
 
     def _notification(self, now: int, what: str, template: str, params: dict[str, str]) -> OutboxMessage:
@@ -392,8 +398,14 @@ def _renewed(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
         "correlation_id": saga_id,
     }
     return [
-        outbox_message(topic=SUBSCRIPTIONS, event_type="SubscriptionRenewed", key=d["subscription_id"],
-                       payload=payload, time_ms=at, correlation_id=saga_id)  # fmt: skip
+        outbox_message(
+            topic=SUBSCRIPTIONS,
+            event_type="SubscriptionRenewed",
+            key=d["subscription_id"],
+            payload=payload,
+            time_ms=at,
+            correlation_id=saga_id,
+        )  # fmt: skip
     ]
 
 

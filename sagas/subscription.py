@@ -6,9 +6,9 @@ entitlement failure voids the authorisation; a capture failure after the entitle
 the entitlement, then voids the authorisation. Either way ``SubscriptionRejected`` is published
 with the reason. The entitlement covers the first paid period (``valid_from`` = the request's
 ``occurred_at``, ``valid_until`` = one period later); what happens at its end (renewal, dunning,
-cancellation, lapse) is :mod:`sagas.renewal`. Capture is the pivot step: it has no compensation of its own (if a capture did
-go through and the saga still compensates after timing out, the payment service turns the void
-into a refund).
+cancellation, lapse) is :mod:`sagas.renewal`. Capture is the pivot step: it has no compensation
+of its own (if a capture did go through and the saga still compensates after timing out, the
+payment service turns the void into a refund).
 """
 
 from __future__ import annotations

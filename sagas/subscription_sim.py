@@ -54,6 +54,8 @@ from sagas.subscription import SUBSCRIPTIONS
 from sagas.workload import PLAN_PRICES
 
 CLOCK_ID = "sim"
+#: The CloudEvents ``ce_source`` of what the driver produces.
+SOURCE = "/sagas/simulate-subscriptions"
 #: 2026-01-01T00:00:00Z: the default start of business time (fixed, so runs are reproducible).
 DEFAULT_START_MS = 1_767_225_600_000
 #: The read models of this part (:mod:`sagas.access`).
@@ -86,8 +88,9 @@ class SubscriptionSimConfig:
         """The fault-run config the participant processes are started with (no timeouts, no
         refused captures, no failed grants: the faults here are declines and duplicates)."""
         return SimulationConfig(
-            seed=self.seed, decline=self.decline, timeout=0.0, duplicate=self.duplicate, fail_after_effect=0.0,
-            capture_fail=0.0, entitlement_fail=0.0, step_timeout_ms=self.step_timeout_ms,
+            seed=self.seed, decline=self.decline, timeout=0.0, duplicate=self.duplicate,
+            fail_after_effect=0.0, capture_fail=0.0, entitlement_fail=0.0,
+            step_timeout_ms=self.step_timeout_ms,
         )  # fmt: skip
 
 
@@ -282,7 +285,7 @@ def run_subscriptions(
                 for action in batch:
                     key = "subscription_id"
                     producer.send_many(SUBSCRIPTIONS, action.event_type, [action.payload], key_field=key,
-                                       time_field="occurred_at", source="/sagas/simulate-subscriptions")  # fmt: skip
+                                       time_field="occurred_at", source=SOURCE)  # fmt: skip
                     if action.event_type == "SubscriptionRequested":
                         run.requests += 1
                     else:
@@ -295,8 +298,8 @@ def run_subscriptions(
                 run.ticks += 1
                 tick = {"event_id": f"{run.run_id}-tick-{run.ticks}", "clock_id": CLOCK_ID, "tick": run.ticks,
                         "occurred_at": now}  # fmt: skip
-                producer.send_many(CLOCK_TOPIC, "ClockTicked", [tick], key_field="clock_id", time_field="occurred_at",
-                                   source="/sagas/simulate-subscriptions")  # fmt: skip
+                producer.send_many(CLOCK_TOPIC, "ClockTicked", [tick], key_field="clock_id",
+                                   time_field="occurred_at", source=SOURCE)  # fmt: skip
                 producer.flush()
                 if kill_at and now >= kill_at[0]:
                     kill_at.pop(0)
@@ -305,7 +308,9 @@ def run_subscriptions(
                     limit = time.monotonic() + 10
                     while is_alive(processes.orchestrator) and time.monotonic() < limit:
                         time.sleep(0.02)  # waiting for the kernel to end it
-                    processes.orchestrator = processes._spawn("saga-orchestrator", processes.orchestrator_argv)
+                    processes.orchestrator = processes._spawn(
+                        "saga-orchestrator", processes.orchestrator_argv
+                    )
                     run.kills.append(now)
                 _wait_quiet(watch, processes, quiet_topics, deadline)
             run.now_ms = now

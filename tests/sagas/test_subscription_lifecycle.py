@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from infra import services
 from infra.processes import free_port
 from infra.provision import apply_topics
-from infra.settings import Settings
 from projections.store import reader
 from sagas.access import answer, ts
 from sagas.gateway import SimulatorConfig
@@ -190,7 +189,9 @@ def test_access_answers_follow_the_periods(simulated: Any) -> None:
     lapsed = next(s for s, why in sorted(ended.items()) if why == "LAPSED")
     with reader(settings.duckdb_path) as con:
         now = con.execute("SELECT max(now) FROM business_clock").fetchone()[0]
-        users = dict(con.execute("SELECT DISTINCT subscription_id, user_id FROM subscription_events").fetchall())
+        users = dict(
+            con.execute("SELECT DISTINCT subscription_id, user_id FROM subscription_events").fetchall()
+        )
         # at noon of every 5th day, each user's answer = a paid period covers that instant
         for day in range(0, CONFIG.days, 5):
             at_ms = CONFIG.start_ms + day * DAY_MS + DAY_MS // 2
@@ -244,3 +245,61 @@ def test_a_lapse_that_did_not_revoke_is_caught(simulated: Any, tmp_path: Path) -
         con.close()
     assert not results["ended subscriptions revoked"].ok
     assert results["ended subscriptions revoked"].violations == lapsed
+
+
+def test_dunning_and_expiring_notifications_requested(simulated: Any) -> None:
+    from events.log import read_to_end
+    from events.offsets import high_watermarks
+    from events.registry_client import registry_for
+
+    settings, _run = simulated
+    topic = "platform.notifications"
+    decoder = registry_for(settings.registry_url).decoder()
+    notes = [
+        decoder.decode(m.value())
+        for batch in read_to_end(settings, {(topic, p): 0 for p in high_watermarks(settings, topic)})
+        for m in batch
+    ]
+    by_id = {n["notification_id"]: n for n in notes}  # a relay may publish one twice: same id
+    declined = [n for n in by_id.values() if n["template"] == "payment-declined@1"]
+    expiring = [n for n in by_id.values() if n["template"] == "subscription-expiring@1"]
+    with reader(settings.duckdb_path) as con:
+        failed_attempts = con.execute(
+            "SELECT count(*) FROM sagas WHERE kind = 'subscription-renewal' AND state <> 'COMPLETED'"
+        ).fetchone()[0]
+        lapsed = {
+            s for (s,) in con.execute(
+                "SELECT subscription_id FROM subscription_events WHERE event_type = 'SubscriptionCancelled' "
+                "AND reason = 'PAYMENT_FAILED'"
+            ).fetchall()
+        }  # fmt: skip
+        cancelled = {
+            s for (s,) in con.execute(
+                "SELECT subscription_id FROM subscription_events WHERE event_type = 'SubscriptionCancelled' "
+                "AND reason = 'USER_REQUEST'"
+            ).fetchall()
+        }  # fmt: skip
+    assert failed_attempts > 0 and len(declined) == failed_attempts  # one notice per declined attempt
+    finals = {n["params"]["subscription_id"] for n in declined if n["params"]["retries_left"] == "0"}
+    assert lapsed and lapsed <= finals
+    assert expiring and {n["params"]["subscription_id"] for n in expiring} <= cancelled
+    assert all(n["channel"] == "EMAIL" and n["params"]["ends_at"].endswith("Z") for n in expiring)
+
+
+def test_api_entitlements_endpoint(simulated: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from infra.api import create_app
+
+    settings, _run = simulated
+    periods, ended = expected_schedule()
+    end = CONFIG.start_ms + CONFIG.days * DAY_MS
+    active = sorted(s for s, _p, a, e in periods if a <= end < e)[0].replace("-sub-", "-user-")
+    client = TestClient(create_app(settings))
+    now = client.get(f"/users/{active}/entitlements")
+    assert now.status_code == 200, now.text
+    body = now.json()
+    assert body["premium"] is True and body["clock"] == "business" and body["until"].endswith("Z")
+    before = client.get(f"/users/{active}/entitlements", params={"at": "2025-12-01T00:00:00Z"})
+    assert before.status_code == 200 and before.json()["premium"] is False
+    assert client.get(f"/users/{active}/entitlements", params={"at": "yesterday"}).status_code == 400
