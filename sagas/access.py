@@ -217,8 +217,10 @@ def _why(rows: list[dict[str, Any]], covering: list[dict[str, Any]], at: datetim
         return "no premium entitlement was ever granted to this user"
     last = premium[0]
     if last["state"] == "REVOKED":
-        why, when = last["revoke_reason"], last["revoked_at"]
-        return f"entitlement {last['entitlement_id']} was revoked ({why}) at {when}"
+        why, until = last["revoke_reason"], last["valid_until"]
+        if why in END_OF_TERM_REASONS and until is not None and until <= at:
+            return f"the last paid period ended at {until}; its entitlement was revoked ({why})"
+        return f"entitlement {last['entitlement_id']} was revoked ({why}) at {last['revoked_at']}"
     if last["state"] == "FAILED":
         return f"the grant of entitlement {last['entitlement_id']} failed"
     if last["valid_until"] is not None and last["valid_until"] <= at:

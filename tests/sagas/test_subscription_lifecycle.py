@@ -1,12 +1,13 @@
-"""Subscriptions over time (issue 17), end to end on a real broker and the SQLite event store:
-a seeded four-month simulation with renewals, dunning, cancellations and lapses, the orchestrator
-SIGKILLed and restarted twice mid-run; the read models checked against an independent model of
-the schedule (computed here from the workload and the gateway's seeded decisions alone), against
-SQL over the other read models, and by the invariants.
+"""Subscriptions over time (issue 17), end to end on a real broker: a seeded four-month simulation
+with renewals, dunning, cancellations and lapses, the orchestrator SIGKILLed and restarted twice
+mid-run, once on the SQLite event store and once on PostgreSQL; the read models checked against an
+independent model of the schedule (computed here from the workload and the gateway's seeded
+decisions alone), against SQL over the other read models, and by the invariants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from sagas.subscription_sim import (
     subscription_workload,
 )
 from tests.conftest import settings_for
+from tests.sagas.pg import create_database
 
 CONFIG = SubscriptionSimConfig(
     users=36, days=110, request_days=8, seed=23, decline=0.35, duplicate=0.1, cancel_share=0.3,
@@ -42,9 +44,14 @@ CONFIG = SubscriptionSimConfig(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def simulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def simulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The run, once on the SQLite event store, once on PostgreSQL (each on its own broker)."""
     settings = settings_for(tmp_path_factory.mktemp("subs") / "data", free_port(), free_port())
+    drop = None
+    if request.param == "postgres":
+        url, drop = create_database(request.getfixturevalue("postgres_url"))
+        settings = dataclasses.replace(settings, eventstore_url=url)
     services.up(settings)
     try:
         apply_topics(settings)
@@ -53,6 +60,8 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield settings, run
     finally:
         services.down(settings)
+        if drop is not None:
+            drop()
 
 
 def _declined(kind: str, business_id: str) -> bool:

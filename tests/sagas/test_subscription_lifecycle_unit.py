@@ -76,9 +76,10 @@ def test_renewal_at_the_period_end_captures_before_it_grants(tmp_path: Path) -> 
     assert d.new_messages() == ["GrantEntitlement"]
     grant = d.outbox()[-1]["payload"]
     assert (grant["valid_from"], grant["valid_until"]) == (END, END + PERIOD_MS["MONTHLY"])
-    assert grant["entitlement_id"] != next(m for m in d.outbox() if m["event_type"] == "GrantEntitlement")[
-        "payload"
-    ]["entitlement_id"]  # one entitlement per paid period
+    assert (
+        grant["entitlement_id"]
+        != next(m for m in d.outbox() if m["event_type"] == "GrantEntitlement")["payload"]["entitlement_id"]
+    )  # one entitlement per paid period
     d.reply(r, "EntitlementGranted")
     assert d.new_messages() == ["SubscriptionRenewed"]
     renewed = d.outbox()[-1]["payload"]
