@@ -1,6 +1,7 @@
-"""``backbeat entitlements USER`` ("may this user play premium content now?") and
-``backbeat sagas simulate-subscriptions`` (subscriptions over months of simulated time), both
-registered by :mod:`infra.cli` / :mod:`infra.cli_sagas`.
+"""``backbeat entitlements USER`` ("may this user play premium content now?"),
+``backbeat sagas simulate-subscriptions`` (subscriptions over months of simulated time) and
+``backbeat sagas clock`` (the business clock of a live run), registered by :mod:`infra.cli` /
+:mod:`infra.cli_sagas`.
 
 ``entitlements`` answers from the ``entitlements`` read model (:mod:`sagas.access`) at the
 business clock's now (the latest ``ClockTicked`` in ``business_clock``) or, with no simulated
@@ -153,6 +154,24 @@ def simulate_subscriptions(
         console.print(format_report(results))
     if not all(r.ok for r in results):
         raise typer.Exit(1)
+
+
+def clock(
+    speed: Annotated[
+        float, typer.Option(help="Business ms per wall ms (86400: a day per second).")
+    ] = 86_400.0,
+    interval_s: Annotated[float, typer.Option(help="Wall seconds between ticks.")] = 1.0,
+    clock_id: Annotated[str, typer.Option(help="The clock's id in its ticks.")] = "live",
+) -> None:
+    """Tick the business clock (platform.clock) until Ctrl-C, business time running SPEED times
+    faster than the wall clock and continuing from the last tick on the topic: the orchestrator
+    renews, retries and ends subscriptions as their due times pass. Serves /metrics and /health
+    as process business-clock."""
+    from sagas.clock import main
+
+    code = main(["--speed", str(speed), "--interval-s", str(interval_s), "--clock-id", clock_id])
+    if code:
+        raise typer.Exit(code)
 
 
 def _summary(settings: Any, run: Any, results: list[Any]) -> dict[str, Any]:

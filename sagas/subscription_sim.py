@@ -18,7 +18,8 @@ So a cancellation at ``T`` is applied before a renewal due at ``T`` (the cancell
 results do not depend on how fast anything runs: every business time in the events is a due time
 or a workload time. ``kill_orchestrator`` times (spread over the run) the orchestrator is
 SIGKILLed right after a tick was produced, and restarted at once: a tick is applied with all its
-effects in one transaction, or read again (:mod:`sagas.renewal`).
+effects in one transaction, or read again (:mod:`sagas.renewal`). Every second kill waits until
+the tick was applied, so renewal sagas are in flight when the process dies.
 
 The workload (:func:`subscription_workload`) is pure: ``users`` users subscribe (monthly,
 :data:`sagas.workload.PLAN_PRICES`) on one of the first ``request_days`` days, a share
@@ -187,13 +188,15 @@ class StoreWatch:
 @dataclass
 class SubscriptionRun:
     """What happened (wall-clock ``started_at``/``ended_at`` in s; ``ticks`` produced; ``kills``:
-    the business times, ms, at which the orchestrator was SIGKILLed)."""
+    the business times, ms, at which the orchestrator was SIGKILLed; ``in_flight_at_kills``: sagas
+    running at each kill, −1 for a kill right after the tick was produced, before it was applied)."""
 
     run_id: str
     requests: int = 0
     cancellations: int = 0
     ticks: int = 0
     kills: list[int] = field(default_factory=list)
+    in_flight_at_kills: list[int] = field(default_factory=list)
     now_ms: int = 0
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -304,6 +307,15 @@ def run_subscriptions(
                 if kill_at and now >= kill_at[0]:
                     kill_at.pop(0)
                     assert processes.orchestrator is not None
+                    if len(run.kills) % 2 == 1:
+                        # every second kill waits until the tick was applied: its renewal sagas are
+                        # then in flight (commands sent, replies pending) when the process dies
+                        while not watch.caught_up(CLOCK_TOPIC) and time.monotonic() < deadline:
+                            time.sleep(0.005)  # polling the other process's store
+                        watch.poll()
+                        run.in_flight_at_kills.append(watch.started - watch.finished)
+                    else:
+                        run.in_flight_at_kills.append(-1)
                     os.kill(processes.orchestrator.pid, signal.SIGKILL)
                     limit = time.monotonic() + 10
                     while is_alive(processes.orchestrator) and time.monotonic() < limit:

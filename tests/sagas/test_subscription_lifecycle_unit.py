@@ -178,3 +178,38 @@ def test_business_timers_survive_a_restart_and_a_redelivered_tick_does_nothing(t
     )  # fmt: skip
     assert again.app.process_record(dup) == "redelivered"
     assert len([m for m in again.outbox() if m["event_type"] == "AuthorizePayment"]) == 4
+
+
+def test_the_live_clock_moves_business_time_on_and_resumes_after_a_restart(private_stack: Any) -> None:
+    import threading
+    import time
+
+    from sagas.clock import LiveClock, last_tick
+
+    start = 1_767_225_600_000
+    first = LiveClock(private_stack, speed=86_400.0, interval_s=0.05, start_ms=start)
+    thread = threading.Thread(target=first.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while first.ticks < 4 and time.monotonic() < deadline:
+            thread.join(0.05)
+    finally:
+        first.stop()
+        thread.join(10)
+    assert first.ticks >= 4
+    tick, at = last_tick(private_stack)  # type: ignore[misc]
+    assert tick == first.ticks and start <= at == first.now_ms
+    # a restarted clock continues: numbers go on, business time never goes back
+    second = LiveClock(private_stack, speed=1.0, interval_s=0.05, start_ms=start)
+    runner = threading.Thread(target=second.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while second.ticks < 1 and time.monotonic() < deadline:
+            runner.join(0.02)
+    finally:
+        second.stop()
+        runner.join(10)
+    tick2, at2 = last_tick(private_stack)  # type: ignore[misc]
+    assert second.ticks >= 1 and tick2 == tick + second.ticks and at2 >= at
