@@ -128,6 +128,8 @@ class Orchestrator(KafkaProcess):
         if not saga.terminal:
             return []
         if saga.kind == subscription.KIND and saga.state == COMPLETED:
+            if "period_start" not in saga.data:  # started before lifecycles existed: not renewed
+                return []
             if self.get_or_none(renewal.lifecycle_id(saga.business_id)) is not None:
                 return []
             return [renewal.open_lifecycle(saga.data)]
