@@ -59,11 +59,13 @@ def _problem(request: Request, status: int, slug: str, title: str, detail: str, 
 
 def _classify(exc: BackbeatError) -> tuple[int, str, str]:
     """``(status, slug, title)`` of a backbeat error raised by a read function."""
+    from infra.cli_entitlements import BadTimeError as BadAtError
     from projections.availability import AvailabilityUnreadableError, UnknownTerritoryError
     from projections.catalog import NoCatalogError, UnknownTrackError
     from projections.feature_store import BadTimeError, NoFeatureStoreError, UnknownEntityError
     from projections.recommendations import NoRecommendationsModelError, UnknownUserError
     from projections.store import DatabaseBusyError, NoReadModelsError
+    from sagas.access import NoEntitlementsReadModelError
     from sagas.readmodel import NoSagasReadModelError, UnknownSagaError
 
     if isinstance(exc, DatabaseBusyError):
@@ -78,10 +80,12 @@ def _classify(exc: BackbeatError) -> tuple[int, str, str]:
         return 404, "unknown-track", "Unknown track"
     if isinstance(exc, UnknownSagaError):
         return 404, "unknown-saga", "Unknown saga"
-    if isinstance(exc, BadTimeError):
+    if isinstance(exc, BadTimeError | BadAtError):
         return 400, "bad-time", "Bad point in time"
     if isinstance(exc, UnknownTerritoryError):
         return 400, "unknown-territory", "Unknown territory"
+    if isinstance(exc, NoEntitlementsReadModelError):
+        return 503, "read-model-missing", "The read model does not exist yet"
     return 500, "internal", "Internal error"
 
 
@@ -244,6 +248,28 @@ def create_app(settings: Settings, *, read_timeout_s: float = 10.0) -> FastAPI:
         when = parse_as_of(as_of) if as_of is not None else None
         rows = read_features(settings, USER_TABLE, user_id, when, timeout_s=read_timeout_s)
         return Response(features_json(user_id, when, rows), media_type="application/json")
+
+    @app.get("/users/{user_id}/entitlements", tags=["users"], responses=responses)
+    def entitlements(
+        user_id: str,
+        at: Annotated[
+            str | None,
+            Query(
+                description="Instant to ask about (ISO-8601; no offset = UTC). Default: the business "
+                "clock's now, else the wall clock."
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        """May the user play premium content (``backbeat entitlements USER --json``, issue 17):
+        ``{user_id, at, clock, premium, until, why, entitlements: [{entitlement_id, kind,
+        subscription_id, valid_from, valid_until, state, revoke_reason, …}]}``; 400 for a bad
+        ``at``; 503 before the read model exists. A user with none answers ``premium: false``."""
+        from infra.cli_entitlements import parse_at
+        from sagas.access import read_answer
+
+        doc = read_answer(settings, user_id, parse_at(at) if at else None, timeout_s=read_timeout_s)
+        doc["entitlements"] = [{k: v for k, v in r.items() if k != "covers"} for r in doc["entitlements"]]
+        return _jsonable(doc)
 
     @app.get("/tracks/search", tags=["tracks"], responses=responses)
     def search(

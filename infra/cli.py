@@ -676,6 +676,7 @@ _COMMAND_MODULES = (
     "infra.cli_notifications",
     "infra.cli_catalog_changes",  # backbeat simulate catalog (issue 17)
     "infra.cli_royalties",
+    "infra.cli_entitlements",
 )
 for _module in _COMMAND_MODULES:
     __import__(_module, fromlist=["register"]).register(app)

@@ -20,6 +20,8 @@ from infra.settings import Settings, get_settings
 
 def register(app: typer.Typer) -> None:
     """Add the ``sagas`` command group to the ``backbeat`` app."""
+    from infra.cli_entitlements import clock, simulate_subscriptions
+
     group = typer.Typer(
         help=(
             "Saga orchestration: subscription billing and marketplace orders, with compensation, "
@@ -35,6 +37,8 @@ def register(app: typer.Typer) -> None:
     group.command("list")(list_sagas)
     group.command("show")(show)
     group.command("simulate")(simulate)
+    group.command("simulate-subscriptions")(simulate_subscriptions)  # issue 17: infra/cli_entitlements.py
+    group.command("clock")(clock)  # issue 17
     group.command("reset")(reset)
 
 

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from infra.errors import ConfigError
 from projections import availability
 from projections.feature_store import TRACK_TABLE, USER_TABLE
-from sagas import ledger, notification_model
+from sagas import access, ledger, notification_model
 from streams.plays import COUNT_THRESHOLD_MS
 
 Policy = Literal["first", "last"]
@@ -854,6 +854,87 @@ TRACK_CHANGES = replace(TRACK_CHANGES, extra_ddl=_CATALOG_VIEWS)
 LICENCES = replace(LICENCES, extra_ddl=_CATALOG_VIEWS)
 # -- end of catalog changes ------------------------------------------------------------------------
 
+# -- issue 17, subscriptions over time (sagas.access, sagas.renewal) ----------------------------
+#: Every entitlement reply of ``platform.entitlements``, one row per event (``first`` by
+#: ``event_id``: a resent reply changes nothing); the view ``entitlements`` folds them into one
+#: row per entitlement (kind, business-time ``valid_from``/``valid_until``, state). The access
+#: rule and the queries: :mod:`sagas.access`.
+ENTITLEMENT_EVENTS = Projection(
+    name="entitlement_events",
+    version=1,
+    topic="platform.entitlements",
+    event_type=access.ENTITLEMENT_TYPES[0],
+    also_reads=access.ENTITLEMENT_TYPES[1:],
+    rows=access.entitlement_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("event_type", _S),
+        Column("entitlement_id", _S),
+        Column("user_id", _S),
+        Column("kind", _S, nullable=True),
+        Column("subscription_id", _S, nullable=True),
+        Column("order_id", _S, nullable=True),
+        Column("valid_from", _T, nullable=True),
+        Column("valid_until", _T, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("occurred_at", _T),
+        Column("correlation_id", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=(access.ENTITLEMENTS_VIEW,),
+)
+
+#: Every event of ``billing.subscriptions`` (requests, activations, renewals, cancellations,
+#: rejections), one row per event, ``first`` by ``event_id``; the view ``subscription_periods``
+#: has one row per paid period (``SubscriptionActivated`` = period 1, ``SubscriptionRenewed``).
+SUBSCRIPTION_EVENTS = Projection(
+    name="subscription_events",
+    version=1,
+    topic="billing.subscriptions",
+    event_type=access.SUBSCRIPTION_TYPES[0],
+    also_reads=access.SUBSCRIPTION_TYPES[1:],
+    rows=access.subscription_rows,
+    columns=(
+        Column("event_id", _S),
+        Column("event_type", _S),
+        Column("subscription_id", _S),
+        Column("user_id", _S),
+        Column("occurred_at", _T),
+        Column("plan", _S, nullable=True),
+        Column("period", _I, nullable=True),
+        Column("period_start", _T, nullable=True),
+        Column("period_end", _T, nullable=True),
+        Column("access_from", _T, nullable=True),
+        Column("effective_at", _T, nullable=True),
+        Column("payment_id", _S, nullable=True),
+        Column("amount_minor", _L, nullable=True),
+        Column("currency", _S, nullable=True),
+        Column("reason", _S, nullable=True),
+        Column("attempt", _I, nullable=True),
+        Column("correlation_id", _S, nullable=True),
+    ),
+    key="event_id",
+    policy="first",
+    extra_ddl=(access.PERIODS_VIEW,),
+)
+
+#: The simulated business clock (``platform.clock``): its latest tick per ``clock_id`` (``last``).
+BUSINESS_CLOCK = Projection(
+    name="business_clock",
+    version=1,
+    topic="platform.clock",
+    event_type=access.CLOCK_TYPE,
+    columns=(
+        Column("clock_id", _S),
+        Column("tick", _L),
+        Column("now", _T, field="occurred_at"),
+        Column("event_id", _S),
+    ),
+    key="clock_id",
+    policy="last",
+)
+
 #: Every projection by name (``backbeat project`` runs them all by default).
 PROJECTIONS: dict[str, Projection] = {
     p.name: p
@@ -863,6 +944,7 @@ PROJECTIONS: dict[str, Projection] = {
         PLAYS,  # issue 17: listening from playback
         NOTIFICATIONS,  # issue 17, notifications
         TRACK_CHANGES, LICENCES, ALBUMS,  # catalog changes (issue 17)
+        ENTITLEMENT_EVENTS, SUBSCRIPTION_EVENTS, BUSINESS_CLOCK,  # issue 17, subscriptions over time
     )
 }  # fmt: skip
 
@@ -885,6 +967,9 @@ __all__ = [
     "AD_REPORTS_ITEM",
     "ALBUMS",
     "ARTIST_AFFINITIES",
+    "BUSINESS_CLOCK",
+    "ENTITLEMENT_EVENTS",
+    "SUBSCRIPTION_EVENTS",
     "CAMPAIGN_PAUSES",
     "LEDGER_ENTRIES",
     "LICENCES",

@@ -47,7 +47,7 @@ def entitlement_uuid(entitlement_id: str) -> UUID:
 
 
 class Entitlement(Replying):
-    """One entitlement: ``state``, ``user_id``, ``kind``, ``valid_until`` (ms or None),
+    """One entitlement: ``state``, ``user_id``, ``kind``, ``valid_from`` and ``valid_until`` (ms or None),
     ``subscription_id``, ``order_id``, and the idempotency records ``replies``."""
 
     @staticmethod
@@ -61,6 +61,7 @@ class Entitlement(Replying):
         self.state = NEW
         self._init_replies()
         self.kind = "OTHER"
+        self.valid_from: int | None = None
         self.valid_until: int | None = None
         self.subscription_id: str | None = None
         self.order_id: str | None = None
@@ -138,6 +139,7 @@ class EntitlementService(KafkaProcess):
         p, key = command.payload, command.idempotency_key
         terms = {
             "kind": str(p.get("kind") or "OTHER"),
+            "valid_from": p.get("valid_from"),
             "valid_until": p.get("valid_until"),
             "subscription_id": p.get("subscription_id"),
             "order_id": p.get("order_id"),

@@ -39,6 +39,19 @@ gateway operation whose ``saga_id`` names no saga counts as belonging to a faile
 11. ``ledger matches the gateway`` — per saga and currency (sagaless operations and postings
     together as ``(no saga)``), then per currency overall: ``gateway_clearing`` balance ≠
     approved captures − approved refunds, ``revenue`` ≠ −captures, or ``refunds`` ≠ refunds.
+
+Subscriptions over time (issue 17, :data:`ENTITLEMENT_INVARIANTS`, over the ``entitlements``,
+``subscription_periods``, ``subscription_events`` and ``business_clock`` read models of
+:mod:`sagas.access` besides ``ledger_entries`` and ``sagas``):
+
+12. ``premium access covered by a paid period`` — PREMIUM entitlements whose
+    ``[valid_from, valid_until)`` is not inside a paid period (captured, not refunded) of their
+    subscription: no user ever had premium access without a paid period covering it.
+13. ``no premium access now without a paid period`` — the same at the business clock's now.
+14. ``ended subscriptions revoked`` — subscriptions cancelled or lapsed by now whose last
+    entitlement is not REVOKED.
+15. ``no subscription period captured twice`` — (subscription, period) pairs with more than one
+    captured payment (a doubled renewal).
 """
 
 from __future__ import annotations
@@ -51,6 +64,8 @@ import duckdb
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from sagas.access import access_predicate
 
 #: The shapes :func:`check_invariants` reads (``ledger_entries``: the projection's DDL, with
 #: ``kafka_partition`` and ``kafka_offset`` besides). Extra columns are ignored.
@@ -296,6 +311,90 @@ ORDER BY rank, id""",
 )
 
 
+# -- issue 17, subscriptions over time ------------------------------------------------------------
+#: Per payment: captured (−revenue) and refunded amounts in the ledger; paid = captured, not
+#: refunded in full.
+_PAID = """paid AS (
+    SELECT payment_id, any_value(saga_id) AS saga_id,
+           -coalesce(sum(amount_minor) FILTER (WHERE account = 'revenue'), 0) AS captured,
+           coalesce(sum(amount_minor) FILTER (WHERE account = 'refunds'), 0) AS refunded
+    FROM ledger_entries GROUP BY payment_id
+), paid_periods AS (
+    SELECT p.* FROM subscription_periods p JOIN paid USING (payment_id)
+    WHERE paid.captured > 0 AND paid.refunded < paid.captured
+)"""
+
+#: The entitlement invariants (checked when the ``entitlements``, ``subscription_periods``,
+#: ``subscription_events``, ``business_clock``, ``ledger_entries`` and ``sagas`` read models are
+#: there: :func:`check_invariants` with ``entitlements=True``). Entitlements revoked as a saga's
+#: COMPENSATION (a first saga that failed after its grant) never counted as access.
+ENTITLEMENT_INVARIANTS: tuple[Invariant, ...] = (
+    Invariant(
+        "premium access covered by a paid period",
+        "every PREMIUM entitlement's [valid_from, valid_until) lies inside a paid period of its "
+        "subscription (a captured, not refunded payment)",
+        f"""WITH {_PAID}
+SELECT e.entitlement_id AS id,
+       format('{{}} of {{}} (subscription {{}}): premium from {{}} to {{}}, no paid period covers it',
+              e.state, e.user_id, coalesce(e.subscription_id, '-'), e.valid_from, e.valid_until) AS why
+FROM entitlements e
+WHERE e.kind = 'PREMIUM' AND e.state <> 'FAILED' AND e.revoke_reason IS DISTINCT FROM 'COMPENSATION'
+  AND NOT EXISTS (
+      SELECT 1 FROM paid_periods p
+      WHERE p.subscription_id = e.subscription_id AND p.access_from <= e.valid_from
+        AND e.valid_until <= p.period_end)
+ORDER BY id""",
+    ),
+    Invariant(
+        "no premium access now without a paid period",
+        "at the business clock's now, every user with premium access has a paid period covering now",
+        f"""WITH {_PAID}, clock AS (SELECT max(now) AS at FROM business_clock)
+SELECT e.user_id AS id,
+       format('premium at {{}} through {{}}, no paid period covers it', c.at, e.entitlement_id) AS why
+FROM entitlements e, clock c
+WHERE c.at IS NOT NULL AND {access_predicate("c.at")}
+  AND NOT EXISTS (
+      SELECT 1 FROM paid_periods p
+      WHERE p.subscription_id = e.subscription_id AND p.access_from <= c.at AND c.at < p.period_end)
+ORDER BY id""",
+    ),
+    Invariant(
+        "ended subscriptions revoked",
+        "every subscription cancelled or lapsed by the business clock's now has its last entitlement REVOKED",
+        """WITH clock AS (SELECT max(now) AS at FROM business_clock),
+ended AS (
+    SELECT subscription_id, any_value(reason) AS reason, min(effective_at) AS effective_at
+    FROM subscription_events WHERE event_type = 'SubscriptionCancelled' GROUP BY subscription_id
+), last AS (
+    SELECT * FROM entitlements WHERE kind = 'PREMIUM' AND subscription_id IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY subscription_id ORDER BY valid_until DESC NULLS FIRST) = 1
+)
+SELECT d.subscription_id AS id,
+       format('{} at {}: entitlement {} is {}', d.reason, d.effective_at, l.entitlement_id, l.state) AS why
+FROM ended d JOIN last l USING (subscription_id), clock c
+WHERE d.effective_at <= c.at AND l.state <> 'REVOKED'
+ORDER BY id""",
+    ),
+    Invariant(
+        "no subscription period captured twice",
+        "every period of a subscription has at most one captured (not refunded) payment",
+        f"""WITH {_PAID}, per AS (
+    SELECT CASE WHEN s.kind = 'subscription' THEN s.business_id
+                ELSE regexp_extract(s.business_id, '^(.*)/p[0-9]+/a[0-9]+$', 1) END AS subscription_id,
+           CASE WHEN s.kind = 'subscription' THEN 1
+                ELSE CAST(regexp_extract(s.business_id, '/p([0-9]+)/a[0-9]+$', 1) AS INTEGER) END AS period,
+           paid.payment_id
+    FROM sagas s JOIN paid ON paid.saga_id = s.saga_id
+    WHERE s.kind IN ('subscription', 'subscription-renewal') AND paid.captured > paid.refunded
+)
+SELECT format('{{}} period {{}}', subscription_id, period) AS id,
+       format('{{}} captured payments: {{}}', count(*),
+              string_agg(payment_id, ', ' ORDER BY payment_id)) AS why
+FROM per GROUP BY subscription_id, period HAVING count(*) > 1 ORDER BY id""",
+    ),
+)
+
+
 def _run(con: duckdb.DuckDBPyConnection, inv: Invariant) -> InvariantResult:
     try:
         rows = con.execute(inv.sql).fetchall()
@@ -312,14 +411,16 @@ def _run(con: duckdb.DuckDBPyConnection, inv: Invariant) -> InvariantResult:
     return InvariantResult(inv.name, False, f"{len(rows)} violation(s) — {whys}", len(rows), ids[:SAMPLE])
 
 
-def check_invariants(con: duckdb.DuckDBPyConnection) -> list[InvariantResult]:
-    """Check every invariant of :data:`INVARIANTS` (module docstring) over ``con``'s tables.
+def check_invariants(con: duckdb.DuckDBPyConnection, *, entitlements: bool = False) -> list[InvariantResult]:
+    """Check every invariant of :data:`INVARIANTS` (module docstring) over ``con``'s tables, and
+    with ``entitlements`` those of :data:`ENTITLEMENT_INVARIANTS` too.
 
     Returns one :class:`InvariantResult` per invariant, in that order. A missing table or
     column makes the invariants that read it fail with "cannot be checked: …" (nothing is
     raised). Only reads: a read-only connection will do.
     """
-    return [_run(con, inv) for inv in INVARIANTS]
+    checked = INVARIANTS + (ENTITLEMENT_INVARIANTS if entitlements else ())
+    return [_run(con, inv) for inv in checked]
 
 
 def format_report(results: Sequence[InvariantResult]) -> str:
@@ -328,7 +429,7 @@ def format_report(results: Sequence[InvariantResult]) -> str:
     table = Table(title="saga invariants", box=box.SIMPLE_HEAVY, show_lines=False)
     for column in ("invariant", "result", "violations", "sample", "detail"):
         table.add_column(column, overflow="fold")
-    by_name = {inv.name: inv for inv in INVARIANTS}
+    by_name = {inv.name: inv for inv in INVARIANTS + ENTITLEMENT_INVARIANTS}
     for r in results:
         info = by_name.get(r.name) is not None and by_name[r.name].informational
         verdict = "info" if info else ("ok" if r.ok else "FAIL")
@@ -355,6 +456,7 @@ def assert_invariants(results: Sequence[InvariantResult]) -> None:
 
 
 __all__ = [
+    "ENTITLEMENT_INVARIANTS",
     "INVARIANTS",
     "SAMPLE",
     "TABLES_DDL",

@@ -4,9 +4,11 @@ the entitlement → capture the payment → ``SubscriptionActivated``.
 Failures (issue 6): a declined authorisation ends it ``REJECTED`` (nothing was done); an
 entitlement failure voids the authorisation; a capture failure after the entitlement revokes
 the entitlement, then voids the authorisation. Either way ``SubscriptionRejected`` is published
-with the reason. Capture is the pivot step: it has no compensation of its own (if a capture did
-go through and the saga still compensates after timing out, the payment service turns the void
-into a refund).
+with the reason. The entitlement covers the first paid period (``valid_from`` = the request's
+``occurred_at``, ``valid_until`` = one period later); what happens at its end (renewal, dunning,
+cancellation, lapse) is :mod:`sagas.renewal`. Capture is the pivot step: it has no compensation
+of its own (if a capture did go through and the saga still compensates after timing out, the
+payment service turns the void into a refund).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ SUBSCRIPTIONS = "billing.subscriptions"
 
 #: Plan → what the entitlement unlocks (GrantEntitlement.kind).
 ENTITLEMENT_KIND = "PREMIUM"
-#: Length of the first paid period by billing period (ms).
+#: Length of a paid period by billing period (ms).
 PERIOD_MS = {"MONTHLY": 30 * 86_400_000, "YEARLY": 365 * 86_400_000, "OTHER": 30 * 86_400_000}
 
 
@@ -39,18 +41,28 @@ def data_from_request(request: dict[str, Any]) -> Data:
     for name in ("subscription_id", "user_id", "currency", "payment_method_id"):
         if not request.get(name):
             raise ValueError(f"{name} is empty")
+    billing_period = str(request.get("billing_period") or "MONTHLY")
+    # the first paid period starts when the user asked (event time: business time in a simulation)
+    period_start = int(request.get("occurred_at") or 0)
     return {
         "subscription_id": subscription_id,
         "user_id": str(request["user_id"]),
         "plan": str(request.get("plan") or "OTHER"),
-        "billing_period": str(request.get("billing_period") or "MONTHLY"),
+        "billing_period": billing_period,
         "amount_minor": int(request["price_minor"]),
         "currency": str(request["currency"]),
         "payment_method_id": str(request["payment_method_id"]),
         "payment_id": "pay-" + stable_id("payment", KIND, subscription_id)[:18],
         "entitlement_id": "ent-" + stable_id("entitlement", subscription_id)[:18],
         "provider_reference": None,
+        "period_start": period_start,
+        "period_end": period_start + period_ms(billing_period),
     }
+
+
+def period_ms(billing_period: str) -> int:
+    """Length of one paid period of ``billing_period`` (ms): :data:`PERIOD_MS`, 30 days if unknown."""
+    return PERIOD_MS.get(billing_period, PERIOD_MS["OTHER"])
 
 
 def _grant(d: Data) -> CommandSpec:
@@ -62,7 +74,10 @@ def _grant(d: Data) -> CommandSpec:
             "entitlement_id": d["entitlement_id"],
             "user_id": d["user_id"],
             "kind": ENTITLEMENT_KIND,
-            "valid_until": None,
+            # the entitlement covers the first paid period only; renewals grant the next ones
+            # (sagas.renewal), so access never outlives a paid period
+            "valid_from": d.get("period_start"),
+            "valid_until": d.get("period_end"),
             "subscription_id": d["subscription_id"],
             "order_id": None,
         },
@@ -85,8 +100,8 @@ def _activated(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
         "user_id": d["user_id"],
         "occurred_at": now_ms,
         "plan": d["plan"],
-        "period_start": now_ms,
-        "period_end": now_ms + PERIOD_MS.get(d["billing_period"], PERIOD_MS["OTHER"]),
+        "period_start": d.get("period_start", now_ms),
+        "period_end": d.get("period_end", now_ms + period_ms(d["billing_period"])),
         "payment_id": d["payment_id"],
         "correlation_id": saga_id,
     }
