@@ -662,6 +662,30 @@ def demo_ads(
     )
 
 
+@demo_app.command("live")
+def demo_live(
+    seconds: Annotated[float, typer.Option(min=5, help="How long the player runs (wall seconds).")] = 60.0,
+    rate: Annotated[float, typer.Option(min=1, help="Player events per second.")] = 1000.0,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the broker and registry running afterwards.")
+    ] = False,
+) -> None:
+    """The live platform end to end: player events become listens, skips and royalties;
+    subscriptions renew, lapse and grant or revoke premium access; notifications go out.
+
+    Starts the broker and registry (unless running), the worker (playback, ingest and ledger
+    agents), the projection runner, the saga orchestrator and participants, a business clock (a
+    day per second) and the notification relay; publishes the catalog with a year of licence and
+    metadata changes, 40 subscriptions, and replays real 30Music listening live through the
+    player simulator at RATE events/s for SECONDS. Prints listens, skips, premium users,
+    renewals and notifications every 5 s, then entitlements, notifications, availability per
+    territory and the month's royalty statement (also exported to Parquet under
+    BACKBEAT_DATA_DIR/exports). Read models stay in BACKBEAT_DATA_DIR for 'backbeat sql'."""
+    from infra.demo_live import run_live_demo
+
+    run_live_demo(_settings(), seconds=seconds, rate=rate, keep_running=keep_running)
+
+
 # Commands kept in their own modules, one line each.
 _COMMAND_MODULES = (
     "infra.cli_evaluate",
