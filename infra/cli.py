@@ -393,7 +393,9 @@ def worker(
     """Run the stream agents (a Faust worker of streams.app) until stopped.
 
     The same as 'faust -A streams.app worker'. BACKBEAT_STREAMS_AGENTS chooses the agent
-    groups (ingest, features, ads; default all). Listening ingest reads playback.listens,
+    groups (ingest, features, ads, playback, ledger; default all). Listening from playback turns
+    player events (playback.events) into listens by the 30-second rule; the ledger agent posts
+    billing.payments to billing.ledger. Listening ingest reads playback.listens,
     dead-letters bad records to playback.listens.dlq and emits SessionEnded events to
     listening.sessions; every agent checkpoints its state to a changelog topic and restores it
     from there at start (a crash loses nothing and publishes nothing twice). Stop it with Ctrl-C
@@ -440,7 +442,10 @@ def project(
 ) -> None:
     """Materialise read models into DuckDB and the Parquet lake: listens, sessions, tracks, the
     feature store (user_features, track_features), recommendations, the ad reports
-    (ad_reports, ad_reports_item, campaign_pauses), and the billing ledger (ledger_entries).
+    (ad_reports, ad_reports_item, campaign_pauses), the billing ledger (ledger_entries), and the
+    live platform's: plays (skip rates), track_changes, licences, albums (tracks_current,
+    track_availability), entitlement_events, subscription_events, business_clock (entitlements,
+    subscription_periods) and notifications (notifications_status).
 
     Batches are decoded to Arrow and written in one DuckDB transaction together with the
     consumed offsets, so read models are exactly-once. Runs until stopped (Ctrl-C / SIGTERM)
