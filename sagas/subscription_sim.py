@@ -347,8 +347,10 @@ def build_subscription_read_models(settings: Settings) -> None:
     ``subscription_periods`` and ``business_clock``."""
     from projections.runner import run_projections
     from sagas.simulate import build_saga_read_models
+    from streams.ledger import publish_until_caught_up
 
     build_saga_read_models(settings)
+    publish_until_caught_up(settings)  # the ledger is built from billing.ledger, which the agent posts
     run_projections(settings, ["ledger_entries", *READ_MODELS], until_caught_up=True)
 
 

@@ -31,6 +31,8 @@ LISTEN = {
     "track_name": "Song",
     "artist_name": None,
     "session_hint": "2464",
+    "territory": "DE",
+    "playback_id": None,
 }
 
 
