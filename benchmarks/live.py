@@ -16,8 +16,11 @@ mode: event time = the time each event is sent). Meanwhile it
   partitions): a sample *keeps up* when the lag is at most ``--lag-bound`` records.
 
 Latency of a listen = first seen in DuckDB − its end event's time (ms), so it includes the
-agent's batch wait, the produce, the runner's linger (0.5 s) and transaction, and the poll
-interval (up to ``--poll-s``). After the simulator stops, it waits up to 60 s for the rest.
+agent's batch wait, the produce, the runner's batch wait (``--linger-ms``, default 200: the live
+path's ``BACKBEAT_PROJECTION_LINGER_MS``) and transaction, and the poll interval (up to
+``--poll-s``). It also splits the latency in two stages: player event → its listen read back
+from ``playback.listens`` (the agent), and → DuckDB (the runner). After the simulator stops, it
+waits up to 60 s for the rest.
 Prints ONE JSON line: events sent, listens expected/seen/missing, latency p50/p90/p99/max (ms),
 the target (p99 < 2,000 ms) and whether it was met, and per process the share of lag samples
 that kept up and the largest lag seen.
@@ -54,6 +57,7 @@ from infra.settings import REPO_ROOT, Settings  # noqa: E402
 from projections.store import NoReadModelsError, reader  # noqa: E402
 
 PLAYER_TOPIC = "playback.events"
+LISTENS_TOPIC = "playback.listens"
 COUNTS_FROM_MS = 30_000  # the 30-second rule (docs/live-listening.md)
 ENDS = {b"backbeat.playback.PlaybackSkipped", b"backbeat.playback.PlaybackCompleted"}
 
@@ -98,23 +102,31 @@ class EndRecorder(threading.Thread):
         super().__init__(daemon=True)
         self.settings = settings
         self.ends: dict[str, int] = {}
+        self.on_topic: dict[str, float] = {}  # playback_id → when its listen was read on playback.listens
         self.events = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         registry = registry_for(self.settings.registry_url)
         decoder = AvroDecoder(registry.parsed_schema_by_id)
-        with LogReader(self.settings, "bench-live-ends") as log:
-            log.assign({(PLAYER_TOPIC, p): OFFSET_BEGINNING for p in range(6)})
+        with LogReader(self.settings, "bench-live-ends", conf={"fetch.wait.max.ms": 20}) as log:
+            log.assign({(t, p): OFFSET_BEGINNING for t in (PLAYER_TOPIC, LISTENS_TOPIC) for p in range(6)})
             while not self.stop.is_set():
-                msgs = log.collect(20_000, 0.2, stop=self.stop)
-                ends = []
+                msgs = log.collect(20_000, 0.05, stop=self.stop)
+                now = time.time()
+                ends, listens = [], []
                 for m in msgs:
                     if not m.value():
+                        continue
+                    if m.topic() == LISTENS_TOPIC:
+                        listens.append(m)
                         continue
                     self.events += 1
                     if dict(m.headers() or ()).get("ce_type") in ENDS:
                         ends.append(m)
+                for r in decoder.decode_many([m.value() for m in listens])[0]:
+                    if r is not None and r.get("playback_id"):
+                        self.on_topic.setdefault(r["playback_id"], now)
                 records, _ = decoder.decode_many([m.value() for m in ends])
                 for m, r in zip(ends, records, strict=True):
                     if r is not None and r["ms_played"] >= COUNTS_FROM_MS:
@@ -148,6 +160,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60, help="how long the simulator runs (s)")
     parser.add_argument("--poll-s", type=float, default=0.1, help="DuckDB poll interval (s)")
     parser.add_argument("--lag-bound", type=int, default=10_000, help="lag (records) that still keeps up")
+    parser.add_argument(
+        "--linger-ms",
+        type=int,
+        default=200,
+        help="the runner's BACKBEAT_PROJECTION_LINGER_MS (the live path's 200)",
+    )
     args = parser.parse_args()
 
     with private_stack() as settings:
@@ -161,7 +179,11 @@ def main() -> None:
             address="-",
             ready=lambda: _ready(settings, "projection-runner"),
             timeout_s=120,
-            env={**worker_env(settings), "BACKBEAT_OPS_PORT": "0"},
+            env={
+                **worker_env(settings),
+                "BACKBEAT_OPS_PORT": "0",
+                "BACKBEAT_PROJECTION_LINGER_MS": str(args.linger_ms),
+            },
         )
         recorder = EndRecorder(settings)
         recorder.start()
@@ -209,6 +231,13 @@ def main() -> None:
                 ).fetchall()
             }
         lat = np.array([seen[p] * 1000 - t for p, t in recorder.ends.items() if p in seen])
+        # the two stages: player event → listen on playback.listens (the agent), then → DuckDB (the runner)
+        agent = np.array(
+            [recorder.on_topic[p] * 1000 - t for p, t in recorder.ends.items() if p in recorder.on_topic]
+        )
+        runner_stage = np.array(
+            [(seen[p] - recorder.on_topic[p]) * 1000 for p in seen if p in recorder.on_topic]
+        )
         pct = (lambda q: round(float(np.percentile(lat, q)), 1)) if lat.size else (lambda q: None)
         result = {
             "benchmark": "live",
@@ -224,9 +253,18 @@ def main() -> None:
             "latency_p90_ms": pct(90),
             "latency_p99_ms": pct(99),
             "latency_max_ms": round(float(lat.max()), 1) if lat.size else None,
+            "agent_stage_p50_ms": round(float(np.percentile(agent, 50)), 1) if agent.size else None,
+            "agent_stage_p99_ms": round(float(np.percentile(agent, 99)), 1) if agent.size else None,
+            "runner_stage_p50_ms": round(float(np.percentile(runner_stage, 50)), 1)
+            if runner_stage.size
+            else None,
+            "runner_stage_p99_ms": round(float(np.percentile(runner_stage, 99)), 1)
+            if runner_stage.size
+            else None,
             "target_p99_ms": 2000,
             "target_met": bool(lat.size) and pct(99) < 2000,
             "poll_s": args.poll_s,
+            "runner_linger_ms": args.linger_ms,
             "lag_bound_records": args.lag_bound,
         }
         for process, samples in lags.items():

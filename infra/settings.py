@@ -65,6 +65,13 @@ def _int(name: str, value: str) -> int:
         raise ConfigError(f"{name}={value!r} is not an integer") from None
 
 
+def _positive(name: str, value: str) -> int:
+    number = _int(name, value)
+    if number < 1:
+        raise ConfigError(f"{name}={value!r} must be at least 1")
+    return number
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings. Build with :meth:`from_env`; all paths are absolute."""
@@ -80,6 +87,8 @@ class Settings:
     ssl_ca_location: str | None = None
     session_gap_ms: int = 30 * 60 * 1000
     eventstore_url: str = ""
+    #: Longest wait (ms) of a projection runner to fill a batch before it writes what it has.
+    projection_linger_ms: int = 500
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -112,6 +121,9 @@ class Settings:
             ssl_ca_location=env.get("BACKBEAT_SSL_CA_LOCATION") or None,
             session_gap_ms=_int("BACKBEAT_SESSION_GAP_MS", get("BACKBEAT_SESSION_GAP_MS", "1800000")),
             eventstore_url=get("BACKBEAT_EVENTSTORE_URL", "").strip(),
+            projection_linger_ms=_positive(
+                "BACKBEAT_PROJECTION_LINGER_MS", get("BACKBEAT_PROJECTION_LINGER_MS", "500")
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -123,6 +135,7 @@ class Settings:
             "BACKBEAT_EMBEDDED": "1" if self.embedded else "0",
             "BACKBEAT_SECURITY_PROTOCOL": self.security_protocol,
             "BACKBEAT_SESSION_GAP_MS": str(self.session_gap_ms),
+            "BACKBEAT_PROJECTION_LINGER_MS": str(self.projection_linger_ms),
             # Always set, even empty: an inherited URL must not override "SQLite" in the child.
             "BACKBEAT_EVENTSTORE_URL": self.eventstore_url,
         }

@@ -741,13 +741,21 @@ def build_runners(
         return p.on_topic(overrides[p.name]) if p.name in overrides else p
 
     plain = [on_topic(get_projection(n)) for n in wanted if n not in STATEFUL]
-    runners = [ProjectionRunner(settings, group, batch_size=batch_size) for group in share_runners(plain)]
+    linger_s = settings.projection_linger_ms / 1000
+    runners = [
+        ProjectionRunner(settings, group, batch_size=batch_size, linger_s=linger_s)
+        for group in share_runners(plain)
+    ]
     for name in wanted:
         if name in STATEFUL:
             proj, make_writer = STATEFUL[name]
             runners.append(
                 ProjectionRunner(
-                    settings, [on_topic(proj)], batch_size=batch_size, write=make_writer(settings)
+                    settings,
+                    [on_topic(proj)],
+                    batch_size=batch_size,
+                    write=make_writer(settings),
+                    linger_s=linger_s,
                 )
             )
     return runners

@@ -42,6 +42,7 @@ def test_real_cluster_keeps_kafka_defaults_and_sasl():
         ({"BACKBEAT_EMBEDDED": "maybe"}, "BACKBEAT_EMBEDDED"),
         ({"BACKBEAT_REGISTRY_URL": "127.0.0.1:8081"}, "http"),
         ({"BACKBEAT_SESSION_GAP_MS": "30m"}, "integer"),
+        ({"BACKBEAT_PROJECTION_LINGER_MS": "0"}, "BACKBEAT_PROJECTION_LINGER_MS.*at least 1"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):
@@ -55,3 +56,9 @@ def test_topic_catalogue_declares_the_skeleton_topics():
         assert name in topics
     assert topics["catalog.tracks"].cleanup_policy == "compact"
     assert topics["playback.listens"].configs() == {"cleanup.policy": "delete", "retention.ms": "-1"}
+
+
+def test_projection_linger_reaches_child_processes():
+    settings = Settings.from_env({"BACKBEAT_PROJECTION_LINGER_MS": "200"})
+    assert settings.projection_linger_ms == 200 and Settings.from_env({}).projection_linger_ms == 500
+    assert Settings.from_env(settings.to_env()).projection_linger_ms == 200
