@@ -50,8 +50,8 @@ from typing import Any
 
 from events.importers.base import event_id
 
-#: The territories of the live platform (decision 5 of issue 17: the player simulator gives each
-#: user one of these by a seeded hash), ISO 3166-1 alpha-2.
+#: The territories of the live platform, ISO 3166-1 alpha-2 (the player simulator gives each user
+#: one of these by a seeded hash, :data:`events.player.COUNTRIES`).
 TERRITORIES: tuple[str, ...] = ("DE", "FR", "GB", "US", "SE", "ES", "IT", "NL", "BR", "JP")
 #: The rights society licensing performance rights per territory (the EU ones through ICE, the
 #: pan-European hub); a territory not listed gets ``CMO-<territory>``.

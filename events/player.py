@@ -96,6 +96,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from events.catalog_changes import TERRITORIES
 from events.importers.base import dedupe_and_order, event_id
 from events.player_catalog import CatalogTrack, PlayerCatalog
 from infra.errors import ConfigError
@@ -110,8 +111,9 @@ SKIP_PROBABILITY = 0.06
 EARLY_SKIP_SHARE = 0.9
 #: Share of plays that pause once (draw 4), when the pause fits before the next play.
 PAUSE_PROBABILITY = 0.06
-#: The users' countries (ISO 3166-1 alpha-2), one per user by a seeded hash.
-COUNTRIES = ("DE", "FR", "GB", "US", "SE", "ES", "IT", "NL", "BR", "JP")
+#: The users' countries (ISO 3166-1 alpha-2), one per user by a seeded hash: the platform's
+#: territories, the ones licences cover (:data:`events.catalog_changes.TERRITORIES`).
+COUNTRIES = TERRITORIES
 
 SESSION_STARTED = "PlaybackSessionStarted"
 STARTED = "PlaybackStarted"

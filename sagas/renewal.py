@@ -53,7 +53,13 @@ from eventsourcing.domain import Aggregate, event
 from sagas.messages import SAGA_NAMESPACE, OutboxMessage, outbox_message, stable_id
 from sagas.payment_steps import CAPTURE_STEP, authorize_step
 from sagas.saga import COMPLETED, CommandSpec, Data, SagaPlan, Step, register_plan
-from sagas.subscription import ENTITLEMENT_COMMANDS, ENTITLEMENT_KIND, SUBSCRIPTIONS, period_ms
+from sagas.subscription import (
+    ENTITLEMENT_COMMANDS,
+    ENTITLEMENT_KIND,
+    SUBSCRIPTIONS,
+    period_ms,
+    revoke_entitlement,
+)
 
 KIND = "subscription-renewal"
 NOTIFICATIONS = "platform.notifications"
@@ -371,15 +377,6 @@ def _grant(d: Data) -> CommandSpec:
     )
 
 
-def _revoke(d: Data) -> CommandSpec:
-    return CommandSpec(
-        ENTITLEMENT_COMMANDS,
-        "RevokeEntitlement",
-        d["user_id"],
-        {"entitlement_id": d["entitlement_id"], "user_id": d["user_id"], "reason": "COMPENSATION"},
-    )
-
-
 def _renewed(d: Data, saga_id: str, now_ms: int) -> list[OutboxMessage]:
     at = int(d["access_from"])
     payload = {
@@ -428,7 +425,7 @@ PLAN = register_plan(
                 succeeded=frozenset({"EntitlementGranted"}),
                 failed=frozenset({"EntitlementGrantFailed"}),
                 failure_reason="ENTITLEMENT_FAILED",
-                compensation=_revoke,
+                compensation=revoke_entitlement,
                 compensated=frozenset({"EntitlementRevoked"}),
             ),
         ),

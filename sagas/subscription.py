@@ -84,7 +84,9 @@ def _grant(d: Data) -> CommandSpec:
     )
 
 
-def _revoke(d: Data) -> CommandSpec:
+def revoke_entitlement(d: Data) -> CommandSpec:
+    """The compensation of a grant step: ``RevokeEntitlement`` of the saga's ``entitlement_id``
+    (reason ``COMPENSATION``), for the first period's saga and the renewal sagas alike."""
     return CommandSpec(
         ENTITLEMENT_COMMANDS,
         "RevokeEntitlement",
@@ -154,7 +156,7 @@ PLAN = register_plan(
                 succeeded=frozenset({"EntitlementGranted"}),
                 failed=frozenset({"EntitlementGrantFailed"}),
                 failure_reason="ENTITLEMENT_FAILED",
-                compensation=_revoke,
+                compensation=revoke_entitlement,
                 compensated=frozenset({"EntitlementRevoked"}),
             ),
             CAPTURE_STEP,

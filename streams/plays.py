@@ -72,6 +72,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from events.importers.base import event_id
+from events.player import (
+    COMPLETED,
+    EVENT_TYPES,
+    PAUSED,
+    RESUMED,
+    SESSION_ENDED,
+    SESSION_STARTED,
+    SKIPPED,
+    STARTED,
+)
 
 #: The 30-second rule (issue 17 decision 4): a play counts when at least this many ms were heard.
 COUNT_THRESHOLD_MS = 30_000
@@ -84,15 +94,8 @@ SOURCE = "player"
 #: ``ListenRecorded.artist_id`` (required by the schema) when ``PlaybackStarted`` had none.
 UNKNOWN_ARTIST = "ar-unknown"
 
-SESSION_STARTED = "PlaybackSessionStarted"
-STARTED = "PlaybackStarted"
-PAUSED = "PlaybackPaused"
-RESUMED = "PlaybackResumed"
-SKIPPED = "PlaybackSkipped"
-COMPLETED = "PlaybackCompleted"
-SESSION_ENDED = "PlaybackSessionEnded"
 #: The event types of ``playback.events`` (short names; full names are ``backbeat.playback.*``).
-KINDS = (SESSION_STARTED, STARTED, PAUSED, RESUMED, SKIPPED, COMPLETED, SESSION_ENDED)
+KINDS = EVENT_TYPES
 
 #: The counters every data record goes to exactly one of.
 RECORD_COUNTS = (
