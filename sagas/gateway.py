@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from sagas.messages import stable_id
 from sagas.seeded import hits, uniform
+from sagas.sim_store import open_record
 
 AUTHORIZE, CAPTURE, VOID, REFUND = "authorize", "capture", "void", "refund"
 APPROVED, DECLINED = "approved", "declined"
@@ -219,12 +220,8 @@ class GatewaySimulator:
         self.path = Path(path)
         self.config = config
         self.clock = clock or (lambda: int(time.time() * 1000))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process kills (WAL)
-        self._db.executescript(_SCHEMA)
+        self._db = open_record(self.path, _SCHEMA)
 
     def close(self) -> None:
         """Close the database connection."""

@@ -30,7 +30,6 @@ constraint, so a second delivery of a key would show as a second row) and ``prov
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Protocol
 
 from sagas.messages import stable_id
 from sagas.seeded import hits, uniform
+from sagas.sim_store import open_record
 
 #: The provider name in ``NotificationSent.provider``.
 PROVIDER_NAME = "simulator"
@@ -182,12 +182,8 @@ class ProviderSimulator:
         self.path = Path(path)
         self.config = config
         self.clock = clock or (lambda: int(time.time() * 1000))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process kills (WAL)
-        self._db.executescript(_SCHEMA)
+        self._db = open_record(self.path, _SCHEMA)
 
     def close(self) -> None:
         """Close the database connection."""
