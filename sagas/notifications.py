@@ -266,9 +266,9 @@ class NotificationRelay(KafkaProcess):
         doc, steps 1-3).
 
         Raises:
-            whatever the provider raises besides its transient/permanent errors (a bug or a
-            broken provider file): the process stops, and the notification is attempted again
-            after the restart.
+            Exception: whatever the provider raises besides its transient and permanent errors
+                (a bug or a broken provider file): the process stops, and the notification is
+                attempted again after the restart.
         """
         note = self.get_or_none(aggregate_id)
         if not isinstance(note, Notification) or note.state in FINAL:
