@@ -17,7 +17,12 @@ in ``docs/evaluation.md``):
   session can be the next one (non-consecutive repeats stay in the data); ``exclude_context``
   removes them from every method's list instead (a variant, not the reported protocol);
 * HR@k is the share of targets within the top ``k``; MRR@k the mean of ``1 / rank`` over all
-  targets, 0 for a target outside the top ``k``.
+  targets, 0 for a target outside the top ``k``;
+* each metric carries a 95 % bootstrap confidence interval (:func:`bootstrap_ci`): the test
+  sessions (not the targets, which are correlated within a session) are resampled with
+  replacement ``B = 1000`` times (seeded), the metric recomputed as total over resampled sessions
+  divided by their targets, and the 2.5th and 97.5th percentiles taken (the percentile interval
+  of Efron & Tibshirani, "An introduction to the bootstrap", 1993, ch. 13).
 """
 
 from __future__ import annotations
@@ -26,15 +31,31 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from infra.errors import BackbeatError
 from personalisation.baselines import MostPopular, SessionKNN
 from personalisation.cooccurrence import CooccurrenceModel
+from personalisation.session_baselines import STAN, VSKNN, SequentialRules
 from personalisation.sessions_data import Session
 
 #: Default list length of the metrics (HR@20, MRR@20, as in session-rec's tables).
 CUTOFF = 20
 #: The methods compared, in the order they are reported.
-METHODS = ("item-to-item", "item-to-item-unweighted", "most-popular", "session-knn")
+METHODS = (
+    "item-to-item",
+    "item-to-item-unweighted",
+    "most-popular",
+    "session-knn",
+    "sr",
+    "v-sknn",
+    "stan",
+    "v-stan",
+)
+#: Bootstrap resamples of the test sessions, their seed, and the confidence level of the intervals.
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 18
+CONFIDENCE = 0.95
 
 
 class EvaluationError(BackbeatError):
@@ -100,11 +121,39 @@ def mean_reciprocal_rank(ranks: Sequence[int]) -> float:
     return sum(1.0 / r for r in ranks if r > 0) / len(ranks) if ranks else 0.0
 
 
+def bootstrap_ci(
+    totals: Sequence[float],
+    counts: Sequence[int],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(totals) / sum(counts)`` by resampling sessions.
+
+    ``totals[s]`` is session ``s``'s sum of the metric over its targets (hits, or reciprocal
+    ranks), ``counts[s]`` its number of targets. Each of ``samples`` resamples draws as many
+    sessions with replacement (``numpy.random.default_rng(seed)``), the ratio is recomputed, and
+    the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles are returned; ``(0.0, 0.0)`` when
+    there are no sessions.
+    """
+    t = np.asarray(totals, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.float64)
+    if t.size == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, t.size, size=(samples, t.size))
+    ratios = t[idx].sum(axis=1) / np.maximum(c[idx].sum(axis=1), 1.0)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 @dataclass(frozen=True)
 class Result:
     """The outcome of one method: ``hr`` and ``mrr`` at ``cutoff`` over ``targets`` predictions
     from ``sessions`` test sessions; ``unseen_targets`` of those targets never occur in the
-    training sessions (misses for every method); ``seconds`` is the wall time of the predictions."""
+    training sessions (misses for every method); ``seconds`` is the wall time of the predictions;
+    ``hr_ci`` and ``mrr_ci`` are the 95 % bootstrap intervals of ``hr`` and ``mrr``
+    (:func:`bootstrap_ci`)."""
 
     method: str
     cutoff: int
@@ -114,10 +163,13 @@ class Result:
     targets: int
     unseen_targets: int
     seconds: float = 0.0
+    hr_ci: tuple[float, float] = (0.0, 0.0)
+    mrr_ci: tuple[float, float] = (0.0, 0.0)
 
     def as_json(self) -> dict[str, object]:
         """The JSON object ``backbeat evaluate recommendations --json`` prints for this method
-        (keys ``hr_at_<k>`` and ``mrr_at_<k>`` carry the cutoff, e.g. ``hr_at_20``)."""
+        (keys ``hr_at_<k>`` and ``mrr_at_<k>`` carry the cutoff, e.g. ``hr_at_20``; their
+        intervals are ``hr_at_<k>_ci`` and ``mrr_at_<k>_ci``, ``[low, high]``)."""
         k = self.cutoff
         return {
             "method": self.method,
@@ -128,6 +180,8 @@ class Result:
             "unseen_targets": self.unseen_targets,
             "cutoff": k,
             "seconds": round(self.seconds, 3),
+            f"hr_at_{k}_ci": [round(x, 6) for x in self.hr_ci],
+            f"mrr_at_{k}_ci": [round(x, 6) for x in self.mrr_ci],
         }
 
 
@@ -171,8 +225,12 @@ def evaluate(
         raise ValueError(f"cutoff must be >= 1, got {cutoff}")
     started = clock() if clock else 0.0
     ranks: list[int] = []
+    hits: list[int] = []  # per session: targets in the top k, sum of 1/rank, targets
+    rrs: list[float] = []
+    counts: list[int] = []
     unseen = 0
     for items in sequences:
+        first = len(ranks)
         for context, target in prediction_cases(items):
             if exclude_context:
                 seen = set(context)
@@ -181,6 +239,10 @@ def evaluate(
                 ranked = list(method.recommend(context, cutoff))
             ranks.append(rank_of(ranked, target, cutoff))
             unseen += target not in known
+        mine = ranks[first:]
+        hits.append(sum(1 for r in mine if r > 0))
+        rrs.append(sum(1.0 / r for r in mine if r > 0))
+        counts.append(len(mine))
         if advance:
             advance(len(items) - 1)
     return Result(
@@ -192,12 +254,14 @@ def evaluate(
         targets=len(ranks),
         unseen_targets=unseen,
         seconds=(clock() - started) if clock else 0.0,
+        hr_ci=bootstrap_ci(hits, counts),
+        mrr_ci=bootstrap_ci(rrs, counts),
     )
 
 
 def fit_method(name: str, train: Sequence[Session]) -> Recommender:
     """Train method ``name`` (one of :data:`METHODS`) on ``train`` (consecutive repeats collapsed;
-    session-kNN takes each session's last-play time as its recency).
+    the neighbourhood methods take each session's last-play time as its recency).
 
     Raises:
         EvaluationError: ``name`` is not in :data:`METHODS`.
@@ -211,6 +275,14 @@ def fit_method(name: str, train: Sequence[Session]) -> Recommender:
         return MostPopular().fit(sequences)
     if name == "session-knn":
         return SessionKNN().fit(sequences, [s.end for s in train])
+    if name == "sr":
+        return SequentialRules().fit(sequences)
+    if name == "v-sknn":
+        return VSKNN().fit(sequences, [s.end for s in train])
+    if name == "stan":
+        return STAN().fit(sequences, [s.end for s in train])
+    if name == "v-stan":
+        return STAN(vstan=True).fit(sequences, [s.end for s in train])
     raise EvaluationError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
