@@ -1,6 +1,6 @@
 """The evaluation protocol and metrics: HR@k and MRR@k on hand-computed ranks, which positions are
-predicted with which context, repeats and unseen targets, and on the real 30Music file the
-item-to-item model beating most-popular."""
+predicted with which context, repeats and unseen targets, the bootstrap intervals, and on the
+real 30Music file the item-to-item model beating most-popular."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from personalisation.evaluation import (
     METHODS,
     EvaluationError,
+    bootstrap_ci,
     collapse_repeats,
     evaluate,
     hit_rate,
@@ -71,6 +72,23 @@ def test_evaluate_counts_every_target_including_unseen_and_repeats():
     assert short.hr == pytest.approx(2 / 3) and short.mrr == pytest.approx(2 / 3)
     line = short.as_json()
     assert line["hr_at_1"] == pytest.approx(2 / 3, abs=1e-6) and line["method"] == "fixed"
+    # one session: every resample is that session, so the interval is the point
+    assert line["hr_at_1_ci"] == pytest.approx([2 / 3, 2 / 3], abs=1e-6)
+    assert line["mrr_at_1_ci"] == pytest.approx([2 / 3, 2 / 3], abs=1e-6)
+
+
+def test_bootstrap_resamples_sessions_not_targets():
+    # session 1: 3 targets all hit; session 2: 1 target missed. A resample of n copies of
+    # session 1 and 2 - n of session 2 gives 3n / (3n + (2 - n)): 0, 3/4 or 1
+    lo, hi = bootstrap_ci([3, 0], [3, 1])
+    assert (lo, hi) == (0.0, 1.0)
+    assert bootstrap_ci([3, 0], [3, 1]) == (lo, hi)  # seeded
+    lo, hi = bootstrap_ci([1, 0] * 200, [1, 1] * 200)  # 400 sessions, HR 0.5: about +-0.049
+    assert 0.44 < lo < 0.47 and 0.53 < hi < 0.56
+    assert bootstrap_ci([], []) == (0.0, 0.0)
+    evaluated = evaluate("fixed", Fixed(["b"]), [["a", "b"], ["a", "c"]] * 50, known={"a", "b"})
+    assert evaluated.hr == 0.5 and evaluated.hr_ci[0] < 0.5 < evaluated.hr_ci[1]
+    assert evaluated.mrr_ci == evaluated.hr_ci  # rank 1 or miss: the same per-session sums
 
 
 def test_run_evaluation_each_method_on_a_known_answer():
@@ -85,6 +103,11 @@ def test_run_evaluation_each_method_on_a_known_answer():
     assert results["item-to-item"].mrr == results["item-to-item-unweighted"].mrr == 1.0
     assert (results["session-knn"].hr, results["session-knn"].mrr) == (1.0, 0.5)
     assert (results["most-popular"].hr, results["most-popular"].mrr) == (0.0, 0.0)
+    # SR: the rule a -> b (weight 3); V-SkNN, STAN, V-STAN: the three "ab" neighbours score a
+    # before b (a tie for V-SkNN and V-STAN, broken by id; STAN weighs b by exp(-1 / 2.05))
+    assert (results["sr"].hr, results["sr"].mrr) == (1.0, 1.0)
+    for name in ("v-sknn", "stan", "v-stan"):
+        assert (results[name].hr, results[name].mrr) == (1.0, 0.5), name
     excluded = {r.method: r for r in run_evaluation(train, test, cutoff=2, exclude_context=True)}
     assert excluded["session-knn"].mrr == 1.0 and excluded["most-popular"].mrr == 0.0
 
