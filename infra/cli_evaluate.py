@@ -71,11 +71,13 @@ def recommendations(
         typer.Option(
             "--json",
             help='One JSON line per method: {"method", "hr_at_20", "mrr_at_20", "sessions", '
-            '"targets", "unseen_targets", "cutoff", "seconds"} (20 = --cutoff).',
+            '"targets", "unseen_targets", "cutoff", "seconds", "hr_at_20_ci", "mrr_at_20_ci"} '
+            "(20 = --cutoff; the _ci keys are [low, high] 95% bootstrap intervals).",
         ),
     ] = False,
 ) -> None:
-    """Next-item evaluation of item-to-item co-occurrence, most-popular and session-kNN.
+    """Next-item evaluation of item-to-item co-occurrence against most-popular, session-kNN,
+    sequential rules (sr), V-SkNN, STAN and V-STAN.
 
     Trains each method on the training sessions and predicts the next track at every position of
     the test sessions; reports HR@k and MRR@k (k = --cutoff, 20 by default). Without --train and
@@ -86,7 +88,8 @@ def recommendations(
     play; for every test session with 2+ plays and every position i >= 1, the plays before i are
     the context and play i the target. Targets never seen in training count as misses; tracks of
     the context are not excluded (see --exclude-context). HR@k: share of targets in the top k;
-    MRR@k: mean of 1/rank, 0 outside the top k."""
+    MRR@k: mean of 1/rank, 0 outside the top k. Intervals: 95% percentile bootstrap over test
+    sessions (1000 resamples, seeded)."""
     from personalisation.evaluation import run_evaluation
     from personalisation.sessions_data import read_sessions, split_last_window
 
@@ -135,16 +138,23 @@ def recommendations(
 
 
 def results_table(results: list[Result]) -> Table:
-    """The results as a rich table: method, HR@k and MRR@k to 4 decimals, sessions, targets,
-    seconds of prediction."""
+    """The results as a rich table: method, HR@k and MRR@k to 4 decimals with their 95 %
+    bootstrap intervals, sessions, targets, seconds of prediction."""
     k = results[0].cutoff if results else 20
     tbl = Table(title=f"Next-item prediction, top {k}", title_justify="left", header_style="bold")
     tbl.add_column("method")
-    for name in (f"HR@{k}", f"MRR@{k}", "sessions", "targets", "seconds"):
+    for name in (f"HR@{k}", "95% CI", f"MRR@{k}", "95% CI", "sessions", "targets", "seconds"):
         tbl.add_column(name, justify="right")
     for r in results:
         tbl.add_row(
-            r.method, f"{r.hr:.4f}", f"{r.mrr:.4f}", f"{r.sessions:,}", f"{r.targets:,}", f"{r.seconds:.1f}"
+            r.method,
+            f"{r.hr:.4f}",
+            f"{r.hr_ci[0]:.4f}–{r.hr_ci[1]:.4f}",
+            f"{r.mrr:.4f}",
+            f"{r.mrr_ci[0]:.4f}–{r.mrr_ci[1]:.4f}",
+            f"{r.sessions:,}",
+            f"{r.targets:,}",
+            f"{r.seconds:.1f}",
         )
     return tbl
 

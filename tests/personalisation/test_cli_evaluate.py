@@ -53,8 +53,11 @@ def test_json_lines_and_split_files_reproduce_the_default_run(subset: Path, tmp_
     )
     assert [line["method"] for line in lines] == list(METHODS)
     for line in lines:
-        assert {"method", "hr_at_20", "mrr_at_20", "sessions"} <= set(line)
+        assert {"method", "hr_at_20", "mrr_at_20", "sessions", "hr_at_20_ci", "mrr_at_20_ci"} <= set(line)
         assert 0.0 <= line["mrr_at_20"] <= line["hr_at_20"] <= 1.0 and line["sessions"] > 100
+        for key in ("hr_at_20", "mrr_at_20"):
+            low, high = line[f"{key}_ci"]
+            assert low <= line[key] <= high
     by_method = {line["method"]: line for line in lines}
     assert by_method["item-to-item"]["hr_at_20"] > by_method["most-popular"]["hr_at_20"]
 
