@@ -28,7 +28,7 @@ in ``docs/evaluation.md``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -147,13 +147,42 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def paired_difference_ci(
+    first: Result,
+    second: Result,
+    metric: str = "mrr",
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = CONFIDENCE,
+) -> tuple[float, float, float]:
+    """``first`` minus ``second`` on ``metric`` (``"hr"`` or ``"mrr"``) with a paired percentile
+    bootstrap interval: both methods' per-session sums are resampled with the same session indices
+    (the draws of :func:`bootstrap_ci`), so the interval reflects the difference on the same
+    sessions. Returns ``(difference, low, high)``.
+
+    Raises:
+        ValueError: the two results are not on the same test sessions, or ``metric`` is unknown.
+    """
+    if metric not in ("hr", "mrr"):
+        raise ValueError(f"metric must be 'hr' or 'mrr', got {metric!r}")
+    a, b = np.asarray(first.per_session, dtype=np.float64), np.asarray(second.per_session, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0 or not np.array_equal(a[:, 2], b[:, 2]):
+        raise ValueError("the two results must come from the same test sessions")
+    col = 0 if metric == "hr" else 1
+    diff, counts = a[:, col] - b[:, col], a[:, 2]
+    point = float(diff.sum() / counts.sum())
+    lo, hi = bootstrap_ci(diff, counts, samples, seed, level)
+    return point, lo, hi
+
+
 @dataclass(frozen=True)
 class Result:
     """The outcome of one method: ``hr`` and ``mrr`` at ``cutoff`` over ``targets`` predictions
     from ``sessions`` test sessions; ``unseen_targets`` of those targets never occur in the
     training sessions (misses for every method); ``seconds`` is the wall time of the predictions;
     ``hr_ci`` and ``mrr_ci`` are the 95 % bootstrap intervals of ``hr`` and ``mrr``
-    (:func:`bootstrap_ci`)."""
+    (:func:`bootstrap_ci`); ``per_session`` holds each test session's ``(hits, sum of 1/rank,
+    targets)`` in order, for paired comparisons (:func:`paired_difference_ci`)."""
 
     method: str
     cutoff: int
@@ -165,6 +194,7 @@ class Result:
     seconds: float = 0.0
     hr_ci: tuple[float, float] = (0.0, 0.0)
     mrr_ci: tuple[float, float] = (0.0, 0.0)
+    per_session: tuple[tuple[int, float, int], ...] = field(default=(), repr=False, compare=False)
 
     def as_json(self) -> dict[str, object]:
         """The JSON object ``backbeat evaluate recommendations --json`` prints for this method
@@ -256,6 +286,7 @@ def evaluate(
         seconds=(clock() - started) if clock else 0.0,
         hr_ci=bootstrap_ci(hits, counts),
         mrr_ci=bootstrap_ci(rrs, counts),
+        per_session=tuple(zip(hits, rrs, counts, strict=True)),
     )
 
 

@@ -16,6 +16,7 @@ from personalisation.evaluation import (
     evaluate,
     hit_rate,
     mean_reciprocal_rank,
+    paired_difference_ci,
     prediction_cases,
     protocol_sequences,
     rank_of,
@@ -89,6 +90,20 @@ def test_bootstrap_resamples_sessions_not_targets():
     evaluated = evaluate("fixed", Fixed(["b"]), [["a", "b"], ["a", "c"]] * 50, known={"a", "b"})
     assert evaluated.hr == 0.5 and evaluated.hr_ci[0] < 0.5 < evaluated.hr_ci[1]
     assert evaluated.mrr_ci == evaluated.hr_ci  # rank 1 or miss: the same per-session sums
+    assert evaluated.per_session == ((1, 1.0, 1), (0, 0.0, 1)) * 50
+
+
+def test_paired_difference_resamples_both_methods_on_the_same_sessions():
+    sessions = [["a", "b", "c"], ["a", "c"]] * 20
+    better = evaluate("b-c", Fixed(["b", "c"]), sessions, known={"a", "b", "c"})
+    worse = evaluate("c-b", Fixed(["c", "b"]), sessions, known={"a", "b", "c"})
+    # per session 1: ranks (1, 2) vs (2, 1), same sum 1.5; session 2: rank 2 vs rank 1
+    # MRR difference = 20 * (1.5 - 1.5 + 0.5 - 1) / 60 targets = -1/6
+    diff, lo, hi = paired_difference_ci(better, worse, "mrr")
+    assert diff == pytest.approx(-1 / 6) and lo <= diff <= hi < 0
+    assert paired_difference_ci(better, worse, "hr") == (0.0, 0.0, 0.0)  # both always hit
+    with pytest.raises(ValueError, match="same test sessions"):
+        paired_difference_ci(better, evaluate("x", Fixed([]), sessions[:2], known=set()))
 
 
 def test_run_evaluation_each_method_on_a_known_answer():
