@@ -43,14 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 from confluent_kafka import OFFSET_BEGINNING  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from benchmarks.common import private_stack  # noqa: E402
 from events.log import LogReader  # noqa: E402
 from events.registry_client import registry_for  # noqa: E402
 from events.serde import AvroDecoder  # noqa: E402
-from infra import ops  # noqa: E402
 from infra.demo import start_worker, worker_env  # noqa: E402
+from infra.demo_live import consumer_lag, is_ready  # noqa: E402
 from infra.processes import Running, spawn, stop  # noqa: E402
 from infra.provision import apply_topics  # noqa: E402
 from infra.settings import REPO_ROOT, Settings  # noqa: E402
@@ -60,38 +59,6 @@ PLAYER_TOPIC = "playback.events"
 LISTENS_TOPIC = "playback.listens"
 COUNTS_FROM_MS = 30_000  # the 30-second rule (docs/live-listening.md)
 ENDS = {b"backbeat.playback.PlaybackSkipped", b"backbeat.playback.PlaybackCompleted"}
-
-
-def _get(url: str) -> tuple[int, str] | None:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except OSError:
-        return None
-
-
-def _ready(settings: Settings, process: str) -> bool:
-    base = ops.read_address(settings.run_dir, process)
-    got = _get(f"{base}/health") if base else None
-    return got is not None and got[0] == 200
-
-
-def _lag(settings: Settings, process: str) -> float | None:
-    base = ops.read_address(settings.run_dir, process)
-    got = _get(f"{base}/metrics") if base else None
-    if got is None or got[0] != 200:
-        return None
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(got[1])
-        for s in family.samples
-        if s.name == "backbeat_consumer_lag"
-    )
 
 
 class EndRecorder(threading.Thread):
@@ -171,13 +138,13 @@ def main() -> None:
     with private_stack() as settings:
         apply_topics(settings)
         env = {"BACKBEAT_STREAMS_AGENTS": "playback", "BACKBEAT_OPS_PORT": "0"}
-        worker = start_worker(settings, ready=lambda: _ready(settings, "worker"), env=env)
+        worker = start_worker(settings, ready=lambda: is_ready(settings, "worker"), env=env)
         runner: Running = spawn(
             "projection-runner",
             [sys.executable, "-m", "projections.runner", "--projection", "listens", "--ops-port", "0"],
             run_dir=settings.run_dir,
             address="-",
-            ready=lambda: _ready(settings, "projection-runner"),
+            ready=lambda: is_ready(settings, "projection-runner"),
             timeout_s=120,
             env={
                 **worker_env(settings),
@@ -206,7 +173,7 @@ def main() -> None:
                     if time.monotonic() >= next_scrape:
                         next_scrape += 1.0
                         for process in lags:
-                            lag = _lag(settings, process)
+                            lag = consumer_lag(settings, process)
                             if lag is not None and sim.poll() is None:
                                 lags[process].append(lag)
                     if sim.poll() is not None and drain_deadline is None:

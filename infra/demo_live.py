@@ -69,24 +69,17 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**worker_env(settings), **extra}
 
 
-def _healthy(settings: Settings, process: str) -> bool:
-    import urllib.error
-    import urllib.request
+def is_ready(settings: Settings, process: str) -> bool:
+    """``process``'s ``/health`` says ready (:func:`infra.services.process_health`)."""
+    from infra.services import process_health
 
-    base = ops.read_address(settings.run_dir, process)
-    if base is None:
-        return False
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return any(h.process == process and h.status == "ready" for h in process_health(settings))
 
 
 def _start(settings: Settings, name: str, argv: list[str], process: str | None, **env: str) -> Running:
     """Start ``argv`` as ``name`` (log ``<run_dir>/<name>.log``); ready when ``process``'s
     ``/health`` answers 200 (``None``: when it runs)."""
-    ready: Callable[[], bool] = (lambda: _healthy(settings, process)) if process else (lambda: True)
+    ready: Callable[[], bool] = (lambda: is_ready(settings, process)) if process else (lambda: True)
     return spawn(name, argv, run_dir=settings.run_dir, address="-", ready=ready, timeout_s=120,
                  env=_env(settings, **env))  # fmt: skip
 
@@ -190,30 +183,32 @@ def _publish_subscriptions(settings: Settings, users: list[str], now_ms: int) ->
     return len(requests), len(cancels)
 
 
-def _caught_up(settings: Settings, processes: tuple[str, ...]) -> bool:
-    """Every process in ``processes`` reports a total ``backbeat_consumer_lag`` of 0."""
+def consumer_lag(settings: Settings, process: str) -> float | None:
+    """``backbeat_consumer_lag`` of ``process`` summed over its components and partitions
+    (records), from its ``/metrics``; ``None`` when it has no endpoint or does not answer."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    for process in processes:
-        base = ops.read_address(settings.run_dir, process)
-        if base is None:
-            return False
-        try:
-            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return False
-        lag = sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == "backbeat_consumer_lag"
-        )
-        if lag > 0:
-            return False
-    return True
+    base = ops.read_address(settings.run_dir, process)
+    if base is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "backbeat_consumer_lag"
+    )
+
+
+def _caught_up(settings: Settings, processes: tuple[str, ...]) -> bool:
+    """Every process in ``processes`` reports a total ``backbeat_consumer_lag`` of 0."""
+    return all(consumer_lag(settings, p) == 0 for p in processes)
 
 
 def _wait_caught_up(settings: Settings, timeout_s: float = 120.0) -> None:
@@ -419,4 +414,4 @@ def _print_statement(settings: Settings, console: Any, table: Any, period: str, 
         console.print(f"exported to {path}")
 
 
-__all__ = ["AGENTS", "READ_MODELS", "LiveRun", "figures", "run_live_demo"]
+__all__ = ["AGENTS", "READ_MODELS", "LiveRun", "consumer_lag", "figures", "is_ready", "run_live_demo"]
