@@ -76,8 +76,8 @@ def recommendations(
         ),
     ] = False,
 ) -> None:
-    """Next-item evaluation of item-to-item co-occurrence against most-popular, session-kNN,
-    sequential rules (sr), V-SkNN, STAN and V-STAN.
+    """Next-item evaluation of the streaming model against item-to-item co-occurrence,
+    most-popular, session-kNN, sequential rules (sr), V-SkNN, STAN and V-STAN.
 
     Trains each method on the training sessions and predicts the next track at every position of
     the test sessions; reports HR@k and MRR@k (k = --cutoff, 20 by default). Without --train and
@@ -89,7 +89,12 @@ def recommendations(
     the context and play i the target. Targets never seen in training count as misses; tracks of
     the context are not excluded (see --exclude-context). HR@k: share of targets in the top k;
     MRR@k: mean of 1/rank, 0 outside the top k. Intervals: 95% percentile bootstrap over test
-    sessions (1000 resamples, seeded)."""
+    sessions (1000 resamples, seeded).
+
+    The streaming methods (streaming, and its ablations streaming-frozen, streaming-sr,
+    streaming-item-to-item) are evaluated test-then-train: the model reads the training listens,
+    then the test listens in event-time order, ranking each target from the model as it stands
+    just before that listen (streaming-frozen stops learning at the end of training)."""
     from personalisation.evaluation import run_evaluation
     from personalisation.sessions_data import read_sessions, split_last_window
 

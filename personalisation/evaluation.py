@@ -37,6 +37,7 @@ from infra.errors import BackbeatError
 from personalisation.baselines import MostPopular, SessionKNN
 from personalisation.cooccurrence import CooccurrenceModel
 from personalisation.session_baselines import STAN, VSKNN, SequentialRules
+from personalisation.session_model import SessionModel, Weights
 from personalisation.sessions_data import Session
 
 #: Default list length of the metrics (HR@20, MRR@20, as in session-rec's tables).
@@ -51,7 +52,22 @@ METHODS = (
     "v-sknn",
     "stan",
     "v-stan",
+    "streaming",
+    "streaming-frozen",
+    "streaming-sr",
+    "streaming-item-to-item",
 )
+#: The streaming methods (:func:`evaluate_streaming`): the weights of
+#: :class:`~personalisation.session_model.SessionModel` and whether it learns from the test
+#: stream. ``streaming`` is the model served; the others are its ablations: no updates after the
+#: training windows, only its sequential rules, only its session-context co-occurrence (the
+#: ``item-to-item`` model, updated from the stream as the read model updates it).
+STREAMING = {
+    "streaming": (Weights(), True),
+    "streaming-frozen": (Weights(), False),
+    "streaming-sr": (Weights(rules=1.0, context=0.0, personal=0.0), True),
+    "streaming-item-to-item": (Weights(rules=0.0, context=1.0, personal=0.0), True),
+}
 #: Bootstrap resamples of the test sessions, their seed, and the confidence level of the intervals.
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 18
@@ -254,45 +270,145 @@ def evaluate(
     if cutoff < 1:
         raise ValueError(f"cutoff must be >= 1, got {cutoff}")
     started = clock() if clock else 0.0
-    ranks: list[int] = []
-    hits: list[int] = []  # per session: targets in the top k, sum of 1/rank, targets
-    rrs: list[float] = []
-    counts: list[int] = []
+    by_session: list[list[int]] = []
     unseen = 0
     for items in sequences:
-        first = len(ranks)
+        mine: list[int] = []
         for context, target in prediction_cases(items):
             if exclude_context:
                 seen = set(context)
                 ranked = [t for t in method.recommend(context, cutoff + len(seen)) if t not in seen]
             else:
                 ranked = list(method.recommend(context, cutoff))
-            ranks.append(rank_of(ranked, target, cutoff))
+            mine.append(rank_of(ranked, target, cutoff))
             unseen += target not in known
-        mine = ranks[first:]
-        hits.append(sum(1 for r in mine if r > 0))
-        rrs.append(sum(1.0 / r for r in mine if r > 0))
-        counts.append(len(mine))
+        by_session.append(mine)
         if advance:
             advance(len(items) - 1)
+    return summarise(name, cutoff, by_session, unseen, (clock() - started) if clock else 0.0)
+
+
+def summarise(
+    name: str, cutoff: int, by_session: Sequence[Sequence[int]], unseen: int, seconds: float
+) -> Result:
+    """The :class:`Result` of ``name`` from the ranks of its targets (0 = outside the top
+    ``cutoff``), grouped per test session in protocol order, with bootstrap intervals."""
+    ranks = [r for mine in by_session for r in mine]
+    hits = [sum(1 for r in mine if r > 0) for mine in by_session]
+    rrs = [sum(1.0 / r for r in mine if r > 0) for mine in by_session]
+    counts = [len(mine) for mine in by_session]
     return Result(
         method=name,
         cutoff=cutoff,
         hr=hit_rate(ranks),
         mrr=mean_reciprocal_rank(ranks),
-        sessions=len(sequences),
+        sessions=len(by_session),
         targets=len(ranks),
         unseen_targets=unseen,
-        seconds=(clock() - started) if clock else 0.0,
+        seconds=seconds,
         hr_ci=bootstrap_ci(hits, counts),
         mrr_ci=bootstrap_ci(rrs, counts),
         per_session=tuple(zip(hits, rrs, counts, strict=True)),
     )
 
 
+def listen_stream(sessions: Sequence[Session], tag: int) -> list[tuple[int, int, int, int, str, str]]:
+    """Every listen of ``sessions`` as ``(time ms, tag, session index, position, user, track)``,
+    raw (replays included), so that sorting listens of several sets gives one stream in event-time
+    order (ties: ``tag``, then session, then position)."""
+    return [
+        (t * 1000, tag, i, pos, s.user_id, item)
+        for i, s in enumerate(sessions)
+        for pos, (item, t) in enumerate(zip(s.items, s.times, strict=True))
+    ]
+
+
+@dataclass(frozen=True)
+class StreamingCase:
+    """One prediction of :func:`streaming_cases`: test ``session`` index, the listen's ``key``
+    (its position in the event-time order of the stream, ``(time ms, 1, session, position)``),
+    ``user``, ``context`` (collapsed prefix), ``target`` and its 1-based ``rank`` (0 = outside
+    the top ``cutoff``)."""
+
+    session: int
+    key: tuple[int, int, int, int]
+    user: str
+    context: tuple[str, ...]
+    target: str
+    rank: int
+
+
+def streaming_cases(
+    model: SessionModel,
+    train: Sequence[Session],
+    test: Sequence[Session],
+    cutoff: int = CUTOFF,
+    update: bool = True,
+    exclude_context: bool = False,
+) -> Iterator[StreamingCase]:
+    """The predictions of :func:`evaluate_streaming`, one per target, in stream order: ``model``
+    observes the training listens, then each test listen is ranked (when it is a target) BEFORE
+    it is observed (when ``update``)."""
+    model.observe_all((user, track, t) for t, _, _, _, user, track in sorted(listen_stream(train, 0)))
+    prefixes: dict[int, list[str]] = {}
+    for t, tag, i, pos, user, track in sorted(listen_stream(test, 1)):
+        prefix = prefixes.setdefault(i, [])
+        if not prefix or prefix[-1] != track:  # a replay is collapsed: no prediction, no play
+            if prefix:
+                skip = prefix if exclude_context else ()
+                ranked = [k for k, _ in model.recommend(user, prefix, cutoff, skip)]
+                yield StreamingCase(
+                    i, (t, tag, i, pos), user, tuple(prefix), track, rank_of(ranked, track, cutoff)
+                )
+            prefix.append(track)
+        if update:
+            model.observe(user, track, t)
+
+
+def evaluate_streaming(
+    name: str,
+    model: SessionModel,
+    train: Sequence[Session],
+    test: Sequence[Session],
+    known: set[str] | frozenset[str],
+    cutoff: int = CUTOFF,
+    update: bool = True,
+    advance: Callable[[int], None] | None = None,
+    clock: Callable[[], float] | None = None,
+    exclude_context: bool = False,
+) -> Result:
+    """The protocol for the streaming model, test-then-train ("prequential", Vinagre, Jorge &
+    Gama, "Evaluation of recommender systems in streaming environments", REDD @ RecSys 2014):
+    ``model`` observes every training listen in event-time order; then the test listens are
+    replayed in event-time order (all test sessions interleaved, as the stream delivers them) and
+    each target of :func:`prediction_cases` is ranked from the model as it stands just BEFORE
+    that listen is observed, with the collapsed test-session prefix as context; with ``update``
+    the listen is then observed (else the model stays as trained: the "frozen" ablation). The
+    targets, sessions and their order are those of :func:`evaluate` on
+    ``protocol_sequences(test)``, so :func:`paired_difference_ci` pairs the two;
+    ``exclude_context`` drops the prefix's tracks from each list, as there.
+
+    Raises:
+        ValueError: ``cutoff`` < 1.
+    """
+    if cutoff < 1:
+        raise ValueError(f"cutoff must be >= 1, got {cutoff}")
+    started = clock() if clock else 0.0
+    ranks: dict[int, list[int]] = {}
+    unseen = 0
+    for case in streaming_cases(model, train, test, cutoff, update, exclude_context):
+        ranks.setdefault(case.session, []).append(case.rank)
+        unseen += case.target not in known
+        if advance:
+            advance(1)
+    by_session = [ranks[i] for i in sorted(ranks)]  # sessions with >= 2 collapsed plays, in order
+    return summarise(name, cutoff, by_session, unseen, (clock() - started) if clock else 0.0)
+
+
 def fit_method(name: str, train: Sequence[Session]) -> Recommender:
-    """Train method ``name`` (one of :data:`METHODS`) on ``train`` (consecutive repeats collapsed;
-    the neighbourhood methods take each session's last-play time as its recency).
+    """Train batch method ``name`` (one of :data:`METHODS` not in :data:`STREAMING`) on ``train``
+    (consecutive repeats collapsed; the neighbourhood methods take each session's last-play time
+    as its recency).
 
     Raises:
         EvaluationError: ``name`` is not in :data:`METHODS`.
@@ -352,16 +468,32 @@ def run_evaluation(
     known = frozenset(t for s in train for t in s.items)
     if set_total:
         set_total(count_targets(sequences) * len(methods))
-    return [
-        evaluate(
-            name,
-            fit_method(name, train),
-            sequences,
-            known,
-            cutoff,
-            advance=advance,
-            clock=clock,
-            exclude_context=exclude_context,
-        )
-        for name in methods
-    ]
+    out = []
+    for name in methods:
+        if name in STREAMING:
+            weights, update = STREAMING[name]
+            result = evaluate_streaming(
+                name,
+                SessionModel(weights=weights),
+                train,
+                test,
+                known,
+                cutoff,
+                update=update,
+                advance=advance,
+                clock=clock,
+                exclude_context=exclude_context,
+            )
+        else:
+            result = evaluate(
+                name,
+                fit_method(name, train),
+                sequences,
+                known,
+                cutoff,
+                advance=advance,
+                clock=clock,
+                exclude_context=exclude_context,
+            )
+        out.append(result)
+    return out

@@ -1,0 +1,228 @@
+"""The streaming next-track model: sequence-aware co-occurrence, updated one listen at a time.
+
+A list for a user's open session is the weighted sum of three max-normalised scores over tracks
+(each divided by its largest value, so each lies in (0, 1]):
+
+* **rules** — sequential rules from the session's LAST track: ``b`` after ``a`` in one session,
+  ``d`` plays later (``1 <= d <= rule_steps``, default 10), adds ``1 / d`` to the rule
+  ``a -> b`` (the "div" weighting and 10 steps of SR, Ludewig & Jannach, "Evaluation of
+  session-based recommendation algorithms", UMUAI 28, 2018, and session-rec's ``sr.py``; unlike
+  SR nothing is pruned, so an update never has to revisit old rules);
+* **context** — the session context: the symmetric co-occurrence within ``window`` (default 5)
+  plays, also weighted ``1 / d``, cosine-normalised by play counts, summed over the last
+  ``history`` (10) plays of the context, the i-th most recent weighted ``decay ** (i - 1)``
+  (``decay`` 0.5): the ``item-to-item`` model of :mod:`personalisation.cooccurrence`;
+* **personal** — the user's own transitions: how often this user played ``b`` right after the
+  context's last track, in any earlier session.
+
+``score = rules + context + 0.5 * personal`` (:data:`WEIGHTS`). The window, steps, history,
+decay and weights were chosen on the 30Music windows test0–test1 → test2 and are reported on
+test3 (``docs/evaluation.md``).
+
+**Incremental.** :meth:`SessionModel.observe` folds one listen in ``O(rule_steps)`` dictionary
+updates, whatever the model's size: no recompute, no matrix rebuild. Sessions are cut as in
+:mod:`personalisation.streaming` (a listen more than ``gap_ms`` after the user's latest one
+opens a new session; a replay of the session's previous track is collapsed into it). Weights are
+kept as whole numbers of ``1 / lcm(1..rule_steps)`` (2,520 for 10 steps), so sums are exact
+integers: the state does not depend on the order of additions or on restarts.
+
+**No leakage.** The model holds only what was observed: a list asked for before a listen is
+observed cannot depend on it (:func:`personalisation.evaluation.evaluate_streaming` asks for
+each list before observing the listen it predicts).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from personalisation.streaming import GAP_MS
+
+#: Sequential-rule span and co-occurrence window, in plays.
+RULE_STEPS = 10
+WINDOW = 5
+#: Context plays a list is built from, and the weight ratio between consecutive ones.
+HISTORY = 10
+DECAY = 0.5
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Weights of the three max-normalised scores in a list (``rules``, ``context``,
+    ``personal``; each >= 0)."""
+
+    rules: float = 1.0
+    context: float = 1.0
+    personal: float = 0.5
+
+
+#: The weights of the reported model.
+WEIGHTS = Weights()
+
+
+@dataclass
+class _Open:
+    """A user's open session: event time of the latest listen (ms) and its last plays."""
+
+    last_ms: int
+    plays: list[str] = field(default_factory=list)
+
+
+class SessionModel:
+    """Sequence-aware co-occurrence over track ids, updated per listen (module docstring).
+
+    State (all plain dicts; weights are ints in units of ``1 / unit``):
+    ``rules[a][b]`` (``b`` after ``a``, within ``rule_steps``), ``near[a][b]`` (symmetric, within
+    ``window``), ``plays[t]`` (plays, replays collapsed), ``transitions[user][a][b]`` (``b``
+    directly after ``a`` in the user's sessions) and each user's open session.
+
+    Raises:
+        ValueError: ``window`` > ``rule_steps``, a size < 1, ``gap_ms`` < 1 or ``decay``
+            outside (0, 1].
+    """
+
+    def __init__(
+        self,
+        *,
+        rule_steps: int = RULE_STEPS,
+        window: int = WINDOW,
+        history: int = HISTORY,
+        decay: float = DECAY,
+        weights: Weights = WEIGHTS,
+        gap_ms: int = GAP_MS,
+    ) -> None:
+        if min(rule_steps, window, history, gap_ms) < 1 or window > rule_steps or not 0 < decay <= 1:
+            raise ValueError(
+                "need 1 <= window <= rule_steps, history >= 1, gap_ms >= 1 and 0 < decay <= 1; got "
+                f"window={window}, rule_steps={rule_steps}, history={history}, gap_ms={gap_ms}, decay={decay}"
+            )
+        self.rule_steps = rule_steps
+        self.window = window
+        self.history = history
+        self.decay = decay
+        self.weights = weights
+        self.gap_ms = gap_ms
+        self.unit = math.lcm(*range(1, rule_steps + 1))
+        self._steps = [self.unit // d for d in range(1, rule_steps + 1)]
+        self.rules: dict[str, dict[str, int]] = {}
+        self.near: dict[str, dict[str, int]] = {}
+        self.plays: dict[str, int] = {}
+        self.transitions: dict[str, dict[str, dict[str, int]]] = {}
+        self.open: dict[str, _Open] = {}
+        self.listens = 0
+
+    # -- updates -----------------------------------------------------------------------------------
+    def observe(self, user: str, track: str, at_ms: int) -> bool:
+        """Fold one listen (``at_ms``: event time, ms since the epoch) into the model; returns
+        ``False`` for a replay (collapsed: it only extends the session in time), else ``True``.
+        Listens of one user are expected in arrival order; a late one (earlier than the user's
+        latest) joins the open session."""
+        self.listens += 1
+        s = self.open.get(user)
+        if s is None or at_ms - s.last_ms > self.gap_ms:
+            s = self.open[user] = _Open(at_ms if s is None else max(at_ms, s.last_ms))
+        s.last_ms = max(s.last_ms, at_ms)
+        plays = s.plays
+        if plays and plays[-1] == track:
+            return False
+        rules, near, steps, window = self.rules, self.near, self._steps, self.window
+        for d, earlier in enumerate(reversed(plays), start=1):
+            if earlier == track:
+                continue
+            w = steps[d - 1]
+            row = rules.setdefault(earlier, {})
+            row[track] = row.get(track, 0) + w
+            if d <= window:
+                for a, b in ((earlier, track), (track, earlier)):
+                    row = near.setdefault(a, {})
+                    row[b] = row.get(b, 0) + w
+        if plays:
+            mine = self.transitions.setdefault(user, {}).setdefault(plays[-1], {})
+            mine[track] = mine.get(track, 0) + 1
+        plays.append(track)
+        if len(plays) > self.rule_steps:
+            del plays[0]
+        self.plays[track] = self.plays.get(track, 0) + 1
+        return True
+
+    def observe_all(self, listens: Iterable[tuple[str, str, int]]) -> int:
+        """:meth:`observe` each ``(user_id, track_id, at_ms)`` in order; returns how many."""
+        n = 0
+        for user, track, at in listens:
+            self.observe(user, track, at)
+            n += 1
+        return n
+
+    # -- lists -------------------------------------------------------------------------------------
+    def session(self, user: str) -> tuple[str, ...]:
+        """The user's open session's last plays (at most ``rule_steps``), oldest first."""
+        s = self.open.get(user)
+        return tuple(s.plays) if s else ()
+
+    def scores(self, user: str, context: Sequence[str]) -> dict[str, float]:
+        """``{track: score}`` (score > 0) for ``user`` whose session so far is ``context`` (track
+        ids in play order; consecutive repeats are harmless): the weighted sum of the module
+        docstring. Empty when the context has no known track."""
+        if not context:
+            return {}
+        last = context[-1]
+        w = self.weights
+        out: dict[str, float] = {}
+        _add_normalised(out, self.rules.get(last, {}), w.rules)
+        _add_normalised(out, self._context(context), w.context)
+        _add_normalised(out, self.transitions.get(user, {}).get(last, {}), w.personal)
+        return out
+
+    def _context(self, context: Sequence[str]) -> dict[str, float]:
+        plays = self.plays
+        recent: list[str] = []
+        for t in reversed(context):  # the last `history` plays, replays collapsed
+            if not recent or recent[-1] != t:
+                recent.append(t)
+                if len(recent) == self.history:
+                    break
+        acc: dict[str, float] = {}
+        for i, a in enumerate(recent):
+            row = self.near.get(a)
+            if not row:
+                continue
+            wa = self.decay**i / math.sqrt(plays[a])
+            for b, v in row.items():
+                acc[b] = acc.get(b, 0.0) + wa * v / math.sqrt(plays[b])
+        return acc
+
+    def recommend(
+        self, user: str, context: Sequence[str], n: int = 20, exclude: Iterable[str] = ()
+    ) -> list[tuple[str, float]]:
+        """The ``n`` best ``(track_id, score)`` for ``user`` with session ``context``, best
+        first, ties by track id, without the tracks in ``exclude``; fewer when fewer tracks score."""
+        scores = self.scores(user, context)
+        for t in exclude:
+            scores.pop(t, None)
+        return heapq.nsmallest(n, scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def size(self) -> int:
+        """Stored weights: rules + co-occurrence entries + personal transitions (the model's size
+        in entries, what an update's cost is measured against)."""
+        return (
+            sum(len(r) for r in self.rules.values())
+            + sum(len(r) for r in self.near.values())
+            + sum(len(r) for u in self.transitions.values() for r in u.values())
+        )
+
+
+def _add_normalised(out: dict[str, float], scores: dict[str, int] | dict[str, float], weight: float) -> None:
+    """``out[k] += weight * v / max(v)`` for every ``k, v`` of ``scores`` (nothing when empty)."""
+    if not scores or weight == 0:
+        return
+    top = max(scores.values())
+    if top <= 0:
+        return
+    f = weight / top
+    for k, v in scores.items():
+        out[k] = out.get(k, 0.0) + f * v
+
+
+__all__ = ["DECAY", "HISTORY", "RULE_STEPS", "WEIGHTS", "WINDOW", "SessionModel", "Weights"]
