@@ -84,9 +84,10 @@ def recommend(
 
     Reads the 'recommendations' read model, which 'backbeat project' keeps up to date from
     playback.listens. The user's variant in experiment made-for-you-v1 decides the model:
-    'control' gets the most played tracks, 'item2item' the session co-occurrence model
-    (backfilled with popular tracks). 30Music ids have no names: they are mapped onto the Spotify
-    catalog deterministically, so the names are illustrative (import the catalog to see them).
+    'control' gets the most played tracks, 'streaming' the streaming next-track model for the
+    user's current session (backfilled with popular tracks). 30Music ids have no names: they are
+    mapped onto the Spotify catalog deterministically, so the names are illustrative (import the
+    catalog to see them).
     Tracks that may not be played in the territory now (track_availability: withdrawn, or no
     licence in force) are left out, whenever the list was computed."""
     from infra.console import console, err_console, table

@@ -202,7 +202,7 @@ ORDER BY trending_score DESC, plays DESC, track_id LIMIT 10
 
 MOST_ACTIVE_USER = """
 SELECT user_id FROM listens JOIN experiment_assignments USING (user_id)
-WHERE variant = 'item2item' GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1
+WHERE variant = 'streaming' GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1
 """
 
 EXPLORE = [

@@ -1,5 +1,6 @@
-"""Item-to-item co-occurrence within sessions, as a ``scipy.sparse`` matrix: the model behind
-"Made for You" and ``backbeat recommend``.
+"""Item-to-item co-occurrence within sessions, as a ``scipy.sparse`` matrix: the ``item-to-item``
+method of the offline evaluation (the model "Made for You" served before the streaming model of
+:mod:`personalisation.session_model`, whose session-context score is this same definition).
 
 Two tracks co-occur when they are played in the same session at most ``window`` positions
 apart (:func:`session_pairs`); each such ordered pair adds its weight to ``C[a, b]`` and
@@ -14,11 +15,9 @@ the rows of the last ``HISTORY`` tracks of its history, the i-th most recent wei
 ``DECAY ** (i - 1)``. Pair weight and decay were chosen on the 30Music windows test0–test1 →
 test2 and are reported on test3 (``docs/evaluation.md``).
 
-The same definition serves the offline evaluation (:mod:`personalisation.evaluation`) and the
-streaming read model (:mod:`projections.recommendations`), which keeps the counts in DuckDB and
-rebuilds this model from them with :meth:`CooccurrenceModel.from_counts`: counts of
-:func:`session_pairs` there equal :meth:`CooccurrenceModel.add_sessions` of an unweighted model,
-summed weights of :func:`session_pair_weights` that of a distance-weighted one.
+Counts of :func:`session_pairs` given to :meth:`CooccurrenceModel.from_counts` equal
+:meth:`CooccurrenceModel.add_sessions` of an unweighted model, summed weights of
+:func:`session_pair_weights` that of a distance-weighted one.
 """
 
 from __future__ import annotations

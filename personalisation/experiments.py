@@ -12,7 +12,9 @@ The version is hashed too: changing the weights needs a new version, which re-ra
 user (no carry-over between allocations). The modulo bias of 2**64 mod 10000 is below 1e-15.
 
 ``MADE_FOR_YOU`` is the recommendation experiment the ``recommendations`` read model runs:
-``control`` gets the most-popular list, ``item2item`` the co-occurrence model's, 50/50.
+``control`` gets the most-popular list, ``streaming`` the streaming model's
+(:mod:`personalisation.session_model`), 50/50. Version 1 served the item-to-item co-occurrence
+model as ``item2item``; the change of model made version 2, so every user is randomised anew.
 """
 
 from __future__ import annotations
@@ -136,20 +138,20 @@ def shares(assignments: Mapping[str, Assignment]) -> dict[str, float]:
 
 #: Model names of the variants' lists (stored with each list).
 POPULAR_MODEL = "most-popular-v1"
-ITEM2ITEM_MODEL = "item2item-cooc-v2"
+STREAMING_MODEL = "session-seq-cooc-v3"
 
-#: "Made for You": most-popular (control) against item-to-item co-occurrence, 50/50.
+#: "Made for You": most-popular (control) against the streaming model, 50/50 (version 2).
 MADE_FOR_YOU = Experiment(
     "made-for-you-v1",
-    1,
-    (Variant("control", 5000, POPULAR_MODEL), Variant("item2item", 5000, ITEM2ITEM_MODEL)),
+    2,
+    (Variant("control", 5000, POPULAR_MODEL), Variant("streaming", 5000, STREAMING_MODEL)),
 )
 
 __all__ = [
     "BUCKETS",
-    "ITEM2ITEM_MODEL",
     "MADE_FOR_YOU",
     "POPULAR_MODEL",
+    "STREAMING_MODEL",
     "Assignment",
     "Experiment",
     "Variant",

@@ -46,6 +46,8 @@ WINDOW = 5
 #: Context plays a list is built from, and the weight ratio between consecutive ones.
 HISTORY = 10
 DECAY = 0.5
+#: Most played tracks kept up to date per listen (:meth:`SessionModel.popular`).
+POPULAR = 30
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,29 @@ WEIGHTS = Weights()
 
 
 @dataclass
-class _Open:
-    """A user's open session: event time of the latest listen (ms) and its last plays."""
+class OpenSession:
+    """A user's state between listens: ``first_ms``/``last_ms`` the earliest and latest event time
+    seen (ms since the epoch, UTC), ``plays`` the last ``rule_steps`` plays of the open session
+    (oldest first, replays collapsed), ``listens`` (replays included) and ``sessions`` counted so
+    far."""
 
+    first_ms: int
     last_ms: int
     plays: list[str] = field(default_factory=list)
+    listens: int = 0
+    sessions: int = 0
+
+
+@dataclass
+class Changes:
+    """What :meth:`SessionModel.observe` touched since the last :meth:`SessionModel.take_changes`:
+    ``pairs`` (``(a, b)`` of ``rules`` or ``near``), ``tracks`` (of ``plays``), ``transitions``
+    (``(user, a, b)``) and ``users`` (of ``open``): the rows a store has to rewrite."""
+
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    tracks: set[str] = field(default_factory=set)
+    transitions: set[tuple[str, str, str]] = field(default_factory=set)
+    users: set[str] = field(default_factory=set)
 
 
 class SessionModel:
@@ -110,8 +130,17 @@ class SessionModel:
         self.near: dict[str, dict[str, int]] = {}
         self.plays: dict[str, int] = {}
         self.transitions: dict[str, dict[str, dict[str, int]]] = {}
-        self.open: dict[str, _Open] = {}
+        self.open: dict[str, OpenSession] = {}
         self.listens = 0
+        self.changes = Changes()
+        self._played = 0  # all plays, replays collapsed
+        self._top: dict[str, int] = {}  # the POPULAR most played, kept per listen
+        self._weakest: str | None = None  # cached weakest member of _top
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call (:class:`Changes`), and start a new record."""
+        out, self.changes = self.changes, Changes()
+        return out
 
     # -- updates -----------------------------------------------------------------------------------
     def observe(self, user: str, track: str, at_ms: int) -> bool:
@@ -120,10 +149,17 @@ class SessionModel:
         Listens of one user are expected in arrival order; a late one (earlier than the user's
         latest) joins the open session."""
         self.listens += 1
+        changes = self.changes
+        changes.users.add(user)
         s = self.open.get(user)
-        if s is None or at_ms - s.last_ms > self.gap_ms:
-            s = self.open[user] = _Open(at_ms if s is None else max(at_ms, s.last_ms))
+        if s is None:
+            s = self.open[user] = OpenSession(at_ms, at_ms)
+        if at_ms - s.last_ms > self.gap_ms or not s.listens:
+            s.plays = []
+            s.sessions += 1
+        s.first_ms = min(s.first_ms, at_ms)
         s.last_ms = max(s.last_ms, at_ms)
+        s.listens += 1
         plays = s.plays
         if plays and plays[-1] == track:
             return False
@@ -134,18 +170,53 @@ class SessionModel:
             w = steps[d - 1]
             row = rules.setdefault(earlier, {})
             row[track] = row.get(track, 0) + w
+            changes.pairs.add((earlier, track))
             if d <= window:
                 for a, b in ((earlier, track), (track, earlier)):
                     row = near.setdefault(a, {})
                     row[b] = row.get(b, 0) + w
+                changes.pairs.add((track, earlier))
         if plays:
             mine = self.transitions.setdefault(user, {}).setdefault(plays[-1], {})
             mine[track] = mine.get(track, 0) + 1
+            changes.transitions.add((user, plays[-1], track))
         plays.append(track)
         if len(plays) > self.rule_steps:
             del plays[0]
         self.plays[track] = self.plays.get(track, 0) + 1
+        self._played += 1
+        changes.tracks.add(track)
+        self._bump(track)
         return True
+
+    def _bump(self, track: str) -> None:
+        """Keep ``_top`` the :data:`POPULAR` most played (more plays first, then the smaller id):
+        plays only grow, so a track can only enter by passing the weakest member, which it then
+        replaces."""
+        top, plays = self._top, self.plays[track]
+        if track in top:
+            top[track] = plays
+            if self._weakest == track:
+                self._weakest = None
+            return
+        if len(top) < POPULAR:
+            top[track] = plays
+            self._weakest = None
+            return
+        weakest = self._weakest
+        if weakest is None:
+            weakest = self._weakest = min(top, key=lambda t: (top[t], _Reversed(t)))
+        if plays > top[weakest] or (plays == top[weakest] and track < weakest):
+            del top[weakest]
+            top[track] = plays
+            self._weakest = None
+
+    def rebuild_popular(self) -> None:
+        """Recompute the most-played list and the play total from ``plays`` (after setting
+        ``plays`` directly, as a load from a store does)."""
+        self._top = dict(heapq.nsmallest(POPULAR, self.plays.items(), key=lambda kv: (-kv[1], kv[0])))
+        self._weakest = None
+        self._played = sum(self.plays.values())
 
     def observe_all(self, listens: Iterable[tuple[str, str, int]]) -> int:
         """:meth:`observe` each ``(user_id, track_id, at_ms)`` in order; returns how many."""
@@ -203,6 +274,14 @@ class SessionModel:
             scores.pop(t, None)
         return heapq.nsmallest(n, scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
+    def popular(self, n: int = POPULAR) -> list[tuple[str, float]]:
+        """The ``n`` most played tracks as ``(track_id, share of all plays)``, most played first,
+        ties by track id (the control arm's list and the backfill of short lists): from the list
+        kept up to date per listen when ``n`` <= :data:`POPULAR` (O(POPULAR)), else a full sort."""
+        source = self._top if n <= POPULAR else self.plays
+        top = heapq.nsmallest(n, source.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(t, c / self._played) for t, c in top]
+
     def size(self) -> int:
         """Stored weights: rules + co-occurrence entries + personal transitions (the model's size
         in entries, what an update's cost is measured against)."""
@@ -211,6 +290,15 @@ class SessionModel:
             + sum(len(r) for r in self.near.values())
             + sum(len(r) for u in self.transitions.values() for r in u.values())
         )
+
+
+class _Reversed(str):
+    """A str that orders in reverse: the key of the weakest of equal plays (the larger id)."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: str) -> bool:
+        return str.__gt__(self, other)
 
 
 def _add_normalised(out: dict[str, float], scores: dict[str, int] | dict[str, float], weight: float) -> None:
@@ -225,4 +313,15 @@ def _add_normalised(out: dict[str, float], scores: dict[str, int] | dict[str, fl
         out[k] = out.get(k, 0.0) + f * v
 
 
-__all__ = ["DECAY", "HISTORY", "RULE_STEPS", "WEIGHTS", "WINDOW", "SessionModel", "Weights"]
+__all__ = [
+    "DECAY",
+    "HISTORY",
+    "POPULAR",
+    "RULE_STEPS",
+    "WEIGHTS",
+    "WINDOW",
+    "Changes",
+    "OpenSession",
+    "SessionModel",
+    "Weights",
+]

@@ -2,59 +2,56 @@
 ``playback.listens`` by the projection runner, exactly once, with the A/B experiment
 :data:`personalisation.experiments.MADE_FOR_YOU` deciding which model serves each user.
 
+The model is the streaming recommender :class:`personalisation.session_model.SessionModel`
+(sequence-aware co-occurrence; the ``streaming`` row of ``docs/evaluation.md``), held in memory
+and in the state tables ``item_pairs`` (rule and co-occurrence weights, whole numbers of
+``1 / 2520``), ``item_plays``, ``user_transitions`` and ``recommendation_context`` (each user's
+open session).
+
 Per batch, in ONE DuckDB transaction together with the consumed offsets
 (:func:`projections.tracking.save_offsets`):
 
 1. drop records below the stored offsets (redelivered) and listens whose ``event_id`` was
    applied before (``recommendation_seen``; a re-import or a retried producer), keeping the first
    by (partition, offset);
-2. fold the listens, per user in offset order, into each user's open-session context
-   (``recommendation_context``: latest event time, the last plays of the open session, the last
-   10 plays) with :func:`personalisation.streaming.advance` (the 30-minute gap rule,
-   ``Settings.session_gap_ms``; a replay of the previous track of the session is collapsed into
-   it), and add the pair-weight and play deltas to ``item_pairs`` (summed ``1 / distance``) and
-   ``item_plays`` and to the in-memory :class:`~personalisation.cooccurrence.CooccurrenceModel`
-   (built from those tables by :func:`served_model` at the first batch of a run, and again when
-   the stored offsets are not the ones the writer last committed: a replay switched the tables);
+2. fold the listens into the model ONE AT A TIME, each user's in offset order, the users merged
+   by event time (ties: partition, offset); right after a user's last listen of the batch, the
+   user's list is made from the model as it stands then (:meth:`SessionModel.recommend` for the
+   user's open session, without its tracks, backfilled with the most played so far; the control
+   arm gets the most played alone): a list never depends on a listen of its batch with a later
+   event time (``docs/recommendations.md``);
 3. assign the users of the batch to the experiment (a new user gets a row in
    ``experiment_assignments`` and an ``ExperimentAssigned`` event, id deterministic per user,
-   experiment and version);
-4. recompute the top-20 list of every user of the batch — ``control``: the most played tracks,
-   ``item2item``: the co-occurrence model's list for the user's last 10 tracks, backfilled with the
-   most played — skipping the user's last 10 tracks; replace their rows in ``recommendations``,
-   append each new list to ``recommendation_history``, and emit one ``RecommendationsGenerated``
-   per list (event id = list id, a hash of the list);
+   experiment and version); ``control`` users get the most-played list instead;
+4. rewrite the state rows the batch changed (:meth:`SessionModel.take_changes`), replace the
+   batch users' rows in ``recommendations``, append each new list to
+   ``recommendation_history``, and emit one ``RecommendationsGenerated`` per list (event id =
+   list id, a hash of the list);
 5. flush the events to Kafka, then commit.
 
 Failure semantics: a crash before the commit leaves nothing in DuckDB (the in-memory model is
-dropped and rebuilt from the tables), and the batch is read again; events already flushed are
+dropped and loaded again from the tables), and the batch is read again; events already flushed are
 then sent again (at-least-once delivery with deterministic ids: consumers de-duplicate by
 ``event_id``). ``ExperimentAssigned`` comes back with the same id; a list comes back with the same
 id when the retried batch ends where the first one did, else it is another list (the first one's
 event then has no ``recommendation_history`` row). A crash after the commit loses nothing. So the
-tables are exactly-once, the events at-least-once. A list is generated from the model as it
-stands at the end of the batch, so lists (unlike the pair weights, plays and contexts) depend on
-where batches ended; ``generated_at`` is event time: the user's latest listen the list accounts
-for.
-
-The model served is the offline evaluation's ``item-to-item``
-(:func:`personalisation.evaluation.fit_method`; ``docs/evaluation.md``): window 5, pairs
-weighted ``1 / distance``, consecutive repeats collapsed, history of 10 with decay 0.5, trained on
-the sessions cut here. Weight sums are kept on the exact ``1 / 60`` grid
-(:func:`personalisation.streaming.snap_weights`), in ``item_pairs`` and in memory alike, so the
-tables and lists do not depend on where batches ended or whether the run restarted.
+tables are exactly-once, the events at-least-once. The state tables do not depend on where
+batches ended (each user's listens are folded in offset order and weights are integers); which
+lists exist does (one per user per batch), and ``generated_at`` is event time: the user's latest
+listen the list accounts for.
 
 :func:`projections.tracking.reset` with ``["recommendations"]`` drops the ``recommendations``
 table and its offsets; the next run finds no offsets and empties the other tables here too, so
 the whole model is rebuilt from offset 0 (its state tables are dropped and created again, so a
-file written by an older version of this read model gets the current layout). A file from
-version 1 (integer pair counts, replays not collapsed) is refused at start with the reset command
-to run (:func:`projections.tracking.ensure_tables`).
+file written by an older version of this read model gets the current layout). A file from an
+older version is refused at start with the reset command to run
+(:func:`projections.tracking.ensure_tables`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,25 +65,17 @@ import pyarrow as pa
 from events.producer import EventProducer
 from infra.errors import BackbeatError, ConfigError
 from infra.settings import Settings
-from personalisation.cooccurrence import HISTORY, WINDOW, CooccurrenceModel
 from personalisation.experiments import (
-    ITEM2ITEM_MODEL,
     MADE_FOR_YOU,
     POPULAR_MODEL,
+    STREAMING_MODEL,
     Assignment,
     Experiment,
     assign,
     assignment_event_id,
 )
-from personalisation.streaming import (
-    ListItem,
-    UserContext,
-    advance,
-    assemble,
-    most_played,
-    snap_weights,
-    weight_unit,
-)
+from personalisation.session_model import Changes, OpenSession, SessionModel
+from personalisation.streaming import ListItem, assemble
 from projections.apply import Applied
 from projections.availability import resolve_territory, unavailable, user_territory
 from projections.decoding import Prepared, Reject
@@ -113,12 +102,22 @@ EVENT_SOURCE = "/projections/recommendations"
 
 PAIRS_TABLE = "item_pairs"
 PLAYS_TABLE = "item_plays"
+TRANSITIONS_TABLE = "user_transitions"
 CONTEXT_TABLE = "recommendation_context"
 SEEN_TABLE = "recommendation_seen"
 ASSIGNMENTS_TABLE = "experiment_assignments"
 HISTORY_TABLE = "recommendation_history"
 #: The tables a reset or first run empties (all but bookkeeping).
-STATE_TABLES = (NAME, PAIRS_TABLE, PLAYS_TABLE, CONTEXT_TABLE, SEEN_TABLE, ASSIGNMENTS_TABLE, HISTORY_TABLE)
+STATE_TABLES = (
+    NAME,
+    PAIRS_TABLE,
+    PLAYS_TABLE,
+    TRANSITIONS_TABLE,
+    CONTEXT_TABLE,
+    SEEN_TABLE,
+    ASSIGNMENTS_TABLE,
+    HISTORY_TABLE,
+)
 
 _LIST_COLUMNS = """user_id VARCHAR NOT NULL, "rank" INTEGER NOT NULL, track_id VARCHAR NOT NULL,
   score DOUBLE NOT NULL, source VARCHAR NOT NULL, model VARCHAR NOT NULL,
@@ -131,15 +130,17 @@ RECOMMENDATIONS_DDL = f"""CREATE TABLE IF NOT EXISTS {NAME} (
 #: The state tables (created at every start after the ``recommendations`` table).
 STATE_DDL = (
     f"""CREATE TABLE IF NOT EXISTS {PAIRS_TABLE} (
-  track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, distance_weight DOUBLE NOT NULL,
-  PRIMARY KEY (track_a, track_b))""",
+  track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, rule_weight BIGINT NOT NULL,
+  near_weight BIGINT NOT NULL, PRIMARY KEY (track_a, track_b))""",
     f"""CREATE TABLE IF NOT EXISTS {PLAYS_TABLE} (
   track_id VARCHAR PRIMARY KEY, artist_id VARCHAR NOT NULL, track_name VARCHAR, artist_name VARCHAR,
   plays BIGINT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS {TRANSITIONS_TABLE} (
+  user_id VARCHAR NOT NULL, track_a VARCHAR NOT NULL, track_b VARCHAR NOT NULL, plays BIGINT NOT NULL,
+  PRIMARY KEY (user_id, track_a, track_b))""",
     f"""CREATE TABLE IF NOT EXISTS {CONTEXT_TABLE} (
   user_id VARCHAR PRIMARY KEY, first_at TIMESTAMP NOT NULL, last_at TIMESTAMP NOT NULL,
-  session_tracks VARCHAR[] NOT NULL, recent_tracks VARCHAR[] NOT NULL, listens BIGINT NOT NULL,
-  sessions BIGINT NOT NULL)""",
+  session_tracks VARCHAR[] NOT NULL, listens BIGINT NOT NULL, sessions BIGINT NOT NULL)""",
     f"CREATE TABLE IF NOT EXISTS {SEEN_TABLE} (event_id VARCHAR NOT NULL)",
     f"""CREATE TABLE IF NOT EXISTS {ASSIGNMENTS_TABLE} (
   user_id VARCHAR NOT NULL, experiment_id VARCHAR NOT NULL, experiment_version INTEGER NOT NULL,
@@ -165,11 +166,12 @@ class StatefulProjection(Projection):
 
 _S, _T = pa.string(), pa.timestamp("ms")
 
-#: Version 2: ``item_pairs.distance_weight`` (summed 1/distance, DOUBLE) replaced version 1's
-#: integer ``count``, and replays are collapsed; a version-1 file must be reset and rebuilt.
+#: Version 3: the streaming model's state (``item_pairs`` with integer ``rule_weight`` and
+#: ``near_weight``, ``user_transitions``, the open session in ``recommendation_context``) replaced
+#: version 2's summed 1/distance pair weights; an older file must be reset and rebuilt.
 RECOMMENDATIONS = StatefulProjection(
     name=NAME,
-    version=2,
+    version=3,
     topic="playback.listens",
     event_type="backbeat.playback.ListenRecorded",
     columns=(
@@ -193,7 +195,6 @@ _CONTEXT_SCHEMA = pa.schema(
         ("first_at", _T),
         ("last_at", _T),
         ("session_tracks", pa.list_(pa.string())),
-        ("recent_tracks", pa.list_(pa.string())),
         ("listens", pa.int64()),
         ("sessions", pa.int64()),
     ]
@@ -216,7 +217,7 @@ _LIST_SCHEMA = pa.schema(
 )
 #: The batch's users, registered for the length of a batch.
 _USERS = "bb_rec_users"
-_REASONS = {"cooccurrence": "often played in sessions with your recent tracks", "popular": "popular"}
+_REASONS = {"cooccurrence": "often played after the tracks of your session", "popular": "popular"}
 
 
 def list_id(
@@ -263,10 +264,10 @@ class RecommendationsWriter:
         producer: EventProducer | None = None,
     ) -> None:
         for v in experiment.variants:
-            if v.model not in (POPULAR_MODEL, ITEM2ITEM_MODEL):
+            if v.model not in (POPULAR_MODEL, STREAMING_MODEL):
                 raise ConfigError(
                     f"variant {v.name!r} of {experiment.experiment_id!r} names model {v.model!r}; the "
-                    f"recommendations read model serves {POPULAR_MODEL!r} and {ITEM2ITEM_MODEL!r}"
+                    f"recommendations read model serves {POPULAR_MODEL!r} and {STREAMING_MODEL!r}"
                 )
         self.settings = settings
         self.experiment = experiment
@@ -274,16 +275,16 @@ class RecommendationsWriter:
         self.experiments_topic = experiments_topic
         self.recommendations_topic = recommendations_topic
         self._producer = producer
-        self._model: CooccurrenceModel | None = None
+        self._model: SessionModel | None = None
         #: the offsets this writer last committed: other ones at a batch's start mean the tables
         #: were replaced under it (a replay's switch, a reset), so the model is loaded again
         self._committed: dict[tuple[str, int], int] | None = None
 
     @property
-    def model(self) -> CooccurrenceModel | None:
-        """The in-memory model the lists are made from, as of the last committed batch (equal, bit
-        for bit, to :func:`served_model` of ``item_pairs``/``item_plays``); ``None`` before the
-        first batch of a run and after a failed one. Do not modify it."""
+    def model(self) -> SessionModel | None:
+        """The in-memory model the lists are made from, as of the last committed batch (equal to
+        :func:`load_model` of the state tables); ``None`` before the first batch of a run and after
+        a failed one. Do not modify it."""
         return self._model
 
     # -- the batch transaction -------------------------------------------------------------------
@@ -351,36 +352,50 @@ class RecommendationsWriter:
     def _fold(self, conn: duckdb.DuckDBPyConnection, new: pa.Table) -> int:
         model = self._model
         assert model is not None
-        listens = zip(
-            new["user_id"].to_pylist(),
-            new["track_id"].to_pylist(),
-            new["occurred_at"].cast(pa.int64()).to_pylist(),
-            strict=True,
-        )
-        delta = advance(
-            _load_contexts(conn),
-            listens,
-            gap_ms=self.settings.session_gap_ms,
-            window=model.window,
-            history=HISTORY,
-        )
-        a, b, weights = delta.pair_arrays()
-        played, plays = delta.play_arrays()
-        _upsert_pairs(conn, a, b, weights, model.window)
-        _upsert_plays(conn, new, played, plays)
-        _save_contexts(conn, delta.contexts)
-        model.add_counts(a, b, weights, played, plays)
-        # the in-memory sums on the same exact grid as item_pairs (so a restart changes nothing)
-        model.counts.data = snap_weights(model.counts.data, model.window)
-        assignments = self._assign(conn, delta.contexts)
-        self._generate(conn, delta.contexts, assignments)
-        return delta.listens
+        popular_n = self.top_n + model.rule_steps
+        users = new["user_id"].to_pylist()
+        tracks = new["track_id"].to_pylist()
+        times = new["occurred_at"].cast(pa.int64()).to_pylist()
+        queues: dict[str, list[int]] = {}
+        for k, user in enumerate(users):  # rows are in (partition, offset) order
+            queues.setdefault(user, []).append(k)
+        assignments = {u: assign(u, self.experiment) for u in queues}
+        # merge the users' queues by event time (ties: the row order): each user's listens stay in
+        # offset order, and a user's list is made right after the user's last listen of the batch
+        heap = [(times[q[0]], q[0], u) for u, q in queues.items()]
+        heapq.heapify(heap)
+        pos = dict.fromkeys(queues, 0)
+        lists: dict[str, tuple[int, list[ListItem]]] = {}
+        while heap:
+            _, k, user = heapq.heappop(heap)
+            model.observe(user, tracks[k], times[k])
+            pos[user] += 1
+            q = queues[user]
+            if pos[user] < len(q):
+                nxt = q[pos[user]]
+                heapq.heappush(heap, (times[nxt], nxt, user))
+                continue
+            session = model.session(user)
+            popular = model.popular(popular_n)
+            primary: list[tuple[str, float]] = []
+            if self.experiment.variant(assignments[user].variant).model == STREAMING_MODEL:
+                primary = model.recommend(user, session, self.top_n, exclude=session)
+            lists[user] = (model.open[user].last_ms, assemble(primary, popular, self.top_n, exclude=session))
+        changes = model.take_changes()
+        _save_state(conn, model, changes, new)
+        self._assign(conn, {u: model.open[u] for u in queues}, assignments)
+        self._generate(conn, lists, assignments)
+        return new.num_rows
 
     # -- experiment ------------------------------------------------------------------------------
     def _assign(
-        self, conn: duckdb.DuckDBPyConnection, contexts: Mapping[str, UserContext]
-    ) -> dict[str, Assignment]:
-        """Every batch user's assignment; new users get a row and an ``ExperimentAssigned``."""
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        contexts: Mapping[str, OpenSession],
+        out: Mapping[str, Assignment],
+    ) -> None:
+        """Record the assignments ``out`` of the batch's users that are new: a row and an
+        ``ExperimentAssigned`` each."""
         exp = self.experiment
         users = sorted(contexts)
         known = {
@@ -391,10 +406,9 @@ class RecommendationsWriter:
                 [exp.experiment_id, exp.version],
             ).fetchall()
         }
-        out = {u: assign(u, exp) for u in users}
         fresh = [u for u in users if u not in known]
         if not fresh:
-            return out
+            return
         events = [
             {
                 "event_id": assignment_event_id(u, exp),
@@ -420,33 +434,26 @@ class RecommendationsWriter:
         )
         _insert(conn, ASSIGNMENTS_TABLE, rows)
         self._send(self.experiments_topic, "ExperimentAssigned", events)
-        return out
 
     # -- lists -----------------------------------------------------------------------------------
     def _generate(
         self,
         conn: duckdb.DuckDBPyConnection,
-        contexts: Mapping[str, UserContext],
+        lists: Mapping[str, tuple[int, list[ListItem]]],
         assignments: Mapping[str, Assignment],
     ) -> None:
-        """Replace the lists of the batch's users; append new lists to the history; emit events."""
-        model = self._model
-        assert model is not None
-        popular = most_played(model.items, model.plays, self.top_n + HISTORY)
+        """Replace the lists of the batch's users (``lists``: user -> (generated_at ms, items));
+        append new lists to the history; emit events."""
         stamp = now_utc()
         cols: dict[str, list[Any]] = {f.name: [] for f in _LIST_SCHEMA}
         events: list[dict[str, Any]] = []
-        for user in sorted(contexts):
-            ctx, a = contexts[user], assignments[user]
+        for user in sorted(lists):
+            generated_ms, items = lists[user]
+            a = assignments[user]
             variant = self.experiment.variant(a.variant)
-            history = list(ctx.recent)
-            primary: list[tuple[str, float]] = []
-            if variant.model == ITEM2ITEM_MODEL:
-                primary = model.recommend(history, self.top_n, exclude=history)
-            items = assemble(primary, popular, self.top_n, exclude=history)
             if not items:
                 continue
-            lid = list_id(user, a, variant.model, ctx.last_ms, [i.track_id for i in items])
+            lid = list_id(user, a, variant.model, generated_ms, [i.track_id for i in items])
             for rank, item in enumerate(items, start=1):
                 for key, value in (
                     ("user_id", user),
@@ -458,12 +465,12 @@ class RecommendationsWriter:
                     ("experiment_id", a.experiment_id),
                     ("experiment_version", a.version),
                     ("variant", a.variant),
-                    ("generated_at", ctx.last_ms),
+                    ("generated_at", generated_ms),
                     ("list_id", lid),
                     ("computed_at", stamp),
                 ):
                     cols[key].append(value)
-            events.append(_list_event(user, a, variant.model, ctx.last_ms, lid, items))
+            events.append(_list_event(user, a, variant.model, generated_ms, lid, items))
         rows = pa.table({f.name: pa.array(cols[f.name], f.type) for f in _LIST_SCHEMA}, schema=_LIST_SCHEMA)
         conn.execute(f"DELETE FROM {NAME} WHERE user_id IN (SELECT user_id FROM {_USERS})")
         _insert(conn, NAME, rows)
@@ -521,20 +528,34 @@ def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None
         conn.unregister("bb_rec_rows")
 
 
-def served_model(
-    a: Sequence[str], b: Sequence[str], weights: np.ndarray, tracks: Sequence[str], plays: np.ndarray
-) -> CooccurrenceModel:
-    """The model the ``item2item`` variant serves, from stored sums: ``weights[k]`` (float64,
-    shape (n,)) the summed ``1 / distance`` of the unordered pair ``(a[k], b[k])``, ``plays[k]``
-    the plays of ``tracks[k]``. Window 5, ``distance_weighted``: the configuration of the offline
-    evaluation's ``item-to-item`` row (``docs/evaluation.md``), which it equals when given
-    the same sessions (tested)."""
-    return CooccurrenceModel.from_counts(a, b, weights, tracks, plays, window=WINDOW, distance_weighted=True)
+def load_model(conn: duckdb.DuckDBPyConnection) -> SessionModel:
+    """The streaming model from the state tables (``item_pairs``, ``item_plays``,
+    ``user_transitions``, ``recommendation_context``): equal to the one that wrote them."""
+    model = SessionModel()
+    pairs = conn.sql(f"SELECT track_a, track_b, rule_weight, near_weight FROM {PAIRS_TABLE}").to_arrow_table()
+    for a, b, rule, near in zip(*(pairs[c].to_pylist() for c in pairs.column_names), strict=True):
+        if rule:
+            model.rules.setdefault(a, {})[b] = rule
+        if near:
+            model.near.setdefault(a, {})[b] = near
+    model.plays = dict(conn.execute(f"SELECT track_id, plays FROM {PLAYS_TABLE} WHERE plays > 0").fetchall())
+    for user, a, b, n in conn.execute(
+        f"SELECT user_id, track_a, track_b, plays FROM {TRANSITIONS_TABLE}"
+    ).fetchall():
+        model.transitions.setdefault(user, {}).setdefault(a, {})[b] = n
+    for user, first, last, session, listens, sessions in conn.execute(
+        "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, listens, sessions "
+        f"FROM {CONTEXT_TABLE}"
+    ).fetchall():
+        model.open[user] = OpenSession(int(first), int(last), list(session), int(listens), int(sessions))
+        model.listens += int(listens)
+    model.rebuild_popular()
+    return model
 
 
-def _load_model(conn: duckdb.DuckDBPyConnection, *, fresh: bool) -> CooccurrenceModel:
-    """The model from ``item_pairs``/``item_plays``; with ``fresh`` (no stored offsets: a first run
-    or a reset) the state tables are dropped and created again (in the current layout) and the
+def _load_model(conn: duckdb.DuckDBPyConnection, *, fresh: bool) -> SessionModel:
+    """:func:`load_model`; with ``fresh`` (no stored offsets: a first run or a reset) the state
+    tables are first dropped and created again (in the current layout) and the
     ``recommendations`` table emptied, to be rebuilt from offset 0."""
     if fresh:
         for table in STATE_TABLES:
@@ -543,15 +564,91 @@ def _load_model(conn: duckdb.DuckDBPyConnection, *, fresh: bool) -> Cooccurrence
         for ddl in STATE_DDL:
             conn.execute(ddl)
         conn.execute(f"DELETE FROM {NAME}")
-    pairs = conn.sql(f"SELECT track_a, track_b, distance_weight FROM {PAIRS_TABLE}").to_arrow_table()
-    plays = conn.sql(f"SELECT track_id, plays FROM {PLAYS_TABLE}").to_arrow_table()
-    return served_model(
-        pairs["track_a"].to_pylist(),
-        pairs["track_b"].to_pylist(),
-        pairs["distance_weight"].to_numpy().astype(np.float64),
-        plays["track_id"].to_pylist(),
-        plays["plays"].to_numpy().astype(np.float64),
+    return load_model(conn)
+
+
+def _save_state(
+    conn: duckdb.DuckDBPyConnection, model: SessionModel, changes: Changes, new: pa.Table
+) -> None:
+    """Rewrite the state rows ``changes`` names with the model's current values (absolute, not
+    increments, so the tables equal the model whatever the batches); ``item_plays`` keeps the
+    first artist id and names seen for a track (from ``new``, the batch's listens)."""
+    pairs = sorted(changes.pairs)
+    _upsert(
+        conn,
+        PAIRS_TABLE,
+        pa.table(
+            {
+                "track_a": pa.array([a for a, _ in pairs], pa.string()),
+                "track_b": pa.array([b for _, b in pairs], pa.string()),
+                "rule_weight": pa.array([model.rules.get(a, {}).get(b, 0) for a, b in pairs], pa.int64()),
+                "near_weight": pa.array([model.near.get(a, {}).get(b, 0) for a, b in pairs], pa.int64()),
+            }
+        ),
     )
+    moves = sorted(changes.transitions)
+    _upsert(
+        conn,
+        TRANSITIONS_TABLE,
+        pa.table(
+            {
+                "user_id": pa.array([u for u, _, _ in moves], pa.string()),
+                "track_a": pa.array([a for _, a, _ in moves], pa.string()),
+                "track_b": pa.array([b for _, _, b in moves], pa.string()),
+                "plays": pa.array([model.transitions[u][a][b] for u, a, b in moves], pa.int64()),
+            }
+        ),
+    )
+    users = sorted(changes.users)
+    ctx = [model.open[u] for u in users]
+    _upsert(
+        conn,
+        CONTEXT_TABLE,
+        pa.table(
+            [
+                pa.array(users, pa.string()),
+                pa.array([c.first_ms for c in ctx], pa.int64()).cast(_T),
+                pa.array([c.last_ms for c in ctx], pa.int64()).cast(_T),
+                pa.array([list(c.plays) for c in ctx], pa.list_(pa.string())),
+                pa.array([c.listens for c in ctx], pa.int64()),
+                pa.array([c.sessions for c in ctx], pa.int64()),
+            ],
+            schema=_CONTEXT_SCHEMA,
+        ),
+    )
+    played = sorted(set(new["track_id"].to_pylist()))
+    conn.register("bb_rec_new", new)
+    conn.register(
+        "bb_rec_played",
+        pa.table(
+            {
+                "track_id": pa.array(played, pa.string()),
+                "plays": pa.array([model.plays.get(t, 0) for t in played], pa.int64()),
+            }
+        ),
+    )
+    try:
+        conn.execute(
+            f"INSERT INTO {PLAYS_TABLE} SELECT n.track_id, min(n.artist_id), min(n.track_name), "
+            "min(n.artist_name), any_value(p.plays) FROM bb_rec_new n JOIN bb_rec_played p USING (track_id) "
+            f"GROUP BY n.track_id ON CONFLICT (track_id) DO UPDATE SET plays = excluded.plays, "
+            f"track_name = coalesce({PLAYS_TABLE}.track_name, excluded.track_name), "
+            f"artist_name = coalesce({PLAYS_TABLE}.artist_name, excluded.artist_name)"
+        )
+    finally:
+        conn.unregister("bb_rec_played")
+        conn.unregister("bb_rec_new")
+
+
+def _upsert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    """``INSERT OR REPLACE`` ``rows`` (columns in the table's order) into ``table``."""
+    if rows.num_rows == 0:
+        return
+    conn.register("bb_rec_upsert", rows)
+    try:
+        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM bb_rec_upsert")
+    finally:
+        conn.unregister("bb_rec_upsert")
 
 
 def _fresh(table: pa.Table, thresholds: Mapping[int, int]) -> pa.Table:
@@ -578,89 +675,6 @@ def _first_seen(conn: duckdb.DuckDBPyConnection, rows: pa.Table) -> pa.Table:
         conn.unregister("bb_rec_batch")
     _insert(conn, SEEN_TABLE, new.select(["event_id"]))
     return new
-
-
-def _load_contexts(conn: duckdb.DuckDBPyConnection) -> dict[str, UserContext]:
-    """The stored contexts of the batch's users (registered as ``bb_rec_users``)."""
-    rows = conn.execute(
-        "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, recent_tracks, listens, "
-        f"sessions FROM {CONTEXT_TABLE} SEMI JOIN {_USERS} USING (user_id)"
-    ).fetchall()
-    return {
-        r[0]: UserContext(int(r[1]), int(r[2]), tuple(r[3]), tuple(r[4]), int(r[5]), int(r[6])) for r in rows
-    }
-
-
-def _save_contexts(conn: duckdb.DuckDBPyConnection, contexts: Mapping[str, UserContext]) -> None:
-    users = sorted(contexts)
-    ctx = [contexts[u] for u in users]
-    rows = pa.table(
-        [
-            pa.array(users, pa.string()),
-            pa.array([c.first_ms for c in ctx], pa.int64()).cast(_T),
-            pa.array([c.last_ms for c in ctx], pa.int64()).cast(_T),
-            pa.array([list(c.session) for c in ctx], pa.list_(pa.string())),
-            pa.array([list(c.recent) for c in ctx], pa.list_(pa.string())),
-            pa.array([c.listens for c in ctx], pa.int64()),
-            pa.array([c.sessions for c in ctx], pa.int64()),
-        ],
-        schema=_CONTEXT_SCHEMA,
-    )
-    conn.register("bb_rec_ctx", rows)
-    try:
-        conn.execute(f"INSERT OR REPLACE INTO {CONTEXT_TABLE} SELECT * FROM bb_rec_ctx")
-    finally:
-        conn.unregister("bb_rec_ctx")
-
-
-def _upsert_pairs(
-    conn: duckdb.DuckDBPyConnection, a: list[str], b: list[str], weights: np.ndarray, window: int
-) -> None:
-    """Add the batch's pair weights; each new sum is rounded to the exact ``1 / weight_unit``
-    grid, as :func:`personalisation.streaming.snap_weights` (same bits as the in-memory model)."""
-    if not a:
-        return
-    rows = pa.table(
-        {
-            "track_a": pa.array(a, pa.string()),
-            "track_b": pa.array(b, pa.string()),
-            "distance_weight": pa.array(weights, pa.float64()),
-        }
-    )
-    unit = weight_unit(window)
-    conn.register("bb_rec_pairs", rows)
-    try:
-        conn.execute(
-            f"INSERT INTO {PAIRS_TABLE} SELECT * FROM bb_rec_pairs ON CONFLICT (track_a, track_b) "
-            f"DO UPDATE SET distance_weight = round(({PAIRS_TABLE}.distance_weight + "
-            f"excluded.distance_weight) * {unit}.0) / {unit}.0"
-        )
-    finally:
-        conn.unregister("bb_rec_pairs")
-
-
-def _upsert_plays(
-    conn: duckdb.DuckDBPyConnection, new: pa.Table, played: list[str], plays: np.ndarray
-) -> None:
-    """Add the batch's plays per track (``plays[k]`` of ``played[k]``: replays collapsed, so a
-    track of ``new`` may add 0); keep the first artist id and names seen."""
-    conn.register("bb_rec_new", new)
-    conn.register(
-        "bb_rec_played",
-        pa.table({"track_id": pa.array(played, pa.string()), "plays": pa.array(plays.astype(np.int64))}),
-    )
-    try:
-        conn.execute(
-            f"INSERT INTO {PLAYS_TABLE} SELECT n.track_id, min(n.artist_id), min(n.track_name), "
-            "min(n.artist_name), coalesce(any_value(p.plays), 0) FROM bb_rec_new n "
-            "LEFT JOIN bb_rec_played p USING (track_id) GROUP BY n.track_id "
-            f"ON CONFLICT (track_id) DO UPDATE SET plays = {PLAYS_TABLE}.plays + excluded.plays, "
-            f"track_name = coalesce({PLAYS_TABLE}.track_name, excluded.track_name), "
-            f"artist_name = coalesce({PLAYS_TABLE}.artist_name, excluded.artist_name)"
-        )
-    finally:
-        conn.unregister("bb_rec_played")
-        conn.unregister("bb_rec_new")
 
 
 def _store_rejects(
@@ -880,6 +894,7 @@ __all__ = [
     "RECOMMENDATIONS_TOPIC",
     "SEEN_TABLE",
     "TOP_N",
+    "TRANSITIONS_TABLE",
     "VARIANT_COMPARISON_SQL",
     "VARIANT_PER_USER_SQL",
     "NoRecommendationsModelError",
@@ -891,5 +906,5 @@ __all__ = [
     "UserRecommendations",
     "list_id",
     "read_recommendations",
-    "served_model",
+    "load_model",
 ]

@@ -15,14 +15,16 @@ assignments), so only full rebuilds exist: ``start`` must be ``earliest`` (or om
 3. **Verify** (under the live file's writer lock, just before the switch). Mode ``live`` when the
    live read model has the same version and topic and stands at exactly the build's offsets: the
    tables that do not depend on where batches ended (``item_pairs``, ``item_plays``,
-   ``recommendation_context``, ``recommendation_seen``, ``experiment_assignments``) must equal the
+   ``user_transitions``, ``recommendation_context``, ``recommendation_seen``,
+   ``experiment_assignments``) must equal the
    live ones (rows and ``sum(hash(all columns))``). Otherwise mode ``recount``: a second read of
    the source gives the distinct ``event_id``s of the mappable records (rejects left out), which
    must equal ``recommendation_seen`` (count and ``sum(hash(event_id))``). In both modes the lists
    must be well formed: ranks 1..k per user, every current list in ``recommendation_history``,
    every user with a list has a context. Lists themselves are not compared with the live ones:
-   a list is computed at the end of the batch holding the user's latest listen, so lists depend on
-   batch boundaries (``projections/recommendations.py``), and ``computed_at`` is wall time.
+   a user gets one list per batch, after the last of the user's listens in it, and across
+   partitions the batches decide which listens come before it, so lists depend on batch
+   boundaries (``projections/recommendations.py``), and ``computed_at`` is wall time.
 4. **Switch**, in one transaction on the live file: each of the read model's tables is renamed
    ``<table>__v<version>_b<build>`` (the version being retired; build 0 = the tables before the
    first replay), the build's tables are created (same DDL, keys included) under the plain names
@@ -62,6 +64,7 @@ from projections.recommendations import (
     SEEN_TABLE,
     STATE_DDL,
     STATE_TABLES,
+    TRANSITIONS_TABLE,
     RecommendationsWriter,
 )
 from projections.replay_source import archive_functions, batches_for
@@ -80,7 +83,7 @@ from projections.tracking import (
 )
 
 #: Tables of the read model that do not depend on where batches ended (compared with the live ones).
-STABLE_TABLES = (PAIRS_TABLE, PLAYS_TABLE, CONTEXT_TABLE, SEEN_TABLE, ASSIGNMENTS_TABLE)
+STABLE_TABLES = (PAIRS_TABLE, PLAYS_TABLE, TRANSITIONS_TABLE, CONTEXT_TABLE, SEEN_TABLE, ASSIGNMENTS_TABLE)
 _ATTACHED = "bb_build"
 
 

@@ -31,11 +31,11 @@ def test_bucket_is_the_documented_sha256_rule():
 def test_assignment_is_deterministic_and_sticky():
     first = {u: assign(u, MADE_FOR_YOU) for u in USERS[:2000]}
     # a fresh, equal experiment object and another call order give the same variants
-    again = Experiment("made-for-you-v1", 1, (Variant("control", 5000), Variant("item2item", 5000)))
+    again = Experiment("made-for-you-v1", 2, (Variant("control", 5000), Variant("streaming", 5000)))
     assert {u: assign(u, again) for u in reversed(USERS[:2000])} == first
     a = first["40007"]
-    assert (a.experiment_id, a.version) == ("made-for-you-v1", 1)
-    assert a.variant == ("control" if a.bucket < 5000 else "item2item")
+    assert (a.experiment_id, a.version) == ("made-for-you-v1", 2)
+    assert a.variant == ("control" if a.bucket < 5000 else "streaming")
 
 
 def test_fifty_fifty_within_binomial_tolerance():
@@ -44,7 +44,7 @@ def test_fifty_fifty_within_binomial_tolerance():
     # e.g. a modulo on too few hash bits or a variant order bug (share 0 or 1).
     got = shares({u: assign(u, MADE_FOR_YOU) for u in USERS})
     tol = 5 * math.sqrt(0.25 / len(USERS))
-    assert set(got) == {"control", "item2item"}
+    assert set(got) == {"control", "streaming"}
     assert abs(got["control"] - 0.5) < tol, got
 
 
@@ -72,7 +72,7 @@ def test_experiments_are_independent():
 
 
 def test_new_version_rerandomises_and_gets_new_event_ids():
-    v2 = Experiment(MADE_FOR_YOU.experiment_id, 2, MADE_FOR_YOU.variants)
+    v2 = Experiment(MADE_FOR_YOU.experiment_id, MADE_FOR_YOU.version + 1, MADE_FOR_YOU.variants)
     moved = sum(assign(u, MADE_FOR_YOU).variant != assign(u, v2).variant for u in USERS[:20_000])
     # independent re-randomisation moves half of the users (sd 71 of 20k)
     assert abs(moved / 20_000 - 0.5) < 5 * math.sqrt(0.25 / 20_000)
@@ -97,8 +97,8 @@ def test_invalid_experiments_are_refused(variants, message):
 
 
 def test_made_for_you_declaration():
-    assert MADE_FOR_YOU.weights == {"control": 5000, "item2item": 5000}
+    assert MADE_FOR_YOU.weights == {"control": 5000, "streaming": 5000}
     assert MADE_FOR_YOU.variant("control").model == "most-popular-v1"
-    assert MADE_FOR_YOU.variant("item2item").model == "item2item-cooc-v2"
+    assert MADE_FOR_YOU.variant("streaming").model == "session-seq-cooc-v3"
     with pytest.raises(ConfigError, match="no variant 'x'"):
         MADE_FOR_YOU.variant("x")

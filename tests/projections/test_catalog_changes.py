@@ -414,7 +414,8 @@ def test_recommendations_never_list_withdrawn_or_unlicensed_tracks(stack: Settin
     others = [f"other-{i}" for i in range(6)]  # never played them: their lists offer them
     plays = _listens(fans, [withdrawn, de_unlicensed, unknown], 1_700_000_000_000)
     for k, u in enumerate(others):
-        plays += _listens([u], [ids[2 + k], ids[3 + k]], 1_700_000_000_000 + k * 10 * MIN)
+        # after the fans' plays: a list is made from the model as of its user's listen
+        plays += _listens([u], [ids[2 + k], ids[3 + k]], 1_700_000_000_000 + (60 + k * 10) * MIN)
     producer.send_many(
         t["listens"], "ListenRecorded", plays, key_field="user_id", time_field="occurred_at", source="/t"
     )

@@ -82,7 +82,7 @@ def test_replay_equals_fresh_build_runner_continues_old_kept_then_dropped(
 
     result = replay(settings, "recommendations", projection=proj, batch_size=7)
     assert result.verified and result.switched and result.verification.mode == "live"
-    assert result.events == 15 + 24 + 10 and result.build == 1 and result.version == 2
+    assert result.events == 15 + 24 + 10 and result.build == 1 and result.version == RECOMMENDATIONS.version
     assert not build_path(settings, "recommendations", 1).exists()  # copied in, then deleted
 
     # a fresh build of the same log in another data dir
@@ -93,13 +93,13 @@ def test_replay_equals_fresh_build_runner_continues_old_kept_then_dropped(
     assert rows(settings, LIST_HEAD) == rows(fresh, LIST_HEAD) == head_before
     # readers see the new version; the old one is kept under versioned names
     assert rows(settings, "SELECT build, state, table_name FROM projection_builds ORDER BY build") == [
-        (0, "old", "recommendations__v2_b0"),
+        (0, "old", f"recommendations__v{RECOMMENDATIONS.version}_b0"),
         (1, "current", "recommendations"),
     ]
     for t in STATE_TABLES:
-        assert table(settings, f"{t}__v2_b0") == before[t], t
+        assert table(settings, f"{t}__v{RECOMMENDATIONS.version}_b0") == before[t], t
     assert rows(settings, "SELECT version FROM projection_versions WHERE projection = 'recommendations'") == [
-        (2,)
+        (RECOMMENDATIONS.version,)
     ]
 
     # the live runner (same writer instance: its in-memory model) keeps updating the new version
@@ -124,7 +124,7 @@ def test_replay_equals_fresh_build_runner_continues_old_kept_then_dropped(
     assert again.verified and again.build == 2 and again.verification.mode == "recount"
     assert again.verification.got[0] == 15 + 24 + 10 + 2 + 3  # distinct listens (event ids)
     assert sorted(again.dropped) == sorted(
-        [f"{t}__v2_b0" for t in STATE_TABLES] + [f"{t}__v2_b1" for t in STATE_TABLES]
+        [f"{t}__v{RECOMMENDATIONS.version}_b{b}" for b in (0, 1) for t in STATE_TABLES]
     )
     assert rows(settings, "SELECT build, state FROM projection_builds") == [(2, "current")]
     run(fresh, proj)
