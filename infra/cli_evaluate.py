@@ -291,7 +291,7 @@ def readout_table(results: list[VariantReadout]) -> Table:
         is_control = r.variant == r.control
         tbl.add_row(
             str(r.experiment_version),
-            f"{r.variant} (control)" if is_control else r.variant,
+            f"{r.variant} (control)" if is_control and r.variant != "control" else r.variant,
             f"{r.users:,}",
             f"{r.lists:,}",
             f"{r.recommended:,}",

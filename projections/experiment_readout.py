@@ -32,7 +32,8 @@ users (:func:`personalisation.evaluation.bootstrap_ci` resamples units and recom
 & Lu, "Applying the delta method in metric analytics", KDD 2018.
 
 **Intervals** (:func:`readout`): 95 % percentile bootstrap, 1000 resamples, seeded
-(:data:`personalisation.evaluation.BOOTSTRAP_SEED`). Per variant: users resampled with
+(:data:`personalisation.evaluation.BOOTSTRAP_SEED`), each variant's users taken in ``user_id``
+order (so the same read models always give the same intervals). Per variant: users resampled with
 replacement (:func:`personalisation.evaluation.bootstrap_ci` with counts of 1). Difference of a
 variant against the control (the experiment's first variant): the two variants' users are
 independent samples, so each resample draws each variant's users separately and the interval is
