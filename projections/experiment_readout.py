@@ -13,8 +13,9 @@ play-through (and, for reference, the pooled played / recommended).
 
 **Immature lists.** A list whose window has not closed yet (``generated_at + days`` later than
 the *watermark*, the latest ``occurred_at`` in ``listens``) cannot be "not played" yet: its
-exposures have ``mature = false`` and ``played = NULL`` and are left out of every number of the
-readout, which says how many lists were left out (``immature_lists``). The watermark is the
+exposures have ``mature = false`` and ``played = NULL`` (``played_so_far`` says what is known
+so far) and are left out of every number of the readout, which says how many lists were left out
+(``immature_lists``). The watermark is the
 largest event time the read model has seen; a listen that arrives later with an older event time
 (a lagging partition, an offline client) can still turn a closed window's "not played" into
 "played" at the next query: the readout is as of the listens read so far.
@@ -85,8 +86,9 @@ READOUT_MACRO = "experiment_readout_of"
 #: ``experiment_version``, ``variant``, ``user_id``, ``list_id``, ``rank``, ``track_id``,
 #: ``generated_at`` (TIMESTAMP, UTC), ``window_days`` (INTEGER), ``window_ends_at`` (=
 #: ``generated_at`` + ``days``), ``watermark`` (latest ``listens.occurred_at``), ``mature``
-#: (``window_ends_at <= watermark``; false when there are no listens) and ``played`` (BOOLEAN: a
-#: listen of that user and track in ``(generated_at, window_ends_at]``; NULL while not mature).
+#: (``window_ends_at <= watermark``; false when there are no listens), ``played_so_far`` (BOOLEAN:
+#: the listens read so far hold one of that user and track in ``(generated_at, window_ends_at]``)
+#: and ``played`` (the same, but NULL while not mature: the metric's outcome).
 EXPOSURES_SQL = f"""CREATE OR REPLACE MACRO {EXPOSURES_MACRO}(days) AS TABLE
 WITH watermark AS (SELECT max(occurred_at) AS watermark FROM {LISTENS_TABLE}),
 served AS (
@@ -96,17 +98,18 @@ served AS (
 ),
 judged AS (
     SELECT s.*, CAST(days AS INTEGER) AS window_days, w.watermark,
-           coalesce(s.window_ends_at <= w.watermark, false) AS mature
+           coalesce(s.window_ends_at <= w.watermark, false) AS mature,
+           EXISTS (
+               SELECT 1 FROM {LISTENS_TABLE} l
+               WHERE l.user_id = s.user_id AND l.track_id = s.track_id
+                 AND l.occurred_at > s.generated_at AND l.occurred_at <= s.window_ends_at
+           ) AS played_so_far
     FROM served s CROSS JOIN watermark w
 )
-SELECT j.experiment_id, j.experiment_version, j.variant, j.user_id, j.list_id, j."rank", j.track_id,
-       j.generated_at, j.window_days, j.window_ends_at, j.watermark, j.mature,
-       CASE WHEN j.mature THEN EXISTS (
-           SELECT 1 FROM {LISTENS_TABLE} l
-           WHERE l.user_id = j.user_id AND l.track_id = j.track_id
-             AND l.occurred_at > j.generated_at AND l.occurred_at <= j.window_ends_at
-       ) END AS played
-FROM judged j"""
+SELECT experiment_id, experiment_version, variant, user_id, list_id, "rank", track_id, generated_at,
+       window_days, window_ends_at, watermark, mature, played_so_far,
+       CASE WHEN mature THEN played_so_far END AS played
+FROM judged"""
 
 #: One row per (experiment, version, variant, user) with at least one mature exposure:
 #: ``lists``, ``recommended`` (mature exposures), ``played`` (BIGINT) and ``play_through``

@@ -128,8 +128,12 @@ def test_the_seven_day_boundary_and_immature_lists(tmp_path: Path):
         "1ms-after": (True, True),
         "other-user": (True, False),
     }
-    u3 = rows(settings, "SELECT mature, played FROM experiment_exposures WHERE user_id = 'u3'")
-    assert u3 == [(False, None), (False, None)]  # not "not played": unknown until the window closes
+    u3 = rows(
+        settings,
+        "SELECT mature, played, played_so_far FROM experiment_exposures WHERE user_id = 'u3' ORDER BY rank",
+    )
+    # not "not played": unknown until the window closes (what is known so far is kept apart)
+    assert u3 == [(False, None, True), (False, None, False)]
     readout_rows = rows(
         settings,
         "SELECT variant, users, lists, recommended, played, play_through, mean_user_play_through, "
