@@ -22,6 +22,9 @@ import pytest
 from infra.settings import REPO_ROOT, Settings
 from personalisation.evaluation import bootstrap_ci
 from projections.experiment_readout import (
+    EXPOSURES_SQL,
+    READOUT_SQL,
+    USERS_SQL,
     NoReadoutError,
     UnknownExperimentError,
     difference_ci,
@@ -314,3 +317,9 @@ def test_cli_json_table_and_errors(tmp_path: Path):
     unknown = backbeat(settings, "evaluate", "experiment", "--experiment", "nope", "--json")
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr and unknown.stdout == ""
     assert "no list of experiment 'nope'" in unknown.stderr
+
+
+def test_docs_page_shows_the_readout_sql_verbatim():
+    doc = (REPO_ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    for sql in (EXPOSURES_SQL, USERS_SQL, READOUT_SQL):
+        assert f"```sql\n{sql}\n```" in doc
