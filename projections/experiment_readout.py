@@ -15,18 +15,19 @@ play-through (and, for reference, the pooled played / recommended).
 the *watermark*, the latest ``occurred_at`` in ``listens``) cannot be "not played" yet: its
 exposures have ``mature = false`` and ``played = NULL`` (``played_so_far`` says what is known
 so far) and are left out of every number of the readout, which says how many lists were left out
-(``immature_lists``). The watermark is the
-largest event time the read model has seen; a listen that arrives later with an older event time
-(a lagging partition, an offline client) can still turn a closed window's "not played" into
-"played" at the next query: the readout is as of the listens read so far.
+(``immature_lists``). The watermark is the largest event time the read model has seen; a listen
+that arrives later with an older event time (a lagging partition, an offline client) can still
+turn a closed window's "not played" into "played" at the next query: the readout is as of the
+listens read so far.
 
 **Unit of analysis.** The user is the unit of randomisation
 (:mod:`personalisation.experiments`), and one user's exposures are not independent of each other,
 so the user is the unit of analysis: the variant's metric is the mean of per-user play-throughs,
 and its interval resamples users, not exposures (Kohavi, Tang & Xu, *Trustworthy Online
-Controlled Experiments*, Cambridge University Press 2020, ch. 18 "Variance estimation and improved
-sensitivity": when the analysis unit differs from the randomisation unit, the naive variance over
-exposures is wrong; bootstrap or the delta method over randomisation units is right). The pooled
+Controlled Experiments*, Cambridge University Press 2020, ch. 18 "Variance Estimation and Improved
+Sensitivity: Pitfalls and Solutions": when the analysis unit differs from the randomisation unit,
+the naive variance over exposures is wrong; bootstrap or the delta method over randomisation units
+is right). The pooled
 played / recommended is a ratio metric with the same problem; its interval here also resamples
 users (:func:`personalisation.evaluation.bootstrap_ci` resamples units and recomputes
 ``sum(played) / sum(recommended)``), the bootstrap counterpart of the delta method of Deng, Knoblich
