@@ -1,6 +1,8 @@
 """``backbeat evaluate``: offline evaluation of the session-based recommenders
-(:mod:`personalisation.evaluation`) on listening files in the 30Music layout, and the train/test
-split that makes its numbers reproducible with other tools (registered by :mod:`infra.cli`)."""
+(:mod:`personalisation.evaluation`) on listening files in the 30Music layout, the train/test
+split that makes its numbers reproducible with other tools, and the A/B readout of the running
+experiment from the read models (:mod:`projections.experiment_readout`); registered by
+:mod:`infra.cli`."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from infra.errors import BackbeatError
 from infra.resources import LISTENS_30MUSIC
 
 if TYPE_CHECKING:
+    from infra.settings import Settings
     from personalisation.evaluation import Result
+    from projections.experiment_readout import VariantReadout
 
 #: The data set evaluated when neither --train nor --test is given (split by its split column):
 #: the 30Music listens shipped with backbeat (``data/listens_30music_2014.tsv.gz``).
@@ -28,13 +32,14 @@ DEFAULT_DATA = LISTENS_30MUSIC
 def register(app: typer.Typer) -> None:
     """Add the ``evaluate`` command group to the ``backbeat`` app."""
     group = typer.Typer(
-        help="Offline evaluation of the recommenders on real listening sessions.",
+        help="Offline evaluation of the recommenders on real listening sessions, and the A/B readout.",
         no_args_is_help=True,
         rich_markup_mode="markdown",
     )
     app.add_typer(group, name="evaluate")
     group.command("recommendations")(recommendations)
     group.command("split")(split)
+    group.command("experiment")(experiment)
 
 
 def recommendations(
@@ -197,3 +202,110 @@ def split(
     console.print(
         f"{out / 'test.tsv'}: window {window.test_window}, {len(window.test):,} sessions, {test_rows:,} plays"
     )
+
+
+def experiment(
+    experiment_id: Annotated[
+        str, typer.Option("--experiment", help="Experiment id (as in recommendation_history).")
+    ] = "made-for-you-v1",
+    days: Annotated[
+        int,
+        typer.Option(help="Play-through window in days after the list was generated (event time).", min=1),
+    ] = 7,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='One JSON line per variant: {"experiment_id", "experiment_version", "variant", '
+            '"control", "users", "lists", "recommended", "played", "play_through", "play_through_ci", '
+            '"mean_user_play_through", "mean_ci", "diff_vs_control", "diff_ci", "immature_lists", '
+            '"immature_recommended", "window_days", "watermark"} (rates are fractions 0..1, the _ci '
+            "keys [low, high] 95% bootstrap intervals over users, null without users).",
+        ),
+    ] = False,
+) -> None:
+    """A/B readout of an experiment from the read models: play-through of recommended tracks within
+    --days days, per variant, with 95% intervals.
+
+    Every track of every list served (recommendation_history) counts as recommended to its user
+    at the list's generated_at (event time); it is played when the listens read model has a
+    listen of that user and track after generated_at and at most --days days later (exactly
+    --days days later counts, a millisecond more does not; a listen at generated_at does not).
+    A user's play-through is played / recommended; the metric is the mean over the variant's users
+    of their play-through, because the user is the unit of randomisation (Kohavi, Tang & Xu 2020,
+    ch. 18). Also shown: the pooled played / recommended.
+
+    Lists whose window has not closed yet (generated_at + --days later than the latest listen
+    event time in listens) are left out, not counted as unplayed; the table says how many.
+    Intervals: 95% percentile bootstrap over users (1000 resamples, seeded); the difference against
+    the control (the experiment's first variant) resamples both variants' users independently.
+
+    Reads the DuckDB read models read-only; `backbeat project` must have run `listens` and
+    `recommendations` (it creates the views experiment_exposures, experiment_users and
+    experiment_readout, also queryable with `backbeat sql`)."""
+    from projections.experiment_readout import readout
+
+    results = readout(_settings(), experiment_id, days)
+    if as_json:
+        for r in results:
+            print(json.dumps(r.as_json()), flush=True)
+        return
+    console.print(readout_table(results))
+    watermark = results[0].watermark
+    immature = sum(r.immature_lists for r in results)
+    console.print(
+        f"watermark (latest listen event time): {watermark.isoformat(sep=' ') if watermark else 'none'}; "
+        f"{immature:,} list(s) whose {days}-day window is still open are left out.",
+        style="dim",
+    )
+    console.print("metric and intervals: backbeat evaluate experiment --help", style="dim")
+
+
+def _settings() -> Settings:
+    from infra.settings import get_settings
+
+    return get_settings()
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "–" if ci is None else f"{ci[0]:.4f} – {ci[1]:.4f}"
+
+
+def readout_table(results: list[VariantReadout]) -> Table:
+    """The readout as a rich table, one row per (version, variant): users, lists, recommended,
+    played within the window, pooled play-through, per-user mean play-through with its 95 %
+    interval, difference against the control with its interval, lists left out as immature."""
+    first = results[0]
+    tbl = Table(
+        title=f"{first.experiment_id}: play-through within {first.window_days} days, per variant",
+        title_justify="left",
+        header_style="bold",
+    )
+    tbl.add_column("version", justify="right")
+    tbl.add_column("variant")
+    for name in (
+        "users", "lists", "recommended", f"played ≤ {first.window_days} d", "pooled",
+        "per-user mean", "95% CI", "diff vs control", "95% CI", "immature lists",
+    ):  # fmt: skip
+        tbl.add_column(name, justify="right")
+    for r in results:
+        is_control = r.variant == r.control
+        tbl.add_row(
+            str(r.experiment_version),
+            f"{r.variant} (control)" if is_control and r.variant != "control" else r.variant,
+            f"{r.users:,}",
+            f"{r.lists:,}",
+            f"{r.recommended:,}",
+            f"{r.played:,}",
+            _rate(r.play_through),
+            _rate(r.mean_user_play_through),
+            _ci(r.mean_ci),
+            "–" if is_control or r.diff_vs_control is None else f"{r.diff_vs_control:+.4f}",
+            "–" if is_control else _ci(r.diff_ci),
+            f"{r.immature_lists:,}",
+        )
+    return tbl

@@ -217,6 +217,7 @@ EXPLORE = [
     "backbeat features {user}          # the feature store: latest values, --as-of for a point in time",
     "backbeat recommend {user}         # Made for You: the user's list, its A/B variant",
     "backbeat evaluate recommendations # HR@20/MRR@20 of the model against baselines",
+    "backbeat evaluate experiment      # the A/B readout: play-through within 7 days per variant, 95% CI",
 ]
 
 
@@ -242,7 +243,6 @@ def _print_hours(settings: Settings) -> None:
 def report(settings: Settings) -> None:
     """Print the demo's report from the read models."""
     from infra.console import console
-    from projections.recommendations import VARIANT_COMPARISON_SQL
     from projections.sql import query
 
     _print_query("Totals", settings, TOTALS)
@@ -262,11 +262,31 @@ def report(settings: Settings) -> None:
     )
     user = str(query(settings, MOST_ACTIVE_USER).rows[0][0])
     _print_recommendations(settings, user)
-    title = "Made for You, per A/B variant (tracks played within 7 days)"
-    _print_query(title, settings, VARIANT_COMPARISON_SQL)
+    _print_readout(settings)
     console.print("\n[bold]Explore further[/] (DuckDB file: " + str(settings.duckdb_path) + ")")
     for line in EXPLORE:
         console.print("  " + line.format(lake=settings.lake_dir, user=user), soft_wrap=True)
+
+
+def _print_readout(settings: Settings) -> None:
+    """The A/B readout of "Made for You" (``backbeat evaluate experiment``): per variant, the
+    per-user play-through of recommended tracks within 7 days with 95 % bootstrap intervals."""
+    from infra.cli_evaluate import readout_table
+    from infra.console import console
+    from projections.experiment_readout import ExperimentReadoutError, readout
+
+    try:
+        results = readout(settings)
+    except ExperimentReadoutError as exc:
+        console.print(f"A/B readout: {exc}", style="dim")
+        return
+    console.print(readout_table(results))
+    immature = sum(r.immature_lists for r in results)
+    console.print(
+        f"{immature:,} list(s) whose 7-day window is still open at the latest listen are left out "
+        "(not counted as unplayed); metric and intervals: backbeat evaluate experiment --help",
+        style="dim",
+    )
 
 
 def _print_recommendations(settings: Settings, user: str) -> None:

@@ -847,41 +847,6 @@ def _unknown_user(conn: duckdb.DuckDBPyConnection, user_id: str) -> str:
     )
 
 
-#: Per variant: lists, recommended tracks and the share played by the user within 7 days after
-#: the list was generated (event time), from ``recommendation_history`` and ``listens``.
-VARIANT_COMPARISON_SQL = """\
-WITH played AS (
-    SELECT DISTINCT h.list_id, h.track_id
-    FROM recommendation_history h
-    JOIN listens l ON l.user_id = h.user_id AND l.track_id = h.track_id
-     AND l.occurred_at > h.generated_at AND l.occurred_at <= h.generated_at + INTERVAL 7 DAY
-)
-SELECT h.experiment_id, h.variant, count(DISTINCT h.user_id) AS users,
-       count(DISTINCT h.list_id) AS lists, count(*) AS recommended,
-       count(p.track_id) AS played_within_7d,
-       round(count(p.track_id) / count(*), 5) AS share_played
-FROM recommendation_history h LEFT JOIN played p USING (list_id, track_id)
-GROUP BY ALL ORDER BY ALL"""
-
-#: Per variant: the mean over users of each user's share of recommended tracks played within 7
-#: days, with a 95 % normal interval (the user is the unit of randomisation, so the user, not the
-#: list, is the unit of analysis).
-VARIANT_PER_USER_SQL = """\
-WITH played AS (
-    SELECT DISTINCT h.list_id, h.track_id
-    FROM recommendation_history h
-    JOIN listens l ON l.user_id = h.user_id AND l.track_id = h.track_id
-     AND l.occurred_at > h.generated_at AND l.occurred_at <= h.generated_at + INTERVAL 7 DAY
-), per_user AS (
-    SELECT h.variant, h.user_id, count(p.track_id) / count(*) AS share
-    FROM recommendation_history h LEFT JOIN played p USING (list_id, track_id)
-    GROUP BY ALL
-)
-SELECT variant, count(*) AS users, round(avg(share), 5) AS mean_share,
-       round(1.96 * stddev_samp(share) / sqrt(count(*)), 5) AS ci95_half_width
-FROM per_user GROUP BY variant ORDER BY variant"""
-
-
 __all__ = [
     "ASSIGNMENTS_TABLE",
     "CONTEXT_TABLE",
@@ -895,8 +860,6 @@ __all__ = [
     "SEEN_TABLE",
     "TOP_N",
     "TRANSITIONS_TABLE",
-    "VARIANT_COMPARISON_SQL",
-    "VARIANT_PER_USER_SQL",
     "NoRecommendationsModelError",
     "RecommendationsError",
     "RecommendationsWriter",

@@ -6,7 +6,9 @@ How it runs:
 1. Start: read the live log identity (cluster id, topic ids) and each partition's high
    watermark from Fetch responses (:func:`events.offsets.high_watermarks`, since ListOffsets
    LATEST is wrong on Tansu); open DuckDB once to create tables (with their views and macros,
-   ``Projection.extra_ddl``), load the stored offsets and check them against the log
+   ``Projection.extra_ddl``, and the views over several read models once their tables exist:
+   the experiment readout, :func:`projections.experiment_readout.ensure_views`), load the stored
+   offsets and check them against the log
    (:func:`projections.tracking.check_offsets`, raising ``OffsetMismatchError``), finish a lake
    switch a replay left undone (:func:`projections.lake.finish_switches`), and delete orphan lake
    files.
@@ -63,7 +65,7 @@ from infra.errors import BackbeatError, ConfigError, OffsetMismatchError, Transi
 from infra.lifecycle import LoopService, run_process
 from infra.ops import add_port_argument, port_setting
 from infra.settings import Settings
-from projections import lake
+from projections import experiment_readout, lake
 from projections.apply import Applied, apply_batch
 from projections.decoding import INVALID, BatchPreparer, Prepared, Reject
 from projections.readmodels import PROJECTIONS, Projection, get_projection
@@ -412,6 +414,8 @@ class ProjectionRunner:
                 ensure_tables(conn, proj)
                 for statement in proj.extra_ddl:  # its views and macros (idempotent)
                     conn.execute(statement)
+            # views joining read models that different runners create: whichever starts second makes them
+            experiment_readout.ensure_views(conn)
             conn.commit()
             stored = load_offsets(conn, [p.name for p in self.projections])
             bootstrap = self.settings.bootstrap_servers

@@ -39,6 +39,7 @@ from personalisation.experiments import MADE_FOR_YOU, Experiment, Variant, assig
 from personalisation.session_model import SessionModel
 from personalisation.streaming import assemble
 from projections.decoding import Prepared
+from projections.experiment_readout import readout
 from projections.readmodels import TRACKS, to_table
 from projections.recommendations import (
     ASSIGNMENTS_TABLE,
@@ -50,8 +51,6 @@ from projections.recommendations import (
     RECOMMENDATIONS_TOPIC,
     SEEN_TABLE,
     TRANSITIONS_TABLE,
-    VARIANT_COMPARISON_SQL,
-    VARIANT_PER_USER_SQL,
     RecommendationsWriter,
     load_model,
 )
@@ -436,7 +435,14 @@ def test_backbeat_project_runs_it_beside_listens_and_variants_compare_in_sql(wor
     )
     n = len(world.records) + len(world.tail)
     assert stats.per_projection == {"listens": n, "recommendations": n}
-    got = {r[1]: r for r in rows(settings, VARIANT_COMPARISON_SQL)}
+    got = {
+        r[1]: r
+        for r in rows(
+            settings,
+            "SELECT experiment_id, variant, count(DISTINCT user_id), count(DISTINCT list_id), count(*), "
+            "count(*) FILTER (WHERE played_so_far) FROM experiment_exposures GROUP BY ALL",
+        )
+    }
     assert set(got) == {"control", "streaming"}
     # the same numbers computed here from the two tables
     listens = rows(settings, "SELECT user_id, track_id, occurred_at FROM listens")
@@ -454,7 +460,10 @@ def test_backbeat_project_runs_it_beside_listens_and_variants_compare_in_sql(wor
     for variant, (recommended, played) in expected.items():
         assert got[variant][4:6] == (recommended, played), variant
     assert sum(p for _, p in expected.values()) > 0  # some recommendations were played later
-    per_user = {r[0]: r for r in rows(settings, VARIANT_PER_USER_SQL)}
+    per_user = {
+        r[0]: r
+        for r in rows(settings, "SELECT variant, users, mean_user_play_through FROM experiment_readout_of(1)")
+    }
     assert set(per_user) == {"control", "streaming"} and all(0 <= r[2] <= 1 for r in per_user.values())
 
 
@@ -608,10 +617,56 @@ def test_in_memory_model_equals_the_tables_after_many_small_batches(world: World
 
 def test_docs_page_shows_the_variant_sql_verbatim():
     doc = (REPO_ROOT / "docs" / "recommendations.md").read_text()
-    assert VARIANT_COMPARISON_SQL in doc and VARIANT_PER_USER_SQL in doc
+    assert "experiments.md" in doc  # the readout's SQL is shown and tested there
 
 
 def test_writer_refuses_a_variant_it_cannot_serve(stack):
     odd = Experiment("odd", 1, (Variant("a", 10_000, "two-tower-v3"),))
     with pytest.raises(ConfigError, match="names model 'two-tower-v3'"):
         RecommendationsWriter(stack, experiment=odd)
+
+
+def test_experiment_readout_reconciles_with_the_history_after_backbeat_project(world: World, stack, tmp_path):
+    """After the real pipeline (listens + recommendations over the broker, as ``backbeat project``
+    runs them), the readout's counts add up to ``recommendation_history``: every list is either
+    in the readout or counted as immature, and the played counts equal a Python recount."""
+    settings = dataclasses.replace(stack, data_dir=tmp_path)
+    apply_topics(stack, [topic(EXPERIMENTS_TOPIC), topic(RECOMMENDATIONS_TOPIC)])
+    run_projections(
+        settings,
+        ["listens", "recommendations"],
+        topics={"listens": world.topic, "recommendations": world.topic},
+        until_caught_up=True,
+        batch_size=1000,
+    )
+    history = rows(
+        settings, "SELECT variant, user_id, track_id, generated_at, list_id FROM recommendation_history"
+    )
+    listens = rows(settings, "SELECT user_id, track_id, occurred_at FROM listens")
+    watermark = max(at for _, _, at in listens)
+    played_at: dict[tuple[str, str], list] = {}
+    for user, track, at in listens:
+        played_at.setdefault((user, track), []).append(at)
+    # the slice spans about 6 days: a 1-day window leaves both mature and immature lists
+    for days in (1, 7):
+        window = timedelta(days=days)
+        got = {r.variant: r for r in readout(settings, MADE_FOR_YOU.experiment_id, days)}
+        assert list(got) == ["control", "streaming"] and all(r.window_days == days for r in got.values())
+        for variant, r in got.items():
+            mine = [h for h in history if h[0] == variant]
+            mature = [h for h in mine if h[3] + window <= watermark]
+            assert r.lists + r.immature_lists == len({h[4] for h in mine})
+            assert r.recommended + r.immature_recommended == len(mine)
+            assert (r.recommended, r.users) == (len(mature), len({h[1] for h in mature}))
+            played = sum(
+                any(at < t <= at + window for t in played_at.get((u, tr), [])) for _, u, tr, at, _ in mature
+            )
+            assert r.played == played and r.watermark == watermark
+        if days == 7:
+            assert sum(r.users for r in got.values()) == 0  # nothing is 7 days old yet: no "not played"
+        else:
+            assert all(r.users > 0 and r.immature_lists > 0 for r in got.values())
+            assert all(
+                r.mean_ci is not None and r.mean_ci[0] <= r.mean_user_play_through <= r.mean_ci[1]
+                for r in got.values()
+            )
