@@ -20,6 +20,7 @@ import json
 import time
 
 from benchmarks.common import LISTENS_30MUSIC
+from infra.runtime import tune_gc
 from personalisation.session_model import SessionModel
 from personalisation.sessions_data import read_sessions
 
@@ -36,6 +37,7 @@ def main() -> None:
         (t * 1000, s.user_id, item) for s in sessions for item, t in zip(s.items, s.times, strict=True)
     )
     span = listens[-1][0] - listens[0][0] + 1
+    tune_gc()  # as every backbeat process does (infra/runtime.py)
     model = SessionModel()
     steps = []
     for copy in range(args.copies):

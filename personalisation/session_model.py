@@ -90,13 +90,26 @@ class Changes:
     users: set[str] = field(default_factory=set)
 
 
+class _Ignored(set):  # type: ignore[type-arg]
+    """A set that keeps nothing: what :class:`Changes` holds when changes are not tracked."""
+
+    def add(self, _item: object) -> None:
+        return None
+
+
+def _untracked() -> Changes:
+    return Changes(_Ignored(), _Ignored(), _Ignored(), _Ignored())
+
+
 class SessionModel:
     """Sequence-aware co-occurrence over track ids, updated per listen (module docstring).
 
     State (all plain dicts; weights are ints in units of ``1 / unit``):
     ``rules[a][b]`` (``b`` after ``a``, within ``rule_steps``), ``near[a][b]`` (symmetric, within
     ``window``), ``plays[t]`` (plays, replays collapsed), ``transitions[user][a][b]`` (``b``
-    directly after ``a`` in the user's sessions) and each user's open session.
+    directly after ``a`` in the user's sessions) and each user's open session. With
+    ``track_changes`` the model also records what each update touched (:meth:`take_changes`), for
+    a store that rewrites only those rows.
 
     Raises:
         ValueError: ``window`` > ``rule_steps``, a size < 1, ``gap_ms`` < 1 or ``decay``
@@ -112,6 +125,7 @@ class SessionModel:
         decay: float = DECAY,
         weights: Weights = WEIGHTS,
         gap_ms: int = GAP_MS,
+        track_changes: bool = False,
     ) -> None:
         if min(rule_steps, window, history, gap_ms) < 1 or window > rule_steps or not 0 < decay <= 1:
             raise ValueError(
@@ -132,14 +146,17 @@ class SessionModel:
         self.transitions: dict[str, dict[str, dict[str, int]]] = {}
         self.open: dict[str, OpenSession] = {}
         self.listens = 0
-        self.changes = Changes()
+        self.track_changes = track_changes
+        self.changes = Changes() if track_changes else _untracked()
         self._played = 0  # all plays, replays collapsed
         self._top: dict[str, int] = {}  # the POPULAR most played, kept per listen
         self._weakest: str | None = None  # cached weakest member of _top
 
     def take_changes(self) -> Changes:
-        """What changed since the last call (:class:`Changes`), and start a new record."""
-        out, self.changes = self.changes, Changes()
+        """What changed since the last call (:class:`Changes`), and start a new record; empty
+        unless the model was made with ``track_changes``."""
+        out = self.changes
+        self.changes = Changes() if self.track_changes else _untracked()
         return out
 
     # -- updates -----------------------------------------------------------------------------------

@@ -531,7 +531,7 @@ def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None
 def load_model(conn: duckdb.DuckDBPyConnection) -> SessionModel:
     """The streaming model from the state tables (``item_pairs``, ``item_plays``,
     ``user_transitions``, ``recommendation_context``): equal to the one that wrote them."""
-    model = SessionModel()
+    model = SessionModel(track_changes=True)
     pairs = conn.sql(f"SELECT track_a, track_b, rule_weight, near_weight FROM {PAIRS_TABLE}").to_arrow_table()
     for a, b, rule, near in zip(*(pairs[c].to_pylist() for c in pairs.column_names), strict=True):
         if rule:
