@@ -518,12 +518,14 @@ def _offsets(conn: duckdb.DuckDBPyConnection, name: str) -> dict[tuple[str, str,
     return {k: v.next_offset for k, v in load_offsets(conn, [name]).items()}
 
 
-def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, *, replace: bool = False) -> None:
+    """Insert ``rows`` (columns in the table's order) into ``table``; with ``replace``, ``INSERT OR
+    REPLACE`` (rows with an existing key overwrite it)."""
     if rows.num_rows == 0:
         return
     conn.register("bb_rec_rows", rows)
     try:
-        conn.execute(f"INSERT INTO {table} SELECT * FROM bb_rec_rows")
+        conn.execute(f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} SELECT * FROM bb_rec_rows")
     finally:
         conn.unregister("bb_rec_rows")
 
@@ -574,7 +576,7 @@ def _save_state(
     increments, so the tables equal the model whatever the batches); ``item_plays`` keeps the
     first artist id and names seen for a track (from ``new``, the batch's listens)."""
     pairs = sorted(changes.pairs)
-    _upsert(
+    _insert(
         conn,
         PAIRS_TABLE,
         pa.table(
@@ -585,9 +587,10 @@ def _save_state(
                 "near_weight": pa.array([model.near.get(a, {}).get(b, 0) for a, b in pairs], pa.int64()),
             }
         ),
+        replace=True,
     )
     moves = sorted(changes.transitions)
-    _upsert(
+    _insert(
         conn,
         TRANSITIONS_TABLE,
         pa.table(
@@ -598,10 +601,11 @@ def _save_state(
                 "plays": pa.array([model.transitions[u][a][b] for u, a, b in moves], pa.int64()),
             }
         ),
+        replace=True,
     )
     users = sorted(changes.users)
     ctx = [model.open[u] for u in users]
-    _upsert(
+    _insert(
         conn,
         CONTEXT_TABLE,
         pa.table(
@@ -615,6 +619,7 @@ def _save_state(
             ],
             schema=_CONTEXT_SCHEMA,
         ),
+        replace=True,
     )
     played = sorted(set(new["track_id"].to_pylist()))
     conn.register("bb_rec_new", new)
@@ -638,17 +643,6 @@ def _save_state(
     finally:
         conn.unregister("bb_rec_played")
         conn.unregister("bb_rec_new")
-
-
-def _upsert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
-    """``INSERT OR REPLACE`` ``rows`` (columns in the table's order) into ``table``."""
-    if rows.num_rows == 0:
-        return
-    conn.register("bb_rec_upsert", rows)
-    try:
-        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM bb_rec_upsert")
-    finally:
-        conn.unregister("bb_rec_upsert")
 
 
 def _fresh(table: pa.Table, thresholds: Mapping[int, int]) -> pa.Table:
