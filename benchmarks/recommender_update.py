@@ -34,17 +34,19 @@ def main() -> None:
     args = parser.parse_args()
     sessions = read_sessions(LISTENS_30MUSIC)
     listens = sorted(
-        (t * 1000, s.user_id, item) for s in sessions for item, t in zip(s.items, s.times, strict=True)
+        (t * 1000, s.user_id, item, artist)
+        for s in sessions
+        for item, t, artist in zip(s.items, s.times, s.artists, strict=True)
     )
     span = listens[-1][0] - listens[0][0] + 1
     tune_gc()  # as every backbeat process does (infra/runtime.py)
     model = SessionModel()
     steps = []
     for copy in range(args.copies):
-        shifted = [(f"{u}#{copy}", f"{t}#{copy}", at + copy * span) for at, u, t in listens]
+        shifted = [(f"{u}#{copy}", f"{t}#{copy}", at + copy * span, f"{a}#{copy}") for at, u, t, a in listens]
         started = time.perf_counter()
-        for user, track, at in shifted:
-            model.observe(user, track, at)
+        for user, track, at, artist in shifted:
+            model.observe(user, track, at, artist)
         update_s = time.perf_counter() - started
         users = list(model.open)[-LISTS:]
         started = time.perf_counter()

@@ -65,8 +65,8 @@ METHODS = (
 STREAMING = {
     "streaming": (Weights(), True),
     "streaming-frozen": (Weights(), False),
-    "streaming-sr": (Weights(rules=1.0, context=0.0, personal=0.0), True),
-    "streaming-item-to-item": (Weights(rules=0.0, context=1.0, personal=0.0), True),
+    "streaming-sr": (Weights(rules=1.0, context=0.0, personal=0.0, artist=0.0), True),
+    "streaming-item-to-item": (Weights(rules=0.0, context=1.0, personal=0.0, artist=0.0), True),
 }
 #: Bootstrap resamples of the test sessions, their seed, and the confidence level of the intervals.
 BOOTSTRAP_SAMPLES = 1000
@@ -312,14 +312,14 @@ def summarise(
     )
 
 
-def listen_stream(sessions: Sequence[Session], tag: int) -> list[tuple[int, int, int, int, str, str]]:
-    """Every listen of ``sessions`` as ``(time ms, tag, session index, position, user, track)``,
-    raw (replays included), so that sorting listens of several sets gives one stream in event-time
-    order (ties: ``tag``, then session, then position)."""
+def listen_stream(sessions: Sequence[Session], tag: int) -> list[tuple[int, int, int, int, str, str, str]]:
+    """Every listen of ``sessions`` as ``(time ms, tag, session index, position, user, track,
+    artist)``, raw (replays included), so that sorting listens of several sets gives one stream in
+    event-time order (ties: ``tag``, then session, then position)."""
     return [
-        (t * 1000, tag, i, pos, s.user_id, item)
+        (t * 1000, tag, i, pos, s.user_id, item, artist)
         for i, s in enumerate(sessions)
-        for pos, (item, t) in enumerate(zip(s.items, s.times, strict=True))
+        for pos, (item, t, artist) in enumerate(zip(s.items, s.times, s.artists, strict=True))
     ]
 
 
@@ -349,9 +349,11 @@ def streaming_cases(
     """The predictions of :func:`evaluate_streaming`, one per target, in stream order: ``model``
     observes the training listens, then each test listen is ranked (when it is a target) BEFORE
     it is observed (when ``update``)."""
-    model.observe_all((user, track, t) for t, _, _, _, user, track in sorted(listen_stream(train, 0)))
+    model.observe_all(
+        (user, track, t, artist) for t, _, _, _, user, track, artist in sorted(listen_stream(train, 0))
+    )
     prefixes: dict[int, list[str]] = {}
-    for t, tag, i, pos, user, track in sorted(listen_stream(test, 1)):
+    for t, tag, i, pos, user, track, artist in sorted(listen_stream(test, 1)):
         prefix = prefixes.setdefault(i, [])
         if not prefix or prefix[-1] != track:  # a replay is collapsed: no prediction, no play
             if prefix:
@@ -362,7 +364,7 @@ def streaming_cases(
                 )
             prefix.append(track)
         if update:
-            model.observe(user, track, t)
+            model.observe(user, track, t, artist)
 
 
 def evaluate_streaming(

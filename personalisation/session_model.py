@@ -1,7 +1,7 @@
 """The streaming next-track model: sequence-aware co-occurrence, updated one listen at a time.
 
 A list for a user's open session is the weighted sum of three max-normalised scores over tracks
-(each divided by its largest value, so each lies in (0, 1]):
+(each divided by its largest value, so each lies in (0, 1]), then re-ranked by a fourth:
 
 * **rules** — sequential rules from the session's LAST track: ``b`` after ``a`` in one session,
   ``d`` plays later (``1 <= d <= rule_steps``, default 10), adds ``1 / d`` to the rule
@@ -13,11 +13,15 @@ A list for a user's open session is the weighted sum of three max-normalised sco
   ``history`` (10) plays of the context, the i-th most recent weighted ``decay ** (i - 1)``
   (``decay`` 0.5): the ``item-to-item`` model of :mod:`personalisation.cooccurrence`;
 * **personal** — the user's own transitions: how often this user played ``b`` right after the
-  context's last track, in any earlier session.
+  context's last track, in any earlier session;
+* **artist** — the user's affinity for the track's artist, the feature store's definition
+  (``sum 2 ** (-(T - t_i) / half_life)`` over the user's listens of the artist, half-life 7 days;
+  :func:`streams.featuremath.affinity_as_of`), divided by the user's largest; added to the
+  tracks the other three put forward (it brings in no track of its own).
 
-``score = rules + context + 0.5 * personal`` (:data:`WEIGHTS`). The window, steps, history,
-decay and weights were chosen on the 30Music windows test0–test1 → test2 and are reported on
-test3 (``docs/evaluation.md``).
+``score = rules + context + 0.5 * personal + artist`` (:data:`WEIGHTS`). The window, steps,
+history, decay and weights were chosen on the 30Music windows test0–test1 → test2 and are
+reported on test3 (``docs/evaluation.md``).
 
 **Incremental.** :meth:`SessionModel.observe` folds one listen in ``O(rule_steps)`` dictionary
 updates, whatever the model's size: no recompute, no matrix rebuild. Sessions are cut as in
@@ -39,6 +43,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from personalisation.streaming import GAP_MS
+from streams.featuremath import weight as decay_weight
 
 #: Sequential-rule span and co-occurrence window, in plays.
 RULE_STEPS = 10
@@ -48,16 +53,23 @@ HISTORY = 10
 DECAY = 0.5
 #: Most played tracks kept up to date per listen (:meth:`SessionModel.popular`).
 POPULAR = 30
+#: Half-life of the user-artist affinity, ms: the feature store's (``BACKBEAT_FEATURES_HALF_LIFE``,
+#: 7 days; :func:`streams.featuremath.affinity_as_of`).
+HALF_LIFE_MS = 7 * 86_400_000
+#: A user's affinities are rescaled to a new reference time once the newest weight would exceed
+#: ``2 ** REBASE`` (keeps the stored floats in range; the ranking does not change).
+REBASE = 64
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Weights of the three max-normalised scores in a list (``rules``, ``context``,
-    ``personal``; each >= 0)."""
+    """Weights of the max-normalised scores in a list (``rules``, ``context``, ``personal``,
+    ``artist``; each >= 0)."""
 
     rules: float = 1.0
     context: float = 1.0
     personal: float = 0.5
+    artist: float = 1.0
 
 
 #: The weights of the reported model.
@@ -81,13 +93,15 @@ class OpenSession:
 @dataclass
 class Changes:
     """What :meth:`SessionModel.observe` touched since the last :meth:`SessionModel.take_changes`:
-    ``pairs`` (``(a, b)`` of ``rules`` or ``near``), ``tracks`` (of ``plays``), ``transitions``
-    (``(user, a, b)``) and ``users`` (of ``open``): the rows a store has to rewrite."""
+    ``pairs`` (``(a, b)`` of ``rules`` or ``near``), ``tracks`` (of ``plays`` or ``artist_of``),
+    ``transitions`` (``(user, a, b)``), ``users`` (of ``open`` and ``affinity_ref``) and
+    ``affinity`` (``(user, artist)``): the rows a store has to rewrite."""
 
     pairs: set[tuple[str, str]] = field(default_factory=set)
     tracks: set[str] = field(default_factory=set)
     transitions: set[tuple[str, str, str]] = field(default_factory=set)
     users: set[str] = field(default_factory=set)
+    affinity: set[tuple[str, str]] = field(default_factory=set)
 
 
 class _Ignored(set):  # type: ignore[type-arg]
@@ -98,7 +112,7 @@ class _Ignored(set):  # type: ignore[type-arg]
 
 
 def _untracked() -> Changes:
-    return Changes(_Ignored(), _Ignored(), _Ignored(), _Ignored())
+    return Changes(_Ignored(), _Ignored(), _Ignored(), _Ignored(), _Ignored())
 
 
 class SessionModel:
@@ -107,7 +121,9 @@ class SessionModel:
     State (all plain dicts; weights are ints in units of ``1 / unit``):
     ``rules[a][b]`` (``b`` after ``a``, within ``rule_steps``), ``near[a][b]`` (symmetric, within
     ``window``), ``plays[t]`` (plays, replays collapsed), ``transitions[user][a][b]`` (``b``
-    directly after ``a`` in the user's sessions) and each user's open session. With
+    directly after ``a`` in the user's sessions), each user's open session, ``artist_of[t]`` (the
+    first artist seen for a track) and ``affinity[user][artist]`` (the sum of
+    ``2 ** ((t - affinity_ref[user]) / half_life_ms)`` over the user's listens of the artist). With
     ``track_changes`` the model also records what each update touched (:meth:`take_changes`), for
     a store that rewrites only those rows.
 
@@ -125,12 +141,18 @@ class SessionModel:
         decay: float = DECAY,
         weights: Weights = WEIGHTS,
         gap_ms: int = GAP_MS,
+        half_life_ms: int = HALF_LIFE_MS,
         track_changes: bool = False,
     ) -> None:
-        if min(rule_steps, window, history, gap_ms) < 1 or window > rule_steps or not 0 < decay <= 1:
+        if (
+            min(rule_steps, window, history, gap_ms, half_life_ms) < 1
+            or window > rule_steps
+            or not 0 < decay <= 1
+        ):
             raise ValueError(
-                "need 1 <= window <= rule_steps, history >= 1, gap_ms >= 1 and 0 < decay <= 1; got "
-                f"window={window}, rule_steps={rule_steps}, history={history}, gap_ms={gap_ms}, decay={decay}"
+                "need 1 <= window <= rule_steps, history, gap_ms, half_life_ms >= 1, 0 < decay <= 1; got "
+                f"window={window}, rule_steps={rule_steps}, history={history}, gap_ms={gap_ms}, "
+                f"half_life_ms={half_life_ms}, decay={decay}"
             )
         self.rule_steps = rule_steps
         self.window = window
@@ -138,6 +160,7 @@ class SessionModel:
         self.decay = decay
         self.weights = weights
         self.gap_ms = gap_ms
+        self.half_life_ms = half_life_ms
         self.unit = math.lcm(*range(1, rule_steps + 1))
         self._steps = [self.unit // d for d in range(1, rule_steps + 1)]
         self.rules: dict[str, dict[str, int]] = {}
@@ -145,6 +168,9 @@ class SessionModel:
         self.plays: dict[str, int] = {}
         self.transitions: dict[str, dict[str, dict[str, int]]] = {}
         self.open: dict[str, OpenSession] = {}
+        self.artist_of: dict[str, str] = {}
+        self.affinity: dict[str, dict[str, float]] = {}
+        self.affinity_ref: dict[str, int] = {}
         self.listens = 0
         self.track_changes = track_changes
         self.changes = Changes() if track_changes else _untracked()
@@ -160,14 +186,17 @@ class SessionModel:
         return out
 
     # -- updates -----------------------------------------------------------------------------------
-    def observe(self, user: str, track: str, at_ms: int) -> bool:
-        """Fold one listen (``at_ms``: event time, ms since the epoch) into the model; returns
-        ``False`` for a replay (collapsed: it only extends the session in time), else ``True``.
-        Listens of one user are expected in arrival order; a late one (earlier than the user's
-        latest) joins the open session."""
+    def observe(self, user: str, track: str, at_ms: int, artist: str | None = None) -> bool:
+        """Fold one listen (``at_ms``: event time, ms since the epoch; ``artist``: its artist id,
+        for the affinity) into the model; returns ``False`` for a replay (collapsed: it only
+        extends the session in time and counts in the affinity), else ``True``. Listens of one
+        user are expected in arrival order; a late one (earlier than the user's latest) joins the
+        open session."""
         self.listens += 1
         changes = self.changes
         changes.users.add(user)
+        if artist is not None:
+            self._add_affinity(user, track, artist, at_ms)
         s = self.open.get(user)
         if s is None:
             s = self.open[user] = OpenSession(at_ms, at_ms)
@@ -206,6 +235,24 @@ class SessionModel:
         self._bump(track)
         return True
 
+    def _add_affinity(self, user: str, track: str, artist: str, at_ms: int) -> None:
+        """The feature store's recency-weighted user-artist affinity, kept relative to a
+        reference time per user (its ranking is that of the affinity as of any later time)."""
+        changes = self.changes
+        if track not in self.artist_of:
+            self.artist_of[track] = artist
+            changes.tracks.add(track)
+        mine = self.affinity.setdefault(user, {})
+        ref = self.affinity_ref.setdefault(user, at_ms)
+        if (at_ms - ref) / self.half_life_ms > REBASE:
+            factor = decay_weight(ref, at_ms, self.half_life_ms)
+            for a in mine:
+                mine[a] *= factor
+                changes.affinity.add((user, a))
+            ref = self.affinity_ref[user] = at_ms
+        mine[artist] = mine.get(artist, 0.0) + decay_weight(at_ms, ref, self.half_life_ms)
+        changes.affinity.add((user, artist))
+
     def _bump(self, track: str) -> None:
         """Keep ``_top`` the :data:`POPULAR` most played (more plays first, then the smaller id):
         plays only grow, so a track can only enter by passing the weakest member, which it then
@@ -235,11 +282,12 @@ class SessionModel:
         self._weakest = None
         self._played = sum(self.plays.values())
 
-    def observe_all(self, listens: Iterable[tuple[str, str, int]]) -> int:
-        """:meth:`observe` each ``(user_id, track_id, at_ms)`` in order; returns how many."""
+    def observe_all(self, listens: Iterable[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> int:
+        """:meth:`observe` each ``(user_id, track_id, at_ms[, artist_id])`` in order; returns how
+        many."""
         n = 0
-        for user, track, at in listens:
-            self.observe(user, track, at)
+        for listen in listens:
+            self.observe(*listen)
             n += 1
         return n
 
@@ -261,6 +309,14 @@ class SessionModel:
         _add_normalised(out, self.rules.get(last, {}), w.rules)
         _add_normalised(out, self._context(context), w.context)
         _add_normalised(out, self.transitions.get(user, {}).get(last, {}), w.personal)
+        mine = self.affinity.get(user)
+        if w.artist and mine and out:  # re-ranks the candidates, adds none
+            f = w.artist / max(mine.values())
+            artist_of = self.artist_of
+            for k in out:
+                a = artist_of.get(k)
+                if a is not None:
+                    out[k] += f * mine.get(a, 0.0)
         return out
 
     def _context(self, context: Sequence[str]) -> dict[str, float]:
@@ -332,6 +388,7 @@ def _add_normalised(out: dict[str, float], scores: dict[str, int] | dict[str, fl
 
 __all__ = [
     "DECAY",
+    "HALF_LIFE_MS",
     "HISTORY",
     "POPULAR",
     "RULE_STEPS",

@@ -5,8 +5,8 @@
 The model is the streaming recommender :class:`personalisation.session_model.SessionModel`
 (sequence-aware co-occurrence; the ``streaming`` row of ``docs/evaluation.md``), held in memory
 and in the state tables ``item_pairs`` (rule and co-occurrence weights, whole numbers of
-``1 / 2520``), ``item_plays``, ``user_transitions`` and ``recommendation_context`` (each user's
-open session).
+``1 / 2520``), ``item_plays`` (plays and each track's first artist), ``user_transitions``,
+``user_artist_affinity`` and ``recommendation_context`` (each user's open session).
 
 Per batch, in ONE DuckDB transaction together with the consumed offsets
 (:func:`projections.tracking.save_offsets`):
@@ -103,6 +103,7 @@ EVENT_SOURCE = "/projections/recommendations"
 PAIRS_TABLE = "item_pairs"
 PLAYS_TABLE = "item_plays"
 TRANSITIONS_TABLE = "user_transitions"
+AFFINITY_TABLE = "user_artist_affinity"
 CONTEXT_TABLE = "recommendation_context"
 SEEN_TABLE = "recommendation_seen"
 ASSIGNMENTS_TABLE = "experiment_assignments"
@@ -113,6 +114,7 @@ STATE_TABLES = (
     PAIRS_TABLE,
     PLAYS_TABLE,
     TRANSITIONS_TABLE,
+    AFFINITY_TABLE,
     CONTEXT_TABLE,
     SEEN_TABLE,
     ASSIGNMENTS_TABLE,
@@ -140,7 +142,11 @@ STATE_DDL = (
   PRIMARY KEY (user_id, track_a, track_b))""",
     f"""CREATE TABLE IF NOT EXISTS {CONTEXT_TABLE} (
   user_id VARCHAR PRIMARY KEY, first_at TIMESTAMP NOT NULL, last_at TIMESTAMP NOT NULL,
-  session_tracks VARCHAR[] NOT NULL, listens BIGINT NOT NULL, sessions BIGINT NOT NULL)""",
+  session_tracks VARCHAR[] NOT NULL, listens BIGINT NOT NULL, sessions BIGINT NOT NULL,
+  affinity_ref_at TIMESTAMP NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS {AFFINITY_TABLE} (
+  user_id VARCHAR NOT NULL, artist_id VARCHAR NOT NULL, affinity DOUBLE NOT NULL,
+  PRIMARY KEY (user_id, artist_id))""",
     f"CREATE TABLE IF NOT EXISTS {SEEN_TABLE} (event_id VARCHAR NOT NULL)",
     f"""CREATE TABLE IF NOT EXISTS {ASSIGNMENTS_TABLE} (
   user_id VARCHAR NOT NULL, experiment_id VARCHAR NOT NULL, experiment_version INTEGER NOT NULL,
@@ -197,6 +203,7 @@ _CONTEXT_SCHEMA = pa.schema(
         ("session_tracks", pa.list_(pa.string())),
         ("listens", pa.int64()),
         ("sessions", pa.int64()),
+        ("affinity_ref_at", _T),
     ]
 )
 _LIST_SCHEMA = pa.schema(
@@ -355,6 +362,7 @@ class RecommendationsWriter:
         popular_n = self.top_n + model.rule_steps
         users = new["user_id"].to_pylist()
         tracks = new["track_id"].to_pylist()
+        artists = new["artist_id"].to_pylist()
         times = new["occurred_at"].cast(pa.int64()).to_pylist()
         queues: dict[str, list[int]] = {}
         for k, user in enumerate(users):  # rows are in (partition, offset) order
@@ -368,7 +376,7 @@ class RecommendationsWriter:
         lists: dict[str, tuple[int, list[ListItem]]] = {}
         while heap:
             _, k, user = heapq.heappop(heap)
-            model.observe(user, tracks[k], times[k])
+            model.observe(user, tracks[k], times[k], artists[k])
             pos[user] += 1
             q = queues[user]
             if pos[user] < len(q):
@@ -532,7 +540,8 @@ def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, *, repl
 
 def load_model(conn: duckdb.DuckDBPyConnection) -> SessionModel:
     """The streaming model from the state tables (``item_pairs``, ``item_plays``,
-    ``user_transitions``, ``recommendation_context``): equal to the one that wrote them."""
+    ``user_transitions``, ``user_artist_affinity``, ``recommendation_context``): equal to the one
+    that wrote them."""
     model = SessionModel(track_changes=True)
     pairs = conn.sql(f"SELECT track_a, track_b, rule_weight, near_weight FROM {PAIRS_TABLE}").to_arrow_table()
     for a, b, rule, near in zip(*(pairs[c].to_pylist() for c in pairs.column_names), strict=True):
@@ -540,16 +549,26 @@ def load_model(conn: duckdb.DuckDBPyConnection) -> SessionModel:
             model.rules.setdefault(a, {})[b] = rule
         if near:
             model.near.setdefault(a, {})[b] = near
-    model.plays = dict(conn.execute(f"SELECT track_id, plays FROM {PLAYS_TABLE} WHERE plays > 0").fetchall())
+    for track, artist, plays in conn.execute(
+        f"SELECT track_id, artist_id, plays FROM {PLAYS_TABLE}"
+    ).fetchall():
+        model.artist_of[track] = artist
+        if plays:
+            model.plays[track] = plays
+    for user, artist, value in conn.execute(
+        f"SELECT user_id, artist_id, affinity FROM {AFFINITY_TABLE}"
+    ).fetchall():
+        model.affinity.setdefault(user, {})[artist] = value
     for user, a, b, n in conn.execute(
         f"SELECT user_id, track_a, track_b, plays FROM {TRANSITIONS_TABLE}"
     ).fetchall():
         model.transitions.setdefault(user, {}).setdefault(a, {})[b] = n
-    for user, first, last, session, listens, sessions in conn.execute(
-        "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, listens, sessions "
-        f"FROM {CONTEXT_TABLE}"
+    for user, first, last, session, listens, sessions, ref in conn.execute(
+        "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, listens, sessions, "
+        f"epoch_ms(affinity_ref_at) FROM {CONTEXT_TABLE}"
     ).fetchall():
         model.open[user] = OpenSession(int(first), int(last), list(session), int(listens), int(sessions))
+        model.affinity_ref[user] = int(ref)
         model.listens += int(listens)
     model.rebuild_popular()
     return model
@@ -574,7 +593,7 @@ def _save_state(
 ) -> None:
     """Rewrite the state rows ``changes`` names with the model's current values (absolute, not
     increments, so the tables equal the model whatever the batches); ``item_plays`` keeps the
-    first artist id and names seen for a track (from ``new``, the batch's listens)."""
+    first names seen for a track (from ``new``, the batch's listens)."""
     pairs = sorted(changes.pairs)
     _insert(
         conn,
@@ -616,8 +635,22 @@ def _save_state(
                 pa.array([list(c.plays) for c in ctx], pa.list_(pa.string())),
                 pa.array([c.listens for c in ctx], pa.int64()),
                 pa.array([c.sessions for c in ctx], pa.int64()),
+                pa.array([model.affinity_ref[u] for u in users], pa.int64()).cast(_T),
             ],
             schema=_CONTEXT_SCHEMA,
+        ),
+        replace=True,
+    )
+    liked = sorted(changes.affinity)
+    _insert(
+        conn,
+        AFFINITY_TABLE,
+        pa.table(
+            {
+                "user_id": pa.array([u for u, _ in liked], pa.string()),
+                "artist_id": pa.array([a for _, a in liked], pa.string()),
+                "affinity": pa.array([model.affinity[u][a] for u, a in liked], pa.float64()),
+            }
         ),
         replace=True,
     )
@@ -628,13 +661,14 @@ def _save_state(
         pa.table(
             {
                 "track_id": pa.array(played, pa.string()),
+                "artist_id": pa.array([model.artist_of[t] for t in played], pa.string()),
                 "plays": pa.array([model.plays.get(t, 0) for t in played], pa.int64()),
             }
         ),
     )
     try:
         conn.execute(
-            f"INSERT INTO {PLAYS_TABLE} SELECT n.track_id, min(n.artist_id), min(n.track_name), "
+            f"INSERT INTO {PLAYS_TABLE} SELECT n.track_id, any_value(p.artist_id), min(n.track_name), "
             "min(n.artist_name), any_value(p.plays) FROM bb_rec_new n JOIN bb_rec_played p USING (track_id) "
             f"GROUP BY n.track_id ON CONFLICT (track_id) DO UPDATE SET plays = excluded.plays, "
             f"track_name = coalesce({PLAYS_TABLE}.track_name, excluded.track_name), "
@@ -842,6 +876,7 @@ def _unknown_user(conn: duckdb.DuckDBPyConnection, user_id: str) -> str:
 
 
 __all__ = [
+    "AFFINITY_TABLE",
     "ASSIGNMENTS_TABLE",
     "CONTEXT_TABLE",
     "EXPERIMENTS_TOPIC",

@@ -15,7 +15,7 @@ assignments), so only full rebuilds exist: ``start`` must be ``earliest`` (or om
 3. **Verify** (under the live file's writer lock, just before the switch). Mode ``live`` when the
    live read model has the same version and topic and stands at exactly the build's offsets: the
    tables that do not depend on where batches ended (``item_pairs``, ``item_plays``,
-   ``user_transitions``, ``recommendation_context``, ``recommendation_seen``,
+   ``user_transitions``, ``user_artist_affinity``, ``recommendation_context``, ``recommendation_seen``,
    ``experiment_assignments``) must equal the
    live ones (rows and ``sum(hash(all columns))``). Otherwise mode ``recount``: a second read of
    the source gives the distinct ``event_id``s of the mappable records (rejects left out), which
@@ -55,6 +55,7 @@ from projections import replay as rp
 from projections.decoding import BatchPreparer
 from projections.readmodels import Projection
 from projections.recommendations import (
+    AFFINITY_TABLE,
     ASSIGNMENTS_TABLE,
     CONTEXT_TABLE,
     HISTORY_TABLE,
@@ -83,7 +84,15 @@ from projections.tracking import (
 )
 
 #: Tables of the read model that do not depend on where batches ended (compared with the live ones).
-STABLE_TABLES = (PAIRS_TABLE, PLAYS_TABLE, TRANSITIONS_TABLE, CONTEXT_TABLE, SEEN_TABLE, ASSIGNMENTS_TABLE)
+STABLE_TABLES = (
+    PAIRS_TABLE,
+    PLAYS_TABLE,
+    TRANSITIONS_TABLE,
+    AFFINITY_TABLE,
+    CONTEXT_TABLE,
+    SEEN_TABLE,
+    ASSIGNMENTS_TABLE,
+)
 _ATTACHED = "bb_build"
 
 

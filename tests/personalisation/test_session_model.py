@@ -50,6 +50,27 @@ def test_scores_by_hand():
     assert only_rules.scores("u1", ["a"]) == pytest.approx({"b": 1.0, "c": 0.5})
 
 
+def test_artist_affinity_reranks_with_the_feature_stores_decay():
+    week = 7 * 24 * 60 * MIN  # the half-life
+    m = SessionModel(weights=Weights(rules=1.0, context=0.0, personal=0.0, artist=1.0))
+    m.observe_all(
+        [("v", "a", 0, "A"), ("v", "b", MIN, "B"), ("v", "a", 120 * MIN, "A"), ("v", "c", 121 * MIN, "C")]
+    )
+    assert m.scores("u", ["a"]) == pytest.approx({"b": 1.0, "c": 1.0})  # no affinity yet: a tie
+    m.observe("u", "y", 0, "C")
+    m.observe("u", "z", week, "B")  # one half-life later: B weighs 2, C 1 (relative to u's first)
+    assert m.affinity["u"] == pytest.approx({"C": 1.0, "B": 2.0}) and m.affinity_ref["u"] == 0
+    assert m.scores("u", ["a"]) == pytest.approx({"b": 1.0 + 1.0, "c": 1.0 + 0.5})
+    assert [t for t, _ in m.recommend("u", ["a"])] == ["b", "c"]
+    assert m.artist_of == {"a": "A", "b": "B", "c": "C", "y": "C", "z": "B"}
+    # far later the stored values are rescaled to a new reference time; the ranking stays
+    late = 70 * week
+    m.observe("u", "y", late, "C")
+    assert m.affinity_ref["u"] == late
+    assert m.affinity["u"] == pytest.approx({"C": 1.0 + 2.0**-70, "B": 2.0**-69})
+    assert [t for t, _ in m.recommend("u", ["a"])] == ["c", "b"]
+
+
 def test_sessions_replays_and_late_listens():
     m = SessionModel()
     m.observe("u", "a", 0)
@@ -110,7 +131,7 @@ def test_a_list_is_made_from_the_model_as_of_its_listen(windows):
     rng = random.Random(18)
     for case in rng.sample(cases, 25):
         ref = SessionModel()
-        ref.observe_all((u, t, at) for at, tag, i, pos, u, t in stream if (at, tag, i, pos) < case.key)
+        ref.observe_all((u, t, at, a) for at, tag, i, pos, u, t, a in stream if (at, tag, i, pos) < case.key)
         ranked = [k for k, _ in ref.recommend(case.user, case.context, 20)]
         assert case.rank == (ranked.index(case.target) + 1 if case.target in ranked else 0)
     assert sum(c.rank > 0 for c in cases) > 200  # not vacuous: many targets are hit

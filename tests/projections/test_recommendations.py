@@ -42,6 +42,7 @@ from projections.decoding import Prepared
 from projections.experiment_readout import readout
 from projections.readmodels import TRACKS, to_table
 from projections.recommendations import (
+    AFFINITY_TABLE,
     ASSIGNMENTS_TABLE,
     CONTEXT_TABLE,
     EXPERIMENTS_TOPIC,
@@ -64,7 +65,15 @@ pytestmark = pytest.mark.integration
 #: Data rows of the real file in the slice (first rows of the file, any user).
 SLICE_ROWS = 6000
 GAP_MS = 30 * 60 * 1000
-STATE = (PAIRS_TABLE, PLAYS_TABLE, TRANSITIONS_TABLE, CONTEXT_TABLE, ASSIGNMENTS_TABLE, SEEN_TABLE)
+STATE = (
+    PAIRS_TABLE,
+    PLAYS_TABLE,
+    TRANSITIONS_TABLE,
+    AFFINITY_TABLE,
+    CONTEXT_TABLE,
+    ASSIGNMENTS_TABLE,
+    SEEN_TABLE,
+)
 LIST_COLUMNS = (
     'user_id, "rank", track_id, score, source, model, experiment_id, experiment_version, variant, '
     "generated_at, list_id"
@@ -113,8 +122,8 @@ class World:
     b_runs: list[RunStats]
 
     @property
-    def listens(self) -> list[tuple[str, str, int]]:
-        return [(r["user_id"], r["track_id"], r["occurred_at"]) for r in self.records + self.tail]
+    def listens(self) -> list[tuple[str, str, int, str]]:
+        return [listen(r) for r in self.records + self.tail]
 
 
 def store(stack: Settings, data_dir: Path) -> Store:
@@ -164,12 +173,17 @@ def world(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield World(topic, records, tail, a, b, a_runs, b_runs)
 
 
-def reference(listens: list[tuple[str, str, int]]) -> SessionModel:
+def reference(listens: list[tuple[str, str, int, str]]) -> SessionModel:
     """The batch-free reference: the streaming model fed every listen one by one, each user's in
     the order produced (the order of their partition)."""
     model = SessionModel()
     model.observe_all(listens)
     return model
+
+
+def listen(r: dict) -> tuple[str, str, int, str]:
+    """``(user, track, time ms, artist)`` of a ListenRecorded record, as the model observes it."""
+    return r["user_id"], r["track_id"], r["occurred_at"], r["artist_id"]
 
 
 def state_of(model: SessionModel) -> dict[str, set[tuple]]:
@@ -181,7 +195,8 @@ def state_of(model: SessionModel) -> dict[str, set[tuple]]:
         PAIRS_TABLE: {
             (a, b, model.rules.get(a, {}).get(b, 0), model.near.get(a, {}).get(b, 0)) for a, b in pairs
         },
-        PLAYS_TABLE: set(model.plays.items()),
+        PLAYS_TABLE: {(t, a, model.plays.get(t, 0)) for t, a in model.artist_of.items()},
+        AFFINITY_TABLE: {(u, a, v) for u, row in model.affinity.items() for a, v in row.items()},
         TRANSITIONS_TABLE: {
             (u, a, b, n)
             for u, rows_ in model.transitions.items()
@@ -189,7 +204,8 @@ def state_of(model: SessionModel) -> dict[str, set[tuple]]:
             for b, n in row.items()
         },
         CONTEXT_TABLE: {
-            (u, s.first_ms, s.last_ms, tuple(s.plays), s.listens, s.sessions) for u, s in model.open.items()
+            (u, s.first_ms, s.last_ms, tuple(s.plays), s.listens, s.sessions, model.affinity_ref[u])
+            for u, s in model.open.items()
         },
     }
 
@@ -199,14 +215,15 @@ def stored_state(settings: Settings) -> dict[str, set[tuple]]:
         PAIRS_TABLE: set(
             rows(settings, f"SELECT track_a, track_b, rule_weight, near_weight FROM {PAIRS_TABLE}")
         ),
-        PLAYS_TABLE: set(rows(settings, f"SELECT track_id, plays FROM {PLAYS_TABLE}")),
+        PLAYS_TABLE: set(rows(settings, f"SELECT track_id, artist_id, plays FROM {PLAYS_TABLE}")),
+        AFFINITY_TABLE: set(rows(settings, f"SELECT * FROM {AFFINITY_TABLE}")),
         TRANSITIONS_TABLE: set(rows(settings, f"SELECT * FROM {TRANSITIONS_TABLE}")),
         CONTEXT_TABLE: {
-            (u, f, la, tuple(t), n, k)
-            for u, f, la, t, n, k in rows(
+            (u, f, la, tuple(t), n, k, ref)
+            for u, f, la, t, n, k, ref in rows(
                 settings,
-                "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, listens, sessions "
-                f"FROM {CONTEXT_TABLE}",
+                "SELECT user_id, epoch_ms(first_at), epoch_ms(last_at), session_tracks, listens, sessions, "
+                f"epoch_ms(affinity_ref_at) FROM {CONTEXT_TABLE}",
             )
         },
     }
@@ -235,7 +252,7 @@ def test_state_tables_equal_the_model_fed_every_listen_one_by_one(world: World):
     assert len(expected[PAIRS_TABLE]) > 5000 and len(expected[TRANSITIONS_TABLE]) > 1000
     for table in expected:
         assert got[table] == expected[table], table
-    assert sum(n for _, n in got[PLAYS_TABLE]) < len(world.listens)  # replays were collapsed
+    assert sum(n for *_, n in got[PLAYS_TABLE]) < len(world.listens)  # replays were collapsed
 
 
 def test_restart_mid_way_gives_the_same_tables(world: World):
@@ -247,7 +264,7 @@ def test_restart_mid_way_gives_the_same_tables(world: World):
 
 def test_user_contexts_resume_exactly(world: World):
     got = rows(world.a.settings, f"SELECT user_id, listens, sessions FROM {CONTEXT_TABLE}")
-    per_user = Counter(u for u, _, _ in world.listens)
+    per_user = Counter(u for u, *_ in world.listens)
     assert {u: n for u, n, _ in got} == dict(per_user)
     assert all(sessions >= 2 for *_, sessions in got)  # the tail opened a new session for everyone
 
@@ -256,11 +273,11 @@ def test_final_lists_are_made_as_of_each_users_listen(world: World):
     """The tail batch holds one listen per user, a day later, one ms apart in user order: each
     user's list must come from the model right after that user's listen — with the tail listens
     of the users before, without those after (the leakage rule) — and the assigned variant."""
-    model = reference([(r["user_id"], r["track_id"], r["occurred_at"]) for r in world.records])
+    model = reference([listen(r) for r in world.records])
     expected: dict[str, list] = {}
     for r in sorted(world.tail, key=lambda r: r["occurred_at"]):
         user = r["user_id"]
-        model.observe(user, r["track_id"], r["occurred_at"])
+        model.observe(*listen(r))
         popular = model.popular(20 + model.rule_steps)
         variant = assign(user, MADE_FOR_YOU).variant
         session = model.session(user)
@@ -303,7 +320,7 @@ def test_no_list_depends_on_a_later_listen_whatever_the_batches(world: World, st
     candidates: dict[tuple[str, int], list[list[tuple[str, str]]]] = {}
     for r in records:
         user, t = r["user_id"], r["occurred_at"]
-        model.observe(user, r["track_id"], t)
+        model.observe(*listen(r))
         session = model.session(user)
         variant = assign(user, MADE_FOR_YOU).variant
         primary = model.recommend(user, session, 20, exclude=session) if variant == "streaming" else []
@@ -610,9 +627,7 @@ def test_in_memory_model_equals_the_tables_after_many_small_batches(world: World
     memory = w.model
     assert memory is not None and len(memory.rules) > 500
     assert state_of(stored) == state_of(memory)
-    assert state_of(memory) == state_of(
-        reference([(r["user_id"], r["track_id"], r["occurred_at"]) for r in records])
-    )
+    assert state_of(memory) == state_of(reference([listen(r) for r in records]))
 
 
 def test_docs_page_shows_the_variant_sql_verbatim():
