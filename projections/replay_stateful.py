@@ -55,17 +55,12 @@ from projections import replay as rp
 from projections.decoding import BatchPreparer
 from projections.readmodels import Projection
 from projections.recommendations import (
-    AFFINITY_TABLE,
-    ASSIGNMENTS_TABLE,
     CONTEXT_TABLE,
     HISTORY_TABLE,
     NAME,
-    PAIRS_TABLE,
-    PLAYS_TABLE,
     SEEN_TABLE,
     STATE_DDL,
     STATE_TABLES,
-    TRANSITIONS_TABLE,
     RecommendationsWriter,
 )
 from projections.replay_source import archive_functions, batches_for
@@ -84,15 +79,7 @@ from projections.tracking import (
 )
 
 #: Tables of the read model that do not depend on where batches ended (compared with the live ones).
-STABLE_TABLES = (
-    PAIRS_TABLE,
-    PLAYS_TABLE,
-    TRANSITIONS_TABLE,
-    AFFINITY_TABLE,
-    CONTEXT_TABLE,
-    SEEN_TABLE,
-    ASSIGNMENTS_TABLE,
-)
+STABLE_TABLES = tuple(t for t in STATE_TABLES if t not in (NAME, HISTORY_TABLE))
 _ATTACHED = "bb_build"
 
 
